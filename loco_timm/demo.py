@@ -1,0 +1,74 @@
+"""A short demo of LocalLearner on a real batch of Fashion-MNIST (``python -m loco_timm.demo``).
+
+It builds a small ResNet-18-style timm backbone for 28 px images, wraps it as E2E, GIM and LoCo learners with the
+same initial weights, takes a few optimiser steps on two SimCLR-style views of the same Fashion-MNIST images and
+prints each unit's loss before and after. The full training job (``loco-timm train``) supersedes it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+from torch import nn
+
+from .data import fashion_mnist
+from .learner import MODES, LocalLearner
+
+__all__ = ['small_resnet18', 'real_batch', 'main']
+
+
+def small_resnet18(in_chans: int = 1, widths: tuple[int, ...] = (16, 32, 64, 128)) -> nn.Module:
+    """A timm ResNet-18 (BasicBlock, 2-2-2-2) for 28 px images: narrow widths, deep 3x3 stem at stride 1, no
+    max-pool (feature maps 28, 14, 7, 4 px)."""
+    from timm.models.resnet import BasicBlock, ResNet
+    model = ResNet(BasicBlock, (2, 2, 2, 2), num_classes=10, in_chans=in_chans, channels=widths,
+                   stem_type='deep', stem_width=widths[0] // 2)
+    model.conv1[0].stride = (1, 1)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def real_batch(num_images: int, seed: int = 0, data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two augmented views (random resized crop + flip) of ``num_images`` Fashion-MNIST training images."""
+    from torchvision.transforms import v2
+    dataset = fashion_mnist(train=True, data_dir=data_dir)
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(dataset), generator=generator)[:num_images]
+    images = dataset.data[index].unsqueeze(1).float().div(255)
+    augment = v2.Compose([v2.RandomResizedCrop(28, scale=(0.3, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+    torch.manual_seed(seed)
+    views = [torch.stack([augment(img) for img in images]) for _ in range(2)]
+    return tuple((v - 0.2860) / 0.3530 for v in views)
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict[int, float]]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--images', type=int, default=128, help='images in the batch (default 128)')
+    parser.add_argument('--steps', type=int, default=10, help='optimiser steps per mode (default 10)')
+    parser.add_argument('--data-dir', default=None, help='folder with the Fashion-MNIST IDX files')
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    view1, view2 = real_batch(args.images, data_dir=args.data_dir)
+    base = small_resnet18()
+    print(f'Fashion-MNIST batch: {args.images} images x 2 views of {tuple(view1.shape[1:])}')
+    history = {}
+    for mode in MODES:
+        learner = LocalLearner(copy.deepcopy(base), mode=mode, input_size=(1, 28, 28))
+        optimizer = torch.optim.SGD(learner.parameters(), lr=0.05, momentum=0.9)
+        start = time.perf_counter()
+        history[mode] = []
+        for _ in range(args.steps):
+            optimizer.zero_grad(set_to_none=True)
+            history[mode].append({j: loss.item() for j, loss in learner.step(view1, view2).items()})
+            optimizer.step()
+        seconds = (time.perf_counter() - start) / args.steps
+        first, last = history[mode][0], history[mode][-1]
+        units = ', '.join(f'{learner.units[j]}: {first[j]:.3f} -> {last[j]:.3f}' for j in first)
+        print(f'{mode:4s} units (first, last stage) loss step 1 -> {args.steps}: {units}   [{seconds:.2f} s/step]')
+    return history
+
+
+if __name__ == '__main__':
+    main()

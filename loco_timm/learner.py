@@ -1,0 +1,276 @@
+"""LocalLearner: end-to-end SimCLR, Greedy InfoMax and LoCo on any timm backbone.
+
+LoCo (Xiong, Ren & Urtasun, NeurIPS 2020, arXiv:2008.01342) trains a network cut into stages S_0..S_{K-1} with
+*overlapping* local units: unit k = {S_k, S_k+1}, its NT-Xent loss on the output of S_k+1, the input of S_k
+detached. Each middle stage is shared by two units and gets gradient from both losses. Greedy InfoMax (GIM) uses
+one unit per stage; end-to-end SimCLR (E2E) one unit over all stages.
+
+``LocalLearner.step`` runs the forward pass once and then every local backward pass. Its schedule:
+
+* every stage runs on a detached copy of its input, so each stage's graph is separate;
+* each unit's loss is backpropagated through its decoder (through the ``backward`` callable, where a trainer
+  applies loss scaling) down to the unit's top stage output;
+* stages are then visited top to bottom. A stage's weight gradient comes from one backward pass with the sum of
+  the output gradients of all units that contain it. The gradient passed to the stage below is computed
+  separately (input gradient only) for each unit that continues below, so that a loss never reaches a stage
+  outside its unit. Where only one unit is involved, weights and input share one pass.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .decoders import DECODERS, NORMS, count_flops, create_decoder
+from .losses import NTXentLoss
+from .stages import split_stages
+
+__all__ = ['LocalLearner', 'MODES', 'make_units']
+
+MODES = ('e2e', 'gim', 'loco')
+Unit = tuple[int, int]
+
+
+def make_units(mode: str, num_stages: int, top_unit: bool = False) -> list[Unit]:
+    """The paper's units for ``mode`` over ``num_stages`` stages, as inclusive ``(first, last)`` stage indices.
+
+    Args:
+        mode: ``"e2e"`` (one unit over all stages), ``"gim"`` (one per stage) or ``"loco"`` (overlapping pairs).
+        num_stages: Number of stages K.
+        top_unit: LoCo only: add the unit ``(K-1, K-1)`` on the last stage alone.
+    """
+    if mode not in MODES:
+        raise ValueError(f'unknown mode {mode!r}: use one of {", ".join(MODES)}')
+    if mode == 'e2e':
+        return [(0, num_stages - 1)]
+    if mode == 'gim' or num_stages == 1:
+        return [(k, k) for k in range(num_stages)]
+    units = [(k, k + 1) for k in range(num_stages - 1)]
+    return units + [(num_stages - 1, num_stages - 1)] if top_unit else units
+
+
+def _check_units(units: Sequence[Sequence[int]], num_stages: int) -> list[Unit]:
+    checked = []
+    for unit in units:
+        ok = isinstance(unit, (tuple, list)) and len(unit) == 2 and all(isinstance(i, int) for i in unit)
+        if not ok or not 0 <= unit[0] <= unit[1] < num_stages:
+            raise ValueError(
+                f'invalid unit {unit!r}: a unit is (first, last) stage indices with 0 <= first <= last < {num_stages}')
+        checked.append((unit[0], unit[1]))
+    if not checked:
+        raise ValueError('units is empty: give at least one (first, last) unit')
+    if len(set(checked)) != len(checked):
+        raise ValueError(f'units {checked} repeat a unit: each (first, last) pair may appear once')
+    return checked
+
+
+def _add(grads: dict, key: tuple[int, int], grad: torch.Tensor) -> None:
+    grads[key] = grad if key not in grads else grads[key] + grad
+
+
+class LocalLearner(nn.Module):
+    """A timm backbone cut into stages, with one decoder and NT-Xent loss per local unit.
+
+    Args:
+        backbone: A timm model (or a timm model name, created without pretrained weights).
+        mode: ``"loco"``, ``"gim"`` or ``"e2e"``.
+        decoder: ``"conv"`` or ``"mlp"`` (see :mod:`loco_timm.decoders`); None: conv for gim/loco, mlp for e2e.
+        num_stages: Number of stages K (see :func:`loco_timm.split_stages`); None: the model's default.
+        units: Custom units, a list of inclusive ``(first, last)`` stage indices (overrides ``mode``'s units).
+        top_unit: LoCo: add a unit on the last stage alone.
+        temperature: NT-Xent temperature.
+        proj_dim: Embedding width of every decoder.
+        hidden_dim: Decoder MLP hidden width (default: the input width).
+        decoder_norm: Normalisation in the decoders: ``"batch"`` (paper), ``"layer"`` or ``"none"``.
+        input_size: (C, H, W) used once to infer the stage output shapes (default: the model's data config).
+
+    Attributes:
+        encoder: The backbone itself (same parameter objects), for readout and export.
+        stages: The K stages (not registered as submodules: their parameters are the encoder's).
+        units: List of ``(first, last)`` stage indices per unit.
+        decoders: One decoder per unit.
+        stage_shapes: Per-image output shape of every stage for ``input_size``.
+    """
+
+    def __init__(
+            self,
+            backbone: nn.Module | str,
+            mode: str = 'loco',
+            decoder: str | None = None,
+            num_stages: int | None = None,
+            units: Sequence[Sequence[int]] | None = None,
+            top_unit: bool = False,
+            temperature: float = 0.1,
+            proj_dim: int = 128,
+            hidden_dim: int | None = None,
+            decoder_norm: str = 'batch',
+            input_size: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f'unknown mode {mode!r}: use one of {", ".join(MODES)}')
+        decoder = decoder or ('mlp' if mode == 'e2e' else 'conv')
+        if decoder not in DECODERS:
+            raise ValueError(f'unknown decoder {decoder!r}: use one of {", ".join(DECODERS)}')
+        if decoder_norm not in NORMS:
+            raise ValueError(f'unknown decoder_norm {decoder_norm!r}: use one of {", ".join(NORMS)}')
+        if isinstance(backbone, str):
+            import timm
+            backbone = timm.create_model(backbone)
+        self.encoder = backbone
+        self.__dict__['_stages'] = split_stages(backbone, num_stages)
+        num_stages = len(self.stages)
+        self.units = _check_units(units, num_stages) if units is not None else make_units(mode, num_stages, top_unit)
+        self.config = dict(mode=mode, decoder=decoder, num_stages=num_stages, units=[list(u) for u in self.units],
+                           top_unit=top_unit, temperature=temperature, proj_dim=proj_dim, hidden_dim=hidden_dim,
+                           decoder_norm=decoder_norm)
+        self.input_size = tuple(input_size or self._default_input_size())
+        self.stage_shapes = self._infer_stage_shapes()
+        token_pool = 'token' if getattr(backbone, 'global_pool', 'avg') == 'token' else 'avg'
+        heads = getattr(getattr(getattr(backbone, 'blocks', [None])[0], 'attn', None), 'num_heads', None)
+        self.decoders = nn.ModuleList([
+            create_decoder(decoder, self.stage_shapes[last], proj_dim, hidden_dim, decoder_norm, token_pool,
+                           getattr(backbone, 'num_prefix_tokens', 0), heads)
+            for _, last in self.units])
+        self.loss = NTXentLoss(temperature)
+
+    @property
+    def stages(self) -> nn.ModuleList:
+        return self.__dict__['_stages']
+
+    @property
+    def mode(self) -> str:
+        return self.config['mode']
+
+    def _default_input_size(self) -> tuple[int, ...]:
+        from timm.data import resolve_model_data_config
+        return resolve_model_data_config(self.encoder)['input_size']
+
+    @torch.no_grad()
+    def _infer_stage_shapes(self) -> list[tuple[int, ...]]:
+        flags = {m: m.training for m in self.encoder.modules()}
+        self.encoder.eval()
+        try:
+            param = next(self.encoder.parameters())
+            h = torch.zeros(1, *self.input_size, device=param.device, dtype=param.dtype)
+            shapes = []
+            for stage in self.stages:
+                h = stage(h)
+                shapes.append(tuple(h.shape[1:]))
+        finally:
+            for m, flag in flags.items():
+                m.training = flag
+        return shapes
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs of every stage for a batch of images (the last equals ``encoder.forward_features(x)``)."""
+        outputs = []
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
+    def _check_step_args(self, view1: torch.Tensor, view2: torch.Tensor, units: Sequence[int] | None) -> list[int]:
+        if not isinstance(view1, torch.Tensor) or not isinstance(view2, torch.Tensor):
+            raise ValueError('view1 and view2 must be tensors of shape (B, C, H, W)')
+        if view1.shape != view2.shape:
+            raise ValueError(f'the two views must have the same shape, got {tuple(view1.shape)} and '
+                             f'{tuple(view2.shape)}: crop both views to the same size')
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if view1.ndim == 0 or view1.shape[0] * world < 2:
+            raise ValueError(f'a batch of {view1.shape[0] if view1.ndim else 0} image(s) has no negatives for the '
+                             f'contrastive loss: use a batch of at least 2 images')
+        if units is None:
+            return list(range(len(self.units)))
+        active = sorted(set(units))
+        if not active or any(not isinstance(j, int) or not 0 <= j < len(self.units) for j in active):
+            raise ValueError(f'units={list(units)!r} must be indices into learner.units (0..{len(self.units) - 1})')
+        return active
+
+    def step(
+            self,
+            view1: torch.Tensor,
+            view2: torch.Tensor,
+            units: Sequence[int] | None = None,
+            backward: Callable[[torch.Tensor], None] | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """Forward pass and every local backward pass for one batch of two views.
+
+        Gradients accumulate into ``.grad`` (zero them between steps). Works under ``torch.autocast``.
+
+        Args:
+            view1: First views, (B, C, H, W).
+            view2: Second views, same shape, same images in the same order.
+            units: Indices into ``self.units`` whose losses contribute (default: all).
+            backward: Called once per unit with its scalar loss, e.g. ``accelerator.backward``
+                (default: ``loss.backward()``). It backpropagates through the unit's decoder; the learner then
+                carries the gradient through the unit's stages.
+
+        Returns:
+            ``{unit index: detached loss}`` for the active units.
+        """
+        active = self._check_step_args(view1, view2, units)
+        backward = backward or (lambda loss: loss.backward())
+        batch = view1.shape[0]
+        spans = {j: self.units[j] for j in active}
+        top = max(last for _, last in spans.values())
+        bottom = min(first for first, _ in spans.values())
+        needs_input_grad = {k for first, last in spans.values() for k in range(first + 1, last + 1)}
+
+        # forward, once per stage; each stage sees a detached input
+        h = torch.cat([view1, view2])
+        inputs, outputs = {}, {}
+        for k in range(top + 1):
+            if k < bottom:
+                with torch.no_grad():
+                    h = self.stages[k](h)
+                continue
+            inputs[k] = h.detach().requires_grad_(k in needs_input_grad)
+            h = outputs[k] = self.stages[k](inputs[k])
+
+        # each unit's loss, backpropagated through its decoder down to its top stage output
+        grads: dict[tuple[int, int], torch.Tensor] = {}  # (unit's first stage, stage k) -> d loss / d output_k
+        losses = {}
+        for j in active:
+            first, last = spans[j]
+            feature = outputs[last].detach().requires_grad_(True)
+            z = self.decoders[j](feature)
+            loss = self.loss(z[:batch], z[batch:])
+            backward(loss)
+            losses[j] = loss.detach()
+            if feature.grad is not None:
+                _add(grads, (first, last), feature.grad)
+
+        # stages top to bottom: one weight pass with the summed gradient, input gradients kept apart per unit start
+        for k in range(top, bottom - 1, -1):
+            groups = {first: g for (first, stage), g in grads.items() if stage == k}
+            out, inp = outputs.pop(k), inputs.pop(k)
+            if not groups or not out.requires_grad:
+                continue
+            params = [p for p in self.stages[k].parameters() if p.requires_grad]
+            continuing = [first for first in groups if first < k]
+            total = sum(groups.values())
+            if len(groups) == 1 and continuing:
+                torch.autograd.backward(out, total, inputs=params + [inp])
+                _add(grads, (continuing[0], k - 1), inp.grad)
+            else:
+                for first in continuing:
+                    (g,) = torch.autograd.grad(out, inp, groups[first], retain_graph=True)
+                    _add(grads, (first, k - 1), g)
+                if params:
+                    torch.autograd.backward(out, total, inputs=params)
+            for key in [key for key in grads if key[1] == k]:
+                del grads[key]
+        return losses
+
+    def summary(self) -> list[dict]:
+        """Per unit: its stages, the decoder's input shape, kind, parameter count and forward FLOPs per image."""
+        rows = []
+        for (first, last), dec in zip(self.units, self.decoders):
+            param = next(dec.parameters())
+            example = torch.zeros(1, *self.stage_shapes[last], device=param.device, dtype=param.dtype)
+            rows.append(dict(unit=(first, last), input_shape=self.stage_shapes[last], decoder=self.config['decoder'],
+                             params=sum(p.numel() for p in dec.parameters()), flops=count_flops(dec, example)))
+        return rows

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# loco-timm quick start: sets everything up on a fresh Debian/Ubuntu machine (once), then runs a job.
+#
+#   bash scripts/run.sh demo [ARGS]    the main job (for now: the learner on a real Fashion-MNIST batch)
+#   bash scripts/run.sh test [ARGS]    the test suite (pytest; slow tests included), then the oldest-timm check
+#
+# Set-up: Debian's dataset-fashion-mnist (and python3-venv where missing) through apt-get when run as root or
+# with sudo, then a virtual environment in .venv with `pip install -e .[test,plot,track]`. It is redone only
+# when pyproject.toml changes. PYTHON picks the interpreter (default python3, >= 3.10).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OLDEST_TIMM=1.0.12  # keep in step with pyproject.toml
+
+apt_install() {
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo=sudo; else
+      echo "run.sh: cannot install Debian packages $* without root; install them, then run again" >&2; return 0; fi
+  fi
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+setup() {
+  "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {
+    echo "run.sh: loco-timm needs Python >= 3.10; set PYTHON=python3.11 (or newer)" >&2; exit 2; }
+  local need=()
+  [ -d /usr/share/datasets/fashion-mnist ] || [ -n "${LOCO_TIMM_DATA:-}" ] || need+=(dataset-fashion-mnist)
+  "$PY" -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+  if [ ${#need[@]} -gt 0 ]; then apt_install "${need[@]}"; fi
+  local stamp
+  stamp=$(cat pyproject.toml | sha256sum | cut -c1-16)
+  if [ -x .venv/bin/python ] && [ "$(cat .venv/.loco-stamp 2>/dev/null)" = "$stamp" ]; then return; fi
+  echo "run.sh: setting up .venv (a few minutes the first time)"
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test,plot,track]'
+  echo "$stamp" > .venv/.loco-stamp
+}
+
+job=${1:-}
+shift || true
+case "$job" in
+  demo)
+    setup
+    exec .venv/bin/python -m loco_timm.demo "$@" ;;
+  test)
+    setup
+    .venv/bin/python -m pytest -q "$@"
+    # the oldest supported timm, on the core tests
+    old=.venv/oldest-timm-$OLDEST_TIMM
+    [ -d "$old/timm" ] || .venv/bin/python -m pip install -q --no-deps --target "$old" "timm==$OLDEST_TIMM"
+    echo "run.sh: core tests with timm $OLDEST_TIMM"
+    PYTHONPATH="$old" .venv/bin/python -m pytest -q -p no:cacheprovider \
+      tests/test_stages.py tests/test_learner.py tests/test_losses.py ;;
+  *)
+    echo "usage: bash scripts/run.sh {demo|test} [ARGS]" >&2; exit 2 ;;
+esac

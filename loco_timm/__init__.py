@@ -10,5 +10,6 @@ from .decoders import create_decoder, LocalDecoder, ProjectionMLP
 from .learner import LocalLearner, make_units, MODES
 from .losses import nt_xent_loss, NTXentLoss
 from .stages import register_stage_adapter, split_stages, supported_families
+from . import zoo  # noqa: F401  (registers the loco_* timm models)
 
 __version__ = '0.1.0'

@@ -1,4 +1,4 @@
-"""Datasets: Fashion-MNIST is the embedded default.
+"""Datasets: Fashion-MNIST (the embedded default), CIFAR-10/100, STL-10 and ImageFolder, as uint8 image tensors.
 
 Fashion-MNIST is looked up, in order, in ``data_dir``, ``$LOCO_TIMM_DATA``, and where Debian's package
 ``dataset-fashion-mnist`` installs it (``/usr/share/datasets/fashion-mnist``). Its IDX files (``.gz`` or not) are
@@ -14,7 +14,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ['FASHION_MNIST_FILES', 'DEBIAN_FASHION_MNIST', 'find_fashion_mnist', 'fashion_mnist', 'cache_dir']
+import torch
+from torch.utils.data import Dataset, Sampler
+
+__all__ = ['FASHION_MNIST_FILES', 'DEBIAN_FASHION_MNIST', 'find_fashion_mnist', 'fashion_mnist', 'cache_dir',
+           'NORMALIZATION', 'build_dataset', 'ImageTensorDataset', 'ImageFolderDataset', 'EpochSampler']
 
 FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
                        't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
@@ -90,3 +94,170 @@ def fashion_mnist(train: bool = True, data_dir: str | os.PathLike | None = None,
         f'Fashion-MNIST not found in {data_dir or "--data-dir"}, ${ENV_DATA} or {DEBIAN_FASHION_MNIST}{reason}: '
         f'install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) or put the four IDX files '
         f'({", ".join(FASHION_MNIST_FILES)}, optionally .gz) in a folder and pass it as data_dir')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets as uint8 image tensors: augmentation runs batched on the device (loco_timm.augment)
+
+NORMALIZATION = {
+    'fashion_mnist': ((0.2860,), (0.3530,)),
+    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    'stl10': ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    'imagefolder': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+SPLITS = ('pretrain', 'train', 'test')
+
+
+class ImageTensorDataset(Dataset):
+    """Images held in memory as a uint8 (N, C, H, W) tensor; items are ``(image, label, index)``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], name: str):
+        self.images, self.labels, self.classes, self.name = images, labels, list(classes), name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.labels[index], index
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+
+class ImageFolderDataset(Dataset):
+    """An ImageNet-style folder (``root/<class>/<image>``) decoded on the fly.
+
+    Each image is converted to RGB, resized so its shorter side is ``load_size`` and centre-cropped to a square,
+    so that batches stack and the random resized crop runs batched on the device. Unreadable files are not skipped:
+    the error names the file (skipping would change batch sizes between processes and the contrastive loss).
+    """
+
+    def __init__(self, root: Path, load_size: int, name: str = 'imagefolder'):
+        from torchvision.datasets import ImageFolder
+        try:
+            self.folder = ImageFolder(str(root), loader=lambda path: path)
+        except (FileNotFoundError, RuntimeError) as err:
+            raise FileNotFoundError(f'no images found in {root} ({err}): an ImageFolder needs '
+                                    f'{root}/<class name>/<image files>') from None
+        self.load_size, self.name = load_size, name
+        self.classes = list(self.folder.classes)
+        self.labels = torch.tensor(self.folder.targets)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    channels = 3
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+        from torchvision.transforms import v2
+        path, label = self.folder.samples[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert('RGB')
+        except Exception as err:
+            raise RuntimeError(f'unreadable image {path} ({err.__class__.__name__}: {err}): remove or replace '
+                               f'the file, then run again') from None
+        img = v2.functional.pil_to_tensor(img)
+        img = v2.functional.resize(img, self.load_size, antialias=True)
+        return v2.functional.center_crop(img, self.load_size), label, index
+
+
+def _torchvision_dataset(cls, root: Path, download: bool, **kwargs):
+    try:
+        return cls(str(root), download=False, **kwargs)
+    except RuntimeError:
+        if not download:
+            raise
+    try:
+        return cls(str(root), download=True, **kwargs)
+    except Exception as err:
+        raise FileNotFoundError(
+            f'{cls.__name__} not found in {root} and could not be downloaded ({err.__class__.__name__}): put '
+            f'torchvision\'s {cls.__name__} files there (as its downloader lays them out) and pass it as data_dir') \
+            from None
+
+
+def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLike | None = None,
+                  image_size: int = 224, subset: int | None = None, download: bool = True) -> Dataset:
+    """A dataset of ``(uint8 image (C, H, W), label, index)`` items.
+
+    Args:
+        name: ``fashion_mnist``, ``cifar10``, ``cifar100``, ``stl10`` or ``imagefolder``.
+        split: ``pretrain`` (STL-10: the unlabeled split; else the training split), ``train`` or ``test``
+            (ImageFolder: ``data_dir/train`` and ``data_dir/val``).
+        data_dir: Where the files are (required for imagefolder).
+        image_size: Training crop size; ImageFolder images are loaded at 8/7 of it.
+        subset: Keep only the first ``subset`` items.
+        download: Use torchvision's downloader when files are missing (where a network exists).
+
+    Raises:
+        ValueError: Unknown name or split. FileNotFoundError: missing or empty data.
+    """
+    if split not in SPLITS:
+        raise ValueError(f'unknown split {split!r}: use one of {", ".join(SPLITS)}')
+    train = split != 'test'
+    if name == 'fashion_mnist':
+        base = fashion_mnist(train=train, data_dir=data_dir, download=download)
+        ds = ImageTensorDataset(base.data.unsqueeze(1), base.targets, base.classes, name)
+    elif name in ('cifar10', 'cifar100'):
+        from torchvision.datasets import CIFAR10, CIFAR100
+        root = Path(data_dir or cache_dir() / 'data')
+        base = _torchvision_dataset(CIFAR10 if name == 'cifar10' else CIFAR100, root, download, train=train)
+        ds = ImageTensorDataset(torch.from_numpy(base.data).permute(0, 3, 1, 2).contiguous(),
+                                torch.tensor(base.targets), base.classes, name)
+    elif name == 'stl10':
+        from torchvision.datasets import STL10
+        root = Path(data_dir or cache_dir() / 'data')
+        stl_split = {'pretrain': 'unlabeled', 'train': 'train', 'test': 'test'}[split]
+        base = _torchvision_dataset(STL10, root, download, split=stl_split)
+        ds = ImageTensorDataset(torch.from_numpy(base.data), torch.from_numpy(base.labels).long(), base.classes, name)
+    elif name == 'imagefolder':
+        if not data_dir or not Path(data_dir).is_dir():
+            raise FileNotFoundError(f'data_dir {data_dir!r} is not a folder: imagefolder needs data_dir with '
+                                    f'train/<class>/<images> and val/<class>/<images>')
+        ds = ImageFolderDataset(Path(data_dir) / ('val' if split == 'test' else 'train'),
+                                max(image_size * 8 // 7, image_size))
+    else:
+        raise ValueError(f'unknown dataset {name!r}: use one of {", ".join(NORMALIZATION)}')
+    if len(ds) == 0:
+        raise FileNotFoundError(f'dataset {name} ({split}) in {data_dir} is empty: add images, then run again')
+    if subset is not None and subset < len(ds):
+        ds = _Subset(ds, subset)
+    return ds
+
+
+class _Subset(Dataset):
+    """The first ``n`` items of a dataset (keeps ``classes``, ``channels`` and ``name``)."""
+
+    def __init__(self, base: Dataset, n: int):
+        self.base, self.n = base, n
+        self.classes, self.channels, self.name = base.classes, base.channels, base.name
+        self.labels = base.labels[:n]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return self.base[index]
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of the dataset that depends only on ``(seed, epoch)``: the same on every process and resume."""
+
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True):
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.size))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.size

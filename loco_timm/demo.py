@@ -1,8 +1,8 @@
 """A short demo of LocalLearner on a real batch of Fashion-MNIST (``python -m loco_timm.demo``).
 
-It builds a small ResNet-18-style timm backbone for 28 px images, wraps it as E2E, GIM and LoCo learners with the
-same initial weights, takes a few optimiser steps on two SimCLR-style views of the same Fashion-MNIST images and
-prints each unit's loss before and after. The full training job (``loco-timm train``) supersedes it.
+It builds ``loco_resnet18_small`` (a ResNet-18-style timm backbone for 28 px images), wraps it as E2E, GIM and
+LoCo learners with the same initial weights, takes a few optimiser steps on two augmented views of the same
+Fashion-MNIST images and prints each unit's loss before and after. ``loco-timm train`` is the full training job.
 """
 from __future__ import annotations
 
@@ -10,24 +10,14 @@ import argparse
 import copy
 import time
 
+import timm
 import torch
-from torch import nn
 
+from . import zoo  # noqa: F401  (registers loco_resnet18_small)
 from .data import fashion_mnist
 from .learner import MODES, LocalLearner
 
-__all__ = ['small_resnet18', 'real_batch', 'main']
-
-
-def small_resnet18(in_chans: int = 1, widths: tuple[int, ...] = (16, 32, 64, 128)) -> nn.Module:
-    """A timm ResNet-18 (BasicBlock, 2-2-2-2) for 28 px images: narrow widths, deep 3x3 stem at stride 1, no
-    max-pool (feature maps 28, 14, 7, 4 px)."""
-    from timm.models.resnet import BasicBlock, ResNet
-    model = ResNet(BasicBlock, (2, 2, 2, 2), num_classes=10, in_chans=in_chans, channels=widths,
-                   stem_type='deep', stem_width=widths[0] // 2)
-    model.conv1[0].stride = (1, 1)
-    model.maxpool = nn.Identity()
-    return model
+__all__ = ['real_batch', 'main']
 
 
 def real_batch(num_images: int, seed: int = 0, data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[int, float]]]:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     view1, view2 = real_batch(args.images, data_dir=args.data_dir)
-    base = small_resnet18()
+    base = timm.create_model('loco_resnet18_small')
     print(f'Fashion-MNIST batch: {args.images} images x 2 views of {tuple(view1.shape[1:])}')
     history = {}
     for mode in MODES:

@@ -10,9 +10,9 @@ How the cut is found:
   another, at block granularity (``conv1``, ``bn1``, ..., ``layer1.0``, ``layer1.1``, ...). The atoms share
   their parameters with the model; nothing is copied.
 * The default cut points come from timm's own ``feature_info``: a stage ends where a feature level ends.
-  Levels at a reduction below 4 (the stem: ResNet's ``act1``, EfficientNet's ``blocks.0``, RegNet's ``stem``)
-  are merged into the first stage, so ResNet-50 gives stem+res2, res3, res4, res5. Vision transformers have no
-  downsampling; their blocks are grouped into 4 equal stages.
+  Stem levels (ResNet's ``act1``, RegNet's ``stem``, MobileNet's ``bn1``; for EfficientNet/MobileNet also the
+  blocks that still run at the stem's stride) are merged into the first stage, so ResNet-50 gives stem+res2,
+  res3, res4, res5. Vision transformers have no downsampling; their blocks are grouped into 4 equal stages.
 * ``num_stages`` below the default merges neighbouring stages into near-equal groups; above the default it
   splits the stage with the most blocks at a block boundary until there are enough (e.g. the paper's
   "progressive" 6-stage ResNet-50).
@@ -27,28 +27,30 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ['split_stages', 'register_stage_adapter', 'supported_families', 'stage_atoms', 'STEM_MAX_REDUCTION']
-
-#: feature_info levels with a reduction below this value belong to the stem and are merged into the first stage.
-STEM_MAX_REDUCTION = 4
+__all__ = ['split_stages', 'register_stage_adapter', 'supported_families', 'stage_atoms']
 
 # An adapter returns the model's atoms: (dotted name, module) in forward_features order.
 Atoms = list[tuple[str, nn.Module]]
-_ADAPTERS: 'OrderedDict[type, tuple[str, Callable[[nn.Module], Atoms]]]' = OrderedDict()
+StemLevels = Callable[[nn.Module], set]
+_ADAPTERS: 'OrderedDict[type, tuple[str, Callable[[nn.Module], Atoms], StemLevels | None]]' = OrderedDict()
 
 
-def register_stage_adapter(cls: type, family: str | None = None):
+def register_stage_adapter(cls: type, family: str | None = None, stem_levels: StemLevels | None = None):
     """Register a function listing the atoms of ``cls.forward_features`` (decorator).
+
+    Atoms without a dot in their name form the stem; dotted atoms are blocks (``layer1.0``), and a stage may end
+    after any block. ``feature_info`` levels inside the stem are merged into the first stage.
 
     Args:
         cls: The model class (subclasses match too).
         family: Name shown in error messages; defaults to the class name.
+        stem_levels: Optional ``fn(model) -> set of feature_info module names`` that also belong to the stem.
 
     Returns:
         A decorator that registers ``fn(model) -> list[(name, module)]`` and returns it unchanged.
     """
     def _register(fn: Callable[[nn.Module], Atoms]) -> Callable[[nn.Module], Atoms]:
-        _ADAPTERS[cls] = (family or cls.__name__, fn)
+        _ADAPTERS[cls] = (family or cls.__name__, fn, stem_levels)
         return fn
     return _register
 
@@ -56,7 +58,7 @@ def register_stage_adapter(cls: type, family: str | None = None):
 def supported_families() -> list[str]:
     """Names of the model families :func:`split_stages` can split."""
     _ensure_builtin_adapters()
-    return [family for family, _ in _ADAPTERS.values()]
+    return [entry[0] for entry in _ADAPTERS.values()]
 
 
 def _blocks(prefix: str, container: nn.Module) -> Atoms:
@@ -85,11 +87,15 @@ def _register_builtin_adapters() -> None:
             atoms += [(f'stages.{i}.downsample', stage.downsample)] + _blocks(f'stages.{i}.blocks', stage.blocks)
         return atoms + _named(model, 'norm_pre')
 
-    @register_stage_adapter(efficientnet.EfficientNet, 'EfficientNet')
+    def _at_stem_stride(model: nn.Module) -> set:
+        stride = model.conv_stem.stride[0]
+        return {f['module'] for f in model.feature_info if f['reduction'] <= stride}
+
+    @register_stage_adapter(efficientnet.EfficientNet, 'EfficientNet', _at_stem_stride)
     def _efficientnet(model: nn.Module) -> Atoms:
         return _mobile(model) + _named(model, 'conv_head', 'bn2')
 
-    @register_stage_adapter(mobilenetv3.MobileNetV3, 'MobileNetV3/V4')
+    @register_stage_adapter(mobilenetv3.MobileNetV3, 'MobileNetV3/V4', _at_stem_stride)
     def _mobile(model: nn.Module) -> Atoms:
         atoms = _named(model, 'conv_stem', 'bn1')
         for i, group in enumerate(model.blocks):
@@ -152,34 +158,39 @@ class VitEmbed(nn.Module):
         return self.norm_pre(x)
 
 
+def _adapter(model: nn.Module) -> tuple:
+    _ensure_builtin_adapters()
+    for cls in reversed(_ADAPTERS):  # latest registration wins, so users can override a built-in adapter
+        if isinstance(model, cls):
+            return _ADAPTERS[cls]
+    raise ValueError(
+        f'cannot split {type(model).__name__} into sequential stages: supported families are '
+        f'{", ".join(supported_families())}; add one with loco_timm.register_stage_adapter')
+
+
 def stage_atoms(model: nn.Module) -> Atoms:
     """The atoms of ``model.forward_features`` in order, from the model family's adapter.
 
     Raises:
         ValueError: If no adapter knows the model's class.
     """
-    _ensure_builtin_adapters()
-    for cls in reversed(_ADAPTERS):  # latest registration wins, so users can override a built-in adapter
-        if isinstance(model, cls):
-            return _ADAPTERS[cls][1](model)
-    raise ValueError(
-        f'cannot split {type(model).__name__} into sequential stages: supported families are '
-        f'{", ".join(supported_families())}; add one with loco_timm.register_stage_adapter')
+    return _adapter(model)[1](model)
 
 
-def _default_cuts(model: nn.Module, names: list[str]) -> list[int] | None:
+def _default_cuts(model: nn.Module, names: list[str], first_block: int) -> list[int] | None:
     """Atom indices after which a default stage ends (feature_info levels, stem merged), or None."""
     info = getattr(model, 'feature_info', None) or []
     reductions = {f.get('reduction') for f in info}
     if len(reductions) < 2:  # no downsampling hierarchy (ViT): caller groups blocks equally
         return None
+    stem_levels = _adapter(model)[2]
+    extra_stem = stem_levels(model) if stem_levels else set()
     cuts = set()
     for level in info:
-        if level['reduction'] < STEM_MAX_REDUCTION:
-            continue
         module = level['module']
-        ends = [i for i, n in enumerate(names) if n == module or n.startswith(module + '.')]
-        if ends:
+        ends = [i for i, n in enumerate(names)
+                if n == module or n.startswith(module + '.') or module.startswith(n + '.')]
+        if ends and ends[-1] >= first_block and module not in extra_stem:
             cuts.add(ends[-1])
     return sorted(cuts)
 
@@ -219,7 +230,7 @@ def split_stages(model: nn.Module, num_stages: int | None = None) -> nn.ModuleLi
     legal_cuts = [c for c in range(first_block, last_block) if not names[c].endswith('.downsample')]
     max_stages = len(legal_cuts) + 1
 
-    cuts = _default_cuts(model, names)
+    cuts = _default_cuts(model, names, first_block)
     if cuts is not None:
         cuts = [c for c in cuts if c in legal_cuts]
     if cuts is None:  # equal groups of blocks

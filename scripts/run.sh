@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # loco-timm quick start: sets everything up on a fresh Debian/Ubuntu machine (once), then runs a job.
 #
-#   bash scripts/run.sh demo [ARGS]    the main job (for now: the learner on a real Fashion-MNIST batch)
+#   bash scripts/run.sh main [ARGS]    the main job: LoCo on Fashion-MNIST, then the per-stage readout
+#   bash scripts/run.sh demo [ARGS]    a one-minute demo of the learner on a real Fashion-MNIST batch
 #   bash scripts/run.sh test [ARGS]    the test suite (pytest; slow tests included), then the oldest-timm check
 #
 # Set-up: Debian's dataset-fashion-mnist (and python3-venv where missing) through apt-get when run as root or
@@ -40,7 +41,14 @@ setup() {
 
 job=${1:-}
 shift || true
+MAIN_RECIPE=hub_configs/loco_resnet18_small.loco_fmnist.yaml
 case "$job" in
+  main)
+    setup
+    run_dir=${LOCO_RUN_DIR:-runs/fmnist-loco}
+    # --resume: a finished run is read out again, an interrupted one continues
+    .venv/bin/loco-timm train --config "$MAIN_RECIPE" --out-dir "$run_dir" --resume "$@"
+    exec .venv/bin/loco-timm readout "$run_dir" --config "$MAIN_RECIPE" ;;
   demo)
     setup
     exec .venv/bin/python -m loco_timm.demo "$@" ;;
@@ -54,5 +62,5 @@ case "$job" in
     PYTHONPATH="$old" .venv/bin/python -m pytest -q -p no:cacheprovider \
       tests/test_stages.py tests/test_learner.py tests/test_losses.py ;;
   *)
-    echo "usage: bash scripts/run.sh {demo|test} [ARGS]" >&2; exit 2 ;;
+    echo "usage: bash scripts/run.sh {main|demo|test} [ARGS]" >&2; exit 2 ;;
 esac

@@ -131,3 +131,14 @@ def test_supported_families_names_the_required_families():
     names = ' '.join(supported_families())
     for family in ('ResNet', 'ConvNeXt', 'EfficientNet', 'MobileNetV3', 'RegNet', 'ByobNet', 'VisionTransformer'):
         assert family in names
+
+
+def test_small_image_resnet_keeps_layer1_as_its_own_stage():
+    import loco_timm  # noqa: F401  (registers loco_resnet18_small)
+    stages = split_stages(timm.create_model('loco_resnet18_small'))
+    assert [list(s._modules)[-1] for s in stages] == ['layer1_1', 'layer2_1', 'layer3_1', 'layer4_1']
+
+
+def test_efficientnet_blocks_at_the_stem_stride_join_the_stem():
+    stages = split_stages(timm.create_model('mobilenetv3_large_100'))  # blocks.0 runs at stride 2
+    assert [list(s._modules)[-1] for s in stages] == ['blocks_1_1', 'blocks_2_2', 'blocks_4_1', 'blocks_6_0']

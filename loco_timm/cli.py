@@ -1,0 +1,92 @@
+"""The ``loco-timm`` command: a thin layer that parses, validates and calls the library.
+
+    loco-timm train --config hub_configs/loco_resnet18_small.loco_fmnist.yaml --out-dir runs/fmnist [--epochs 2]
+    loco-timm readout runs/fmnist [--epochs 10]
+
+Every key of the recipe's ``train:`` (or ``readout:``) section is also an option (``--batch-size 256``; values are
+read as YAML, so ``--units "[[0, 1], [1, 2]]"`` works). Bad input prints one line naming the problem and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .config import ConfigError, ReadoutConfig, TrainConfig, apply_overrides, from_dict, load_recipe
+
+__all__ = ['main', 'build_parser', 'train_config_from_args', 'readout_config_from_args']
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
+    group = parser.add_argument_group(f'{cls.__name__} keys (override the recipe)')
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = '--' + f.name.replace('_', '-')
+        kwargs = dict(nargs='?', const='true') if isinstance(default, bool) else {}
+        group.add_argument(flag, dest=f'set_{f.name}', metavar='VALUE', default=None,
+                           help=f'default: {default!r}', **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='loco-timm', description='LoCo / GIM / SimCLR training and evaluation for '
+                                     'timm backbones (arXiv:2008.01342).')
+    sub = parser.add_subparsers(dest='command', required=True)
+    train = sub.add_parser('train', help='pre-train a backbone (also: accelerate launch -m loco_timm.train ...)',
+                           description='Pre-train with LoCo, GIM or end-to-end SimCLR through Accelerate.')
+    train.add_argument('--config', help='recipe YAML file (its train: section)')
+    train.add_argument('--resume', action='store_true', help='continue from the latest checkpoint in --out-dir')
+    _add_fields(train, TrainConfig)
+    read = sub.add_parser('readout', help='linear readout and kNN per stage of a checkpoint',
+                          description='Linear readout and kNN on frozen features of every stage, with raw-pixel and '
+                                      'random-init reference rows; writes readout.json and readout.png.')
+    read.add_argument('checkpoint', help='a run folder (its latest checkpoint) or a checkpoint folder')
+    read.add_argument('--config', help='recipe YAML file (its readout: section)')
+    read.add_argument('--out', help='output folder (default: the run folder)')
+    read.add_argument('--device', default=None, help='cpu, cuda ... (default: cuda if available)')
+    _add_fields(read, ReadoutConfig)
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace, cls: type, section: str):
+    values = {}
+    if args.config:
+        values = load_recipe(args.config).get(section) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f'section {section}: in {args.config} must be a mapping of keys to values')
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith('set_') and v is not None}
+    return from_dict(cls, apply_overrides(values, overrides, cls), where=f'{section}: section of {args.config}'
+                     if args.config else section)
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return _config_from_args(args, TrainConfig, 'train')
+
+
+def readout_config_from_args(args: argparse.Namespace) -> ReadoutConfig:
+    return _config_from_args(args, ReadoutConfig, 'readout')
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == 'train':
+            from .train import train
+            train(train_config_from_args(args), resume=args.resume)
+        elif args.command == 'readout':
+            import torch
+            from .readout import readout
+            device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+            readout(args.checkpoint, readout_config_from_args(args), args.out, device=device)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f'loco-timm {args.command}: error: {err}', file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if type(err).__name__ not in ('NonFiniteLossError',) and 'unreadable image' not in str(err):
+            raise
+        print(f'loco-timm {args.command}: error: {err}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Recipes: typed training and readout configurations, loaded from YAML and overridden from the command line.
+
+A recipe file is YAML (read with ``yaml.safe_load``) with a ``train:`` and an optional ``readout:`` section; the files
+in ``hub_configs/`` are recipes too and may carry further sections (``model``, ``hub``, ``metrics``, ``card``) that
+training ignores. Every key is checked: an unknown key or a value of the wrong type or outside its choices raises
+:class:`ConfigError` with one line naming the key, the value and what is valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ['ConfigError', 'TrainConfig', 'ReadoutConfig', 'load_recipe', 'apply_overrides', 'from_dict',
+           'RECIPE_SECTIONS', 'CHOICES']
+
+RECIPE_SECTIONS = ('train', 'readout', 'model', 'hub', 'metrics', 'card')
+CHOICES = {
+    'mode': ('loco', 'gim', 'e2e'),
+    'decoder': ('conv', 'mlp', None),
+    'decoder_norm': ('batch', 'layer', 'none'),
+    'dataset': ('fashion_mnist', 'cifar10', 'cifar100', 'stl10', 'imagefolder'),
+    'optimizer': ('lars', 'sgd', 'adamw'),
+    'mixed_precision': ('no', 'bf16', 'fp16'),
+    'trackers': ('tensorboard', 'none'),
+}
+
+
+class ConfigError(ValueError):
+    """A recipe or command-line value is invalid; the message names it and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. ``lr = base_lr * batch_size / 256``; ``batch_size`` is global."""
+    # model
+    backbone: str = 'loco_resnet18_small'
+    model_args: dict = field(default_factory=dict)
+    mode: str = 'loco'
+    decoder: typing.Optional[str] = None
+    num_stages: typing.Optional[int] = None
+    units: typing.Optional[list] = None
+    top_unit: bool = False
+    temperature: float = 0.1
+    proj_dim: int = 128
+    decoder_norm: str = 'batch'
+    # data
+    dataset: str = 'fashion_mnist'
+    data_dir: typing.Optional[str] = None
+    subset: typing.Optional[int] = None
+    image_size: int = 28
+    crop_scale: list = field(default_factory=lambda: [0.2, 1.0])
+    num_workers: int = 0
+    # optimisation
+    batch_size: int = 512
+    epochs: float = 10
+    max_steps: typing.Optional[int] = None
+    optimizer: str = 'lars'
+    base_lr: float = 0.3
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    warmup_epochs: float = 1
+    grad_accumulation: int = 1
+    # runtime
+    seed: int = 0
+    mixed_precision: str = 'no'
+    channels_last: bool = False
+    sync_bn: bool = False
+    out_dir: str = 'runs/loco'
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    trackers: str = 'tensorboard'
+
+    def __post_init__(self):
+        _check(self)
+        positive = ('batch_size', 'proj_dim', 'image_size', 'checkpoint_every', 'keep_checkpoints', 'log_every')
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f'{key}={getattr(self, key)!r} must be >= 1')
+        if self.epochs <= 0 or self.temperature <= 0 or self.base_lr <= 0:
+            raise ConfigError('epochs, temperature and base_lr must be positive')
+        if self.grad_accumulation != 1:
+            raise ConfigError(
+                f'grad_accumulation={self.grad_accumulation} is refused: accumulating gradients over micro-batches '
+                f'gives each contrastive loss fewer negatives, so it is not the large-batch objective. Use more '
+                f'processes or a smaller batch_size (lr follows batch_size)')
+        lo, hi = (self.crop_scale + [None, None])[:2]
+        if len(self.crop_scale) != 2 or not 0 < lo <= hi <= 1:
+            raise ConfigError(f'crop_scale={self.crop_scale!r} must be [min, max] area fractions with 0 < min <= max <= 1')
+
+    @property
+    def lr(self) -> float:
+        return self.base_lr * self.batch_size / 256
+
+
+@dataclass
+class ReadoutConfig:
+    """Linear readout (the paper's protocol, scaled down) and kNN on frozen features, for every stage."""
+    epochs: int = 30
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 1024
+    milestones: list = field(default_factory=lambda: [0.3, 0.6, 0.9])
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    references: bool = True
+    train_subset: typing.Optional[int] = None
+    test_subset: typing.Optional[int] = None
+    data_dir: typing.Optional[str] = None
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self)
+        if self.epochs < 1 or self.batch_size < 1 or self.knn_k < 1 or self.lr <= 0:
+            raise ConfigError('readout epochs, batch_size, knn_k and lr must be positive')
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def _check(cfg: Any) -> None:
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _type_ok(value, hints[f.name]):
+            raise ConfigError(f'{f.name}={value!r} has the wrong type: expected {_type_name(hints[f.name])}')
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            valid = ', '.join(str(c) for c in CHOICES[f.name] if c is not None)
+            raise ConfigError(f'{f.name}={value!r} is not valid: choose one of {valid}')
+
+
+def _type_name(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return f'{args[0].__name__} or null' if args else getattr(hint, '__name__', str(hint))
+
+
+def from_dict(cls: type, values: dict, where: str = '') -> Any:
+    """Build ``cls`` from a dict, refusing unknown keys with a list of the valid ones."""
+    if not isinstance(values, dict):
+        raise ConfigError(f'{where or cls.__name__} must be a mapping of keys to values, got {type(values).__name__}')
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(f'unknown key(s) {", ".join(unknown)} in {where or cls.__name__}: valid keys are '
+                          f'{", ".join(valid)}')
+    return cls(**_coerce_floats(cls, values))
+
+
+def _coerce_floats(cls: type, values: dict) -> dict:
+    """Float fields accept ints and YAML 1.1's unparsed exponent strings ('1e-6')."""
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for key, value in values.items():
+        allowed = typing.get_args(hints[key]) or (hints[key],)
+        if float in allowed and not isinstance(value, bool):
+            if isinstance(value, int):
+                out[key] = float(value)
+            elif isinstance(value, str):
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    pass
+    return out
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Read a recipe YAML file into its sections, checking the section names."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f'recipe {path} does not exist: give a YAML file (see hub_configs/ for examples)')
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f'recipe {path} is not valid YAML: {str(err).splitlines()[0]}') from None
+    if not isinstance(recipe, dict):
+        raise ConfigError(f'recipe {path} must be a mapping with sections {", ".join(RECIPE_SECTIONS)}')
+    unknown = sorted(set(recipe) - set(RECIPE_SECTIONS))
+    if unknown:
+        raise ConfigError(f'unknown section(s) {", ".join(unknown)} in {path}: valid sections are '
+                          f'{", ".join(RECIPE_SECTIONS)}')
+    return recipe
+
+
+def apply_overrides(values: dict, overrides: dict[str, str], cls: type) -> dict:
+    """Merge ``--key value`` strings (parsed as YAML scalars/lists) into ``values`` for dataclass ``cls``."""
+    valid = {f.name for f in dataclasses.fields(cls)}
+    merged = dict(values)
+    for key, text in overrides.items():
+        if key not in valid:
+            raise ConfigError(f'unknown option {key}: valid keys are {", ".join(sorted(valid))}')
+        try:
+            merged[key] = yaml.safe_load(text) if isinstance(text, str) else text
+        except yaml.YAMLError:
+            raise ConfigError(f'{key}={text!r} cannot be parsed as a value') from None
+    return merged

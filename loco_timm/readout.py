@@ -1,0 +1,190 @@
+"""Evaluation on frozen features: linear readout and kNN for every stage, with reference rows.
+
+The paper's protocol (frozen encoder, linear classifier on pooled features, SGD, learning rate divided by 10 at 30,
+60 and 90 % of training) scaled down: features are extracted once without augmentation, standardised, and the
+classifier is trained on the cached features. Stage k's features are its output pooled as the decoders pool it;
+the last stage's are exactly timm's ``forward_head(x, pre_logits=True)``, so its classifier (with the
+standardisation folded in) drops into the timm model as ``get_classifier()``. kNN: k nearest training features by
+cosine similarity, votes weighted by ``exp(sim / T)`` (as in InstDisc/DINO). The same recipe evaluates two
+reference rows: raw pixels and the randomly initialised encoder (same architecture and seed).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import SimCLRAugment
+from .checkpoint import load_weights, read_progress, resolve_checkpoint
+from .config import ReadoutConfig, TrainConfig, from_dict
+from .data import NORMALIZATION, build_dataset
+from .decoders import Pool
+from .learner import LocalLearner
+
+__all__ = ['extract_features', 'train_linear', 'knn_accuracy', 'evaluate_features', 'readout', 'plot_readout']
+
+
+@torch.no_grad()
+def extract_features(learner: LocalLearner | None, dataset, augment: SimCLRAugment, batch_size: int = 512,
+                     device: str | torch.device = 'cpu') -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Pooled features of every stage (or the flattened pixels when ``learner`` is None) and the labels."""
+    from torch.utils.data import DataLoader
+    pools = None
+    if learner is not None:
+        learner.eval()
+        pools = [Pool('token' if getattr(learner.encoder, 'global_pool', 'avg') == 'token' else 'avg',
+                      getattr(learner.encoder, 'num_prefix_tokens', 0)) for _ in learner.stages]
+    features, labels = None, []
+    for images, targets, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        x = augment.plain(images.to(device))
+        if learner is None:
+            per_stage = [x.flatten(1)]
+        else:
+            outs = learner(x)
+            per_stage = [pool(o) for pool, o in zip(pools[:-1], outs[:-1])]
+            per_stage.append(learner.encoder.forward_head(outs[-1], pre_logits=True))
+        per_stage = [f.float().cpu() for f in per_stage]
+        features = [[f] for f in per_stage] if features is None else [a + [f] for a, f in zip(features, per_stage)]
+        labels.append(targets)
+    return [torch.cat(f) for f in features], torch.cat(labels)
+
+
+def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, cfg: ReadoutConfig) -> nn.Linear:
+    """A linear classifier on standardised features; the returned layer takes the raw features (standardisation
+    folded into its weights)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    xs = (train_x - mean) / std
+    generator = torch.Generator().manual_seed(cfg.seed)
+    linear = nn.Linear(train_x.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        linear.reset_parameters()
+    optimizer = torch.optim.SGD(linear.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    milestones = sorted({max(int(round(m * cfg.epochs)), 1) for m in cfg.milestones})
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(xs), generator=generator)
+        for start in range(0, len(xs), cfg.batch_size):
+            batch = order[start:start + cfg.batch_size]
+            loss = F.cross_entropy(linear(xs[batch]), train_y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+    folded = nn.Linear(train_x.shape[1], num_classes)
+    with torch.no_grad():
+        folded.weight.copy_(linear.weight / std)
+        folded.bias.copy_(linear.bias - folded.weight @ mean)
+    return folded
+
+
+@torch.no_grad()
+def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> float:
+    """Top-1 of a weighted kNN classifier on cosine similarity."""
+    bank, k = F.normalize(train_x, dim=1), min(k, len(train_x))
+    correct = 0
+    for start in range(0, len(test_x), chunk):
+        query = F.normalize(test_x[start:start + chunk], dim=1)
+        sims, idx = (query @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(query), num_classes).scatter_add_(1, train_y[idx], (sims / temperature).exp())
+        correct += (votes.argmax(1) == test_y[start:start + chunk]).sum().item()
+    return correct / len(test_x)
+
+
+def evaluate_features(train: tuple[list, torch.Tensor], test: tuple[list, torch.Tensor], num_classes: int,
+                      cfg: ReadoutConfig) -> tuple[dict, nn.Linear]:
+    """Linear and kNN top-1 (in %) for every stage; also the last stage's linear head."""
+    rows = dict(linear=[], knn=[])
+    head = None
+    for train_x, test_x in zip(train[0], test[0]):
+        head = train_linear(train_x, train[1], num_classes, cfg)
+        with torch.no_grad():
+            rows['linear'].append(round(100 * (head(test_x).argmax(1) == test[1]).float().mean().item(), 2))
+        rows['knn'].append(round(100 * knn_accuracy(train_x, train[1], test_x, test[1], num_classes, cfg.knn_k,
+                                                    cfg.knn_temperature), 2))
+    return rows, head
+
+
+def _learner_from_checkpoint(checkpoint: Path, random_init: bool = False) -> tuple[LocalLearner, TrainConfig, dict]:
+    from .train import build_learner
+    progress = read_progress(checkpoint)
+    cfg = from_dict(TrainConfig, progress['config'], where=f'{checkpoint}/progress.json')
+    torch.manual_seed(cfg.seed)
+    learner = build_learner(cfg, progress['in_chans'], progress['num_classes'])
+    if not random_init:
+        load_weights(learner, checkpoint / 'learner.safetensors')
+    return learner, cfg, progress
+
+
+def readout(checkpoint: str | Path, cfg: ReadoutConfig | None = None, out_dir: str | Path | None = None,
+            device: str = 'cpu', log=print) -> dict[str, Any]:
+    """Evaluate a checkpoint (or a run folder's latest) and write ``readout.json``, ``readout.png`` and the last
+    stage's classifier ``readout_head.safetensors`` to ``out_dir`` (default: the run folder)."""
+    import time
+    from safetensors.torch import save_file
+    started = time.perf_counter()
+    cfg = cfg or ReadoutConfig()
+    checkpoint = resolve_checkpoint(checkpoint)
+    out_dir = Path(out_dir or checkpoint.parent.parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    learner, train_cfg, progress = _learner_from_checkpoint(checkpoint)
+    mean, std = NORMALIZATION[train_cfg.dataset]
+    augment = SimCLRAugment(train_cfg.image_size, mean=mean, std=std)
+    data_dir = cfg.data_dir or train_cfg.data_dir
+    splits = {split: build_dataset(train_cfg.dataset, split, data_dir, train_cfg.image_size, subset)
+              for split, subset in (('train', cfg.train_subset), ('test', cfg.test_subset))}
+    num_classes = len(splits['train'].classes)
+    encoders = {'model': learner}
+    if cfg.references:
+        encoders['random_init'] = _learner_from_checkpoint(checkpoint, random_init=True)[0]
+        encoders['pixels'] = None
+    results: dict[str, Any] = dict(checkpoint=str(checkpoint), step=progress['step'], mode=train_cfg.mode,
+                                   backbone=train_cfg.backbone, dataset=train_cfg.dataset,
+                                   readout=json.loads(json.dumps(cfg.__dict__)), rows={})
+    for name, encoder in encoders.items():
+        if encoder is not None:
+            encoder.to(device)
+        feats = {split: extract_features(encoder, ds, augment, device=device) for split, ds in splits.items()}
+        rows, head = evaluate_features(feats['train'], feats['test'], num_classes, cfg)
+        results['rows'][name] = rows
+        log(f'{name:12s} linear top-1 per stage: {rows["linear"]}  kNN: {rows["knn"]}')
+        if name == 'model':
+            classifier = learner.encoder.default_cfg.get('classifier', 'fc')
+            save_file({f'{classifier}.weight': head.weight.detach().contiguous(),
+                       f'{classifier}.bias': head.bias.detach().contiguous()}, str(out_dir / 'readout_head.safetensors'))
+    results['seconds'] = round(time.perf_counter() - started, 1)
+    (out_dir / 'readout.json').write_text(json.dumps(results, indent=2))
+    plot_readout(results, out_dir / 'readout.png')
+    log(f'readout of {checkpoint} in {results["seconds"]:.0f} s: {out_dir / "readout.json"}, {out_dir / "readout.png"}')
+    return results
+
+
+def plot_readout(results: dict, path: str | Path) -> None:
+    """Bar chart of linear top-1 per stage for the model and the random-init encoder, pixels as a line."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = results['rows']
+    stages = range(1, len(rows['model']['linear']) + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    width = 0.38
+    ax.bar([s - width / 2 for s in stages], rows['model']['linear'], width, label=f'{results["mode"]} (trained)')
+    if 'random_init' in rows:
+        ax.bar([s + width / 2 for s in stages], rows['random_init']['linear'], width, label='random init')
+    if 'pixels' in rows:
+        ax.axhline(rows['pixels']['linear'][0], color='k', linestyle='--', linewidth=1, label='raw pixels')
+    ax.set_xticks(list(stages))
+    ax.set_xlabel('stage')
+    ax.set_ylabel('linear top-1 (%)')
+    low = min(min(r['linear']) for r in rows.values())
+    ax.set_ylim(max(0, low - 10), 100)
+    ax.set_title(f'{results["backbone"]} on {results["dataset"]}, step {results["step"]}')
+    ax.legend(loc='lower right', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,256 @@
+"""Training with Accelerate: ``loco-timm train`` or ``accelerate launch -m loco_timm.train``.
+
+One function, :func:`train`, in Accelerate's order: accelerator, seed, data, model, optimizer and schedule,
+``prepare``, resume, loop, save, summary. The learner is not wrapped in DDP (it runs several backward passes per
+step); after :meth:`LocalLearner.step` the gradients and the per-unit losses of all processes are averaged with one
+all-reduce. Batches are split across processes (``split_batches``), so a run's global batches, their augmentations
+(drawn from seed, epoch and sample index) and therefore its result do not depend on the number of processes,
+machines or workers.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from . import zoo  # noqa: F401  (registers loco_* models)
+from .augment import SimCLRAugment
+from .checkpoint import latest_checkpoint, load_weights, read_progress, save_checkpoint
+from .config import ConfigError, TrainConfig
+from .data import NORMALIZATION, EpochSampler, build_dataset
+from .learner import LocalLearner
+from .optim import build_optimizer, build_scheduler, steps_for
+
+__all__ = ['train', 'build_learner', 'NonFiniteLossError', 'RESUME_KEYS', 'main']
+
+# recipe keys that must match to resume a run
+RESUME_KEYS = ('backbone', 'model_args', 'mode', 'decoder', 'num_stages', 'units', 'top_unit', 'temperature',
+               'proj_dim', 'decoder_norm', 'dataset', 'subset', 'image_size', 'crop_scale', 'batch_size', 'optimizer',
+               'base_lr', 'weight_decay', 'momentum', 'warmup_epochs', 'seed', 'epochs', 'max_steps')
+
+
+class NonFiniteLossError(RuntimeError):
+    """A unit's loss became NaN or infinite on some process; every process stops."""
+
+
+def build_learner(cfg: TrainConfig, in_chans: int, num_classes: int) -> LocalLearner:
+    """The timm backbone of the recipe wrapped as a LocalLearner (no weights loaded)."""
+    import timm
+    if not timm.is_model(cfg.backbone):
+        raise ConfigError(f'unknown backbone {cfg.backbone!r}: use a timm model name (timm.list_models()) or '
+                          f'loco_resnet18_small')
+    try:
+        backbone = timm.create_model(cfg.backbone, pretrained=False, in_chans=in_chans, num_classes=num_classes,
+                                     **cfg.model_args)
+    except TypeError as err:
+        raise ConfigError(f'model_args {cfg.model_args} do not fit {cfg.backbone}: {err}') from None
+    if cfg.sync_bn:
+        backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+    learner = LocalLearner(backbone, mode=cfg.mode, decoder=cfg.decoder, num_stages=cfg.num_stages, units=cfg.units,
+                           top_unit=cfg.top_unit, temperature=cfg.temperature, proj_dim=cfg.proj_dim,
+                           decoder_norm=cfg.decoder_norm, input_size=(in_chans, cfg.image_size, cfg.image_size))
+    if cfg.sync_bn:
+        learner.decoders = torch.nn.SyncBatchNorm.convert_sync_batchnorm(learner.decoders)
+    return learner
+
+
+def _check_out_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / '.write-test'
+        probe.write_text('')
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f'out_dir {path} is not writable ({err.strerror}): choose another --out-dir') from None
+
+
+def _average(tensors: list[torch.Tensor], world: int) -> None:
+    """Average tensors across processes in place with one all-reduce."""
+    if world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _check_resume(cfg: TrainConfig, saved: dict) -> None:
+    current = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    diffs = [f'{k}={current[k]!r} (checkpoint: {saved.get(k)!r})' for k in RESUME_KEYS
+             if json.loads(json.dumps(current[k])) != saved.get(k)]
+    if diffs:
+        raise ConfigError(f'cannot resume: the recipe differs from the checkpoint\'s in {"; ".join(diffs)}: use the '
+                          f'same recipe, or a new --out-dir to start afresh')
+
+
+def train(cfg: TrainConfig, resume: bool = False,
+          after_backward: Callable[[int, LocalLearner], None] | None = None) -> dict:
+    """Pre-train ``cfg.backbone`` with ``cfg.mode`` and write checkpoints to ``cfg.out_dir``.
+
+    Args:
+        cfg: The recipe.
+        resume: Continue from the latest complete checkpoint in ``cfg.out_dir`` (mid-epoch included).
+        after_backward: Called as ``fn(step, learner)`` after the gradients of a step are averaged, before the
+            optimizer step (for tests and diagnostics).
+
+    Returns:
+        Summary: steps, wall time, throughput, last per-unit losses, final checkpoint.
+
+    Raises:
+        ConfigError: Bad recipe or data. NonFiniteLossError: a loss became NaN/inf (the last checkpoint is kept).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    out_dir = Path(cfg.out_dir)
+    _check_out_dir(out_dir)
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is not None and not resume:
+        raise ConfigError(f'{out_dir} already holds checkpoints ({checkpoint.name}): pass --resume to continue that '
+                          f'run, or choose a new --out-dir')
+    trackers = 'tensorboard' if cfg.trackers == 'tensorboard' and _has_tensorboard() else None
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers, project_dir=str(out_dir),
+                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              step_scheduler_with_optimizer=False)
+    world = accelerator.num_processes
+    if cfg.batch_size % world:
+        raise ConfigError(f'batch_size={cfg.batch_size} is not divisible by the {world} processes: use a multiple '
+                          f'of {world}')
+    if cfg.sync_bn and world > 1 and accelerator.device.type != 'cuda':
+        raise ConfigError('sync_bn needs CUDA devices: leave it off on CPU (BatchNorm statistics stay per process)')
+    set_seed(cfg.seed)
+
+    dataset = build_dataset(cfg.dataset, 'pretrain', cfg.data_dir, cfg.image_size, cfg.subset)
+    if len(dataset) < cfg.batch_size:
+        raise ConfigError(f'batch_size={cfg.batch_size} is larger than the dataset ({len(dataset)} images)')
+    sampler = EpochSampler(len(dataset), cfg.seed)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.num_workers, pin_memory=accelerator.device.type == 'cuda')
+    mean, std = NORMALIZATION[cfg.dataset]
+    augment = SimCLRAugment(cfg.image_size, scale=cfg.crop_scale, mean=mean, std=std)
+
+    learner = build_learner(cfg, dataset.channels, len(dataset.classes)).to(accelerator.device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    learner.to(memory_format=memory_format)
+    params = [p for p in learner.parameters() if p.requires_grad]
+
+    optimizer = build_optimizer(learner, cfg)
+    steps_per_epoch = len(dataset) // cfg.batch_size
+    total_steps = cfg.max_steps or steps_for(cfg.epochs, steps_per_epoch)
+    scheduler = build_scheduler(optimizer, total_steps, int(round(cfg.warmup_epochs * steps_per_epoch)))
+
+    optimizer, loader = accelerator.prepare(optimizer, loader)
+
+    step = 0
+    progress = dict(config=_as_json(cfg), num_classes=len(dataset.classes), in_chans=dataset.channels,
+                    classes=dataset.classes, version=_version())
+    if resume:
+        if checkpoint is not None:
+            saved = read_progress(checkpoint)
+            _check_resume(cfg, saved['config'])
+            load_weights(learner, checkpoint / 'learner.safetensors')
+            accelerator.load_state(str(checkpoint))
+            step = saved['step']
+            accelerator.print(f'resumed from {checkpoint} at step {step}')
+        else:
+            accelerator.print(f'no checkpoint in {out_dir}: starting from step 0')
+
+    accelerator.init_trackers('loco', config={k: str(v) for k, v in _as_json(cfg).items()})
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc=cfg.mode,
+               dynamic_ncols=True)
+    learner.train()
+    data_time = step_time = 0.0
+    images_seen, last = 0, {}
+    start = time.perf_counter()
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        batches.set_epoch(epoch)
+        tick = time.perf_counter()
+        for images, _, index in batches:
+            with torch.no_grad():
+                view1 = augment(images, index, cfg.seed, epoch, 0).contiguous(memory_format=memory_format)
+                view2 = augment(images, index, cfg.seed, epoch, 1).contiguous(memory_format=memory_format)
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 997 + accelerator.process_index)  # dropout, drop-path
+            ready = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            with accelerator.autocast():
+                losses = learner.step(view1, view2, backward=accelerator.backward)
+            loss_vec = torch.stack([losses[j].float() for j in range(len(learner.units))])
+            grads = [p.grad for p in params if p.grad is not None]
+            _average(grads + [loss_vec], world)
+            if not torch.isfinite(loss_vec).all():
+                bad = int((~torch.isfinite(loss_vec)).nonzero()[0])
+                raise NonFiniteLossError(
+                    f'non-finite loss ({loss_vec[bad].item()}) in unit {bad} {learner.units[bad]} at step {step + 1}: '
+                    f'stopped every process; the last good checkpoint in {out_dir / "checkpoints"} is kept '
+                    f'(lower base_lr or use mixed_precision=no)')
+            if after_backward is not None:
+                after_backward(step, learner)
+            scheduler.step_update(step)
+            optimizer.step()
+            step += 1
+            done = time.perf_counter()
+            data_time, step_time = data_time + ready - tick, step_time + done - ready
+            images_seen += cfg.batch_size
+            last = {f'loss/unit{j}': v for j, v in enumerate(loss_vec.tolist())}
+            if step % cfg.log_every == 0 or step == total_steps:
+                lr = optimizer.param_groups[0]['lr']
+                accelerator.log(dict(last, lr=lr, img_per_s=images_seen / (done - start), epoch=epoch), step=step)
+                bar.set_postfix({k.split('/')[-1]: f'{v:.3f}' for k, v in last.items()}, refresh=False)
+            bar.update(1)
+            if step % cfg.checkpoint_every == 0 and step < total_steps:
+                save_checkpoint(accelerator, learner, out_dir, step, progress, cfg.keep_checkpoints)
+            if step >= total_steps:
+                break
+            tick = time.perf_counter()
+    bar.close()
+    final = save_checkpoint(accelerator, learner, out_dir, step, progress, cfg.keep_checkpoints)
+    wall = time.perf_counter() - start
+    summary = dict(steps=step, wall_seconds=round(wall, 1), checkpoint=str(final), last_losses=last,
+                   img_per_s=round(images_seen / wall, 1) if wall else None,
+                   loader_img_per_s=round(images_seen / data_time, 1) if data_time else None,
+                   model_img_per_s=round(images_seen / step_time, 1) if step_time else None, processes=world)
+    if accelerator.is_main_process:
+        (out_dir / 'train_summary.json').write_text(json.dumps(summary, indent=2))
+    accelerator.print(f'trained {step} steps in {wall:.0f} s; checkpoint {final}')
+    accelerator.end_training()
+    return summary
+
+
+def _as_json(cfg: TrainConfig) -> dict:
+    import dataclasses
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``accelerate launch -m loco_timm.train [train options]``."""
+    from .cli import main as cli_main
+    return cli_main(['train'] + list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Recipes and the command line: validation with one-line errors (exit 2), help, overrides."""
+import pytest
+import yaml
+
+from loco_timm import cli
+from loco_timm.config import ConfigError, ReadoutConfig, TrainConfig, apply_overrides, from_dict, load_recipe
+
+
+def test_defaults_are_valid_and_lr_scales_with_batch():
+    cfg = TrainConfig(batch_size=1024, base_lr=0.3)
+    assert cfg.lr == pytest.approx(1.2)
+
+
+@pytest.mark.parametrize('values,match', [
+    ({'bogus': 1}, r'unknown key\(s\) bogus in train: valid keys are backbone, model_args, mode'),
+    ({'mode': 'bp'}, "mode='bp' is not valid: choose one of loco, gim, e2e"),
+    ({'dataset': 'mnist'}, "dataset='mnist' is not valid: choose one of fashion_mnist"),
+    ({'batch_size': 'big'}, "batch_size='big' has the wrong type: expected int"),
+    ({'batch_size': 0}, 'batch_size=0 must be >= 1'),
+    ({'grad_accumulation': 4}, 'grad_accumulation=4 is refused: accumulating gradients over micro-batches'),
+    ({'crop_scale': [0.5, 0.2]}, r'crop_scale=\[0.5, 0.2\] must be \[min, max\]'),
+    ({'mixed_precision': 'fp8'}, "mixed_precision='fp8' is not valid"),
+])
+def test_bad_train_values_name_the_key_and_the_fix(values, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(TrainConfig, values, where='train')
+
+
+def test_yaml_exponents_and_ints_become_floats():
+    cfg = from_dict(TrainConfig, yaml.safe_load('weight_decay: 1e-6\nepochs: 3\nbase_lr: 1'))
+    assert (cfg.weight_decay, cfg.epochs, cfg.base_lr) == (1e-6, 3.0, 1.0)
+
+
+def test_overrides_are_parsed_as_yaml_and_checked():
+    merged = apply_overrides({'epochs': 2}, {'units': '[[0, 1], [1, 2]]', 'top_unit': 'true'}, TrainConfig)
+    assert merged == {'epochs': 2, 'units': [[0, 1], [1, 2]], 'top_unit': True}
+    with pytest.raises(ConfigError, match='unknown option nope'):
+        apply_overrides({}, {'nope': '1'}, TrainConfig)
+
+
+def test_recipe_sections_are_checked(tmp_path):
+    path = tmp_path / 'r.yaml'
+    path.write_text('train: {epochs: 1}\nextra: {}\n')
+    with pytest.raises(ConfigError, match=r'unknown section\(s\) extra .*valid sections are train, readout'):
+        load_recipe(path)
+    with pytest.raises(ConfigError, match='does not exist'):
+        load_recipe(tmp_path / 'missing.yaml')
+
+
+def test_readout_config_checks_values():
+    with pytest.raises(ConfigError, match="knn_k='many' has the wrong type"):
+        ReadoutConfig(knn_k='many')
+
+
+def _cli_error(capsys, *argv):
+    assert cli.main(list(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_cli_unknown_recipe_key_is_one_line_exit_2(tmp_path, capsys):
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text('train: {epochz: 1}\n')
+    line = _cli_error(capsys, 'train', '--config', str(recipe), '--out-dir', str(tmp_path))
+    assert line.startswith(f'loco-timm train: error: unknown key(s) epochz in train: section of {recipe}: valid keys')
+
+
+def test_cli_bad_value_is_one_line_exit_2(tmp_path, capsys):
+    line = _cli_error(capsys, 'train', '--mode', 'backprop', '--out-dir', str(tmp_path))
+    assert line == "loco-timm train: error: mode='backprop' is not valid: choose one of loco, gim, e2e"
+
+
+def test_cli_unwritable_out_dir(tmp_path, capsys):
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    line = _cli_error(capsys, 'train', '--out-dir', str(blocker / 'run'))
+    assert line.startswith(f'loco-timm train: error: out_dir {blocker / "run"} is not writable')
+
+
+def test_cli_missing_imagefolder(tmp_path, capsys):
+    line = _cli_error(capsys, 'train', '--dataset', 'imagefolder', '--data-dir', str(tmp_path / 'nope'),
+                      '--out-dir', str(tmp_path / 'run'), '--trackers', 'none')
+    assert "data_dir '" in line and 'is not a folder: imagefolder needs data_dir with train/<class>' in line
+
+
+def test_cli_empty_imagefolder(tmp_path, capsys):
+    (tmp_path / 'data' / 'train').mkdir(parents=True)
+    line = _cli_error(capsys, 'train', '--dataset', 'imagefolder', '--data-dir', str(tmp_path / 'data'),
+                      '--out-dir', str(tmp_path / 'run'), '--trackers', 'none')
+    assert 'no images found in' in line
+
+
+def test_cli_unknown_backbone(tmp_path, capsys):
+    line = _cli_error(capsys, 'train', '--backbone', 'resnet5000', '--subset', '64', '--batch-size', '16',
+                      '--out-dir', str(tmp_path), '--trackers', 'none')
+    assert line.startswith("loco-timm train: error: unknown backbone 'resnet5000'")
+
+
+def test_cli_readout_without_checkpoint(tmp_path, capsys):
+    line = _cli_error(capsys, 'readout', str(tmp_path))
+    assert line.startswith(f'loco-timm readout: error: no complete checkpoint in {tmp_path}')
+
+
+@pytest.mark.parametrize('command', [[], ['train'], ['readout']])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(command + ['--help'])
+    assert exit_info.value.code == 0
+    assert 'usage: loco-timm' in capsys.readouterr().out
+
+
+def test_cli_refuses_to_overwrite_a_run_without_resume(tmp_path, capsys):
+    (tmp_path / 'checkpoints' / 'step-00000001').mkdir(parents=True)
+    for name in ('progress.json', 'learner.safetensors'):
+        (tmp_path / 'checkpoints' / 'step-00000001' / name).write_text('{}')
+    line = _cli_error(capsys, 'train', '--subset', '64', '--batch-size', '16', '--out-dir', str(tmp_path),
+                      '--trackers', 'none')
+    assert line.endswith('already holds checkpoints (step-00000001): pass --resume to continue that run, or choose '
+                         'a new --out-dir')
+
+
+def test_every_hub_config_is_a_valid_recipe():
+    from pathlib import Path
+    paths = sorted((Path(__file__).parent.parent / 'hub_configs').glob('*.yaml'))
+    assert paths
+    for path in paths:
+        recipe = load_recipe(path)
+        from_dict(TrainConfig, recipe['train'], where=f'{path} train')
+        from_dict(ReadoutConfig, recipe.get('readout') or {}, where=f'{path} readout')

@@ -1,5 +1,4 @@
 """LocalLearner: units, decoders, and gradient semantics against hand-written autograd references."""
-import copy
 
 import pytest
 import timm

@@ -9,7 +9,6 @@ import argparse
 import json
 import sys
 
-import torch
 
 import loco_timm.learner
 from loco_timm.config import TrainConfig, from_dict

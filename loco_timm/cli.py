@@ -1,7 +1,10 @@
 """The ``loco-timm`` command: a thin layer that parses, validates and calls the library.
 
-    loco-timm train --config hub_configs/loco_resnet18_small.loco_fmnist.yaml --out-dir runs/fmnist [--epochs 2]
+    loco-timm train --config loco_resnet18_small.simclr_fmnist --out-dir runs/fmnist [--epochs 2]
     loco-timm readout runs/fmnist [--epochs 10]
+    loco-timm export runs/fmnist --config loco_resnet18_small.simclr_fmnist --out exports/fmnist
+    loco-timm publish exports/fmnist --repo-id ORG/NAME
+    loco-timm cards [--check]
 
 Every key of the recipe's ``train:`` (or ``readout:``) section is also an option (``--batch-size 256``; values are
 read as YAML, so ``--units "[[0, 1], [1, 2]]"`` works). Bad input prints one line naming the problem and exits 2.
@@ -44,6 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument('--out', help='output folder (default: the run folder)')
     read.add_argument('--device', default=None, help='cpu, cuda ... (default: cuda if available)')
     _add_fields(read, ReadoutConfig)
+    exp = sub.add_parser('export', help='write a Hub repository folder (timm model, config.json, model card)',
+                         description='Export a checkpoint and its readout head as a timm model in a Hugging Face '
+                                     'Hub repository folder: model.safetensors, config.json, README.md, '
+                                     'learner.safetensors, the hub config, readout.json/png.')
+    exp.add_argument('checkpoint', help='a run folder (its latest checkpoint) or a checkpoint folder')
+    exp.add_argument('--config', required=True, help='weight tag (e.g. loco_resnet18_small.simclr_fmnist) or hub '
+                                                     'config YAML file')
+    exp.add_argument('--out', required=True, help='folder to write (must not exist or be empty)')
+    exp.add_argument('--readout-dir', help='where `loco-timm readout` wrote its results (default: the run folder)')
+    pub = sub.add_parser('publish', help='upload an export folder to the Hugging Face Hub',
+                         description='Upload an export folder to a Hub model repository (created if missing); '
+                                     'publishing an unchanged folder again changes nothing.')
+    pub.add_argument('folder', help='the --out folder of `loco-timm export`')
+    pub.add_argument('--repo-id', required=True, help='ORG/NAME')
+    pub.add_argument('--token', help='Hub token with write access (default: HF_TOKEN or `hf auth login`)')
+    pub.add_argument('--revision', help='branch to commit to (default: main)')
+    pub.add_argument('--private', action='store_true', help='create the repository as private')
+    cards = sub.add_parser('cards', help='regenerate MODEL_CARD.md and the README model table from hub_configs/',
+                           description='Write MODEL_CARD.md and the README model table from hub_configs/ '
+                                       '(--check: only report whether they are up to date, exit 1 if not).')
+    cards.add_argument('--root', default='.', help='the repository checkout (default: .)')
+    cards.add_argument('--check', action='store_true', help='do not write; exit 1 when a file is out of date')
     return parser
 
 
@@ -77,11 +102,23 @@ def main(argv: list[str] | None = None) -> int:
             from .readout import readout
             device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
             readout(args.checkpoint, readout_config_from_args(args), args.out, device=device)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+        elif args.command == 'export':
+            from .export import export
+            export(args.checkpoint, args.config, args.out, args.readout_dir)
+        elif args.command == 'publish':
+            from .hub import publish
+            publish(args.folder, args.repo_id, token=args.token, revision=args.revision, private=args.private)
+        elif args.command == 'cards':
+            from .card import update_cards
+            changed = update_cards(args.root, check=args.check)
+            verb = 'out of date' if args.check else 'written'
+            print(f'{verb}: {", ".join(changed)}' if changed else 'MODEL_CARD.md and README model table up to date')
+            return 1 if args.check and changed else 0
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f'loco-timm {args.command}: error: {err}', file=sys.stderr)
         return 2
     except RuntimeError as err:
-        if type(err).__name__ not in ('NonFiniteLossError',) and 'unreadable image' not in str(err):
+        if type(err).__name__ not in ('NonFiniteLossError', 'PublishError') and 'unreadable image' not in str(err):
             raise
         print(f'loco-timm {args.command}: error: {err}', file=sys.stderr)
         return 1

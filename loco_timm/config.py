@@ -1,9 +1,9 @@
 """Recipes: typed training and readout configurations, loaded from YAML and overridden from the command line.
 
 A recipe file is YAML (read with ``yaml.safe_load``) with a ``train:`` and an optional ``readout:`` section; the files
-in ``hub_configs/`` are recipes too and may carry further sections (``model``, ``hub``, ``metrics``, ``card``) that
-training ignores. Every key is checked: an unknown key or a value of the wrong type or outside its choices raises
-:class:`ConfigError` with one line naming the key, the value and what is valid.
+in ``hub_configs/`` (:mod:`loco_timm.tags`) are recipes too, named by their weight tag, and carry further sections
+(``model``, ``hub``, ``metrics``, ``card``). Every key is checked: an unknown key or a value of the wrong type or
+outside its choices raises :class:`ConfigError` with one line naming the key, the value and what is valid.
 """
 from __future__ import annotations
 
@@ -104,6 +104,8 @@ class ReadoutConfig:
     """Linear readout (the paper's protocol, scaled down) and kNN on frozen features, for every stage."""
     epochs: int = 30
     lr: float = 0.1
+    lr_grid: typing.Optional[list] = None  # select lr per row and stage on a held-out part of the training split
+    val_fraction: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 1024
@@ -120,6 +122,11 @@ class ReadoutConfig:
         _check(self)
         if self.epochs < 1 or self.batch_size < 1 or self.knn_k < 1 or self.lr <= 0:
             raise ConfigError('readout epochs, batch_size, knn_k and lr must be positive')
+        if self.lr_grid is not None and (not self.lr_grid or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in self.lr_grid)):
+            raise ConfigError(f'lr_grid={self.lr_grid!r} must be a non-empty list of positive learning rates')
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f'val_fraction={self.val_fraction!r} must be between 0 and 1')
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -181,7 +188,16 @@ def _coerce_floats(cls: type, values: dict) -> dict:
 
 
 def load_recipe(path: str | Path) -> dict:
-    """Read a recipe YAML file into its sections, checking the section names."""
+    """Read a recipe into its sections, checking the section names.
+
+    Args:
+        path: a YAML file, or a weight tag (``loco_resnet18_small.simclr_fmnist``) naming a file in ``hub_configs/``.
+            A hub config (a file with a ``hub:`` section) fills in ``backbone``, ``model_args`` and ``image_size``.
+    """
+    text = str(path)
+    if not text.endswith(('.yaml', '.yml')) and '/' not in text and not Path(text).exists():
+        from .tags import get_hub_config
+        return get_hub_config(text).recipe()
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f'recipe {path} does not exist: give a YAML file (see hub_configs/ for examples)')
@@ -195,6 +211,9 @@ def load_recipe(path: str | Path) -> dict:
     if unknown:
         raise ConfigError(f'unknown section(s) {", ".join(unknown)} in {path}: valid sections are '
                           f'{", ".join(RECIPE_SECTIONS)}')
+    if 'hub' in recipe:
+        from .tags import load_hub_config
+        return load_hub_config(path).recipe()
     return recipe
 
 

@@ -6,10 +6,13 @@ classifier is trained on the cached features. Stage k's features are its output 
 the last stage's are exactly timm's ``forward_head(x, pre_logits=True)``, so its classifier (with the
 standardisation folded in) drops into the timm model as ``get_classifier()``. kNN: k nearest training features by
 cosine similarity, votes weighted by ``exp(sim / T)`` (as in InstDisc/DINO). The same recipe evaluates two
-reference rows: raw pixels and the randomly initialised encoder (same architecture and seed).
+reference rows: raw pixels and the randomly initialised encoder (same architecture and seed). With ``lr_grid`` the
+linear classifier's learning rate is chosen per row and stage on a held-out part of the training split, so every row
+gets the rate that suits it and the test split stays unseen.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,8 @@ from .data import NORMALIZATION, build_dataset
 from .decoders import Pool
 from .learner import LocalLearner
 
-__all__ = ['extract_features', 'train_linear', 'knn_accuracy', 'evaluate_features', 'readout', 'plot_readout']
+__all__ = ['extract_features', 'train_linear', 'select_lr', 'knn_accuracy', 'evaluate_features', 'readout',
+           'plot_readout']
 
 
 @torch.no_grad()
@@ -96,13 +100,32 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     return correct / len(test_x)
 
 
+def select_lr(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, cfg: ReadoutConfig) -> float:
+    """The learning rate of ``cfg.lr_grid`` with the best top-1 on a held-out ``val_fraction`` of the training
+    split (seeded; the first of equals), or ``cfg.lr`` without a grid. The test split is never looked at."""
+    if not cfg.lr_grid:
+        return cfg.lr
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))
+    n_val = max(int(round(cfg.val_fraction * len(train_x))), 1)
+    val, fit = order[:n_val], order[n_val:]
+    scores = []
+    for lr in cfg.lr_grid:
+        head = train_linear(train_x[fit], train_y[fit], num_classes, dataclasses.replace(cfg, lr=float(lr)))
+        with torch.no_grad():
+            scores.append((head(train_x[val]).argmax(1) == train_y[val]).float().mean().item())
+    return float(cfg.lr_grid[scores.index(max(scores))])
+
+
 def evaluate_features(train: tuple[list, torch.Tensor], test: tuple[list, torch.Tensor], num_classes: int,
                       cfg: ReadoutConfig) -> tuple[dict, nn.Linear]:
-    """Linear and kNN top-1 (in %) for every stage; also the last stage's linear head."""
-    rows = dict(linear=[], knn=[])
+    """Linear and kNN top-1 (in %) for every stage (and the linear learning rate used); also the last stage's
+    linear head."""
+    rows = dict(linear=[], knn=[], lr=[])
     head = None
     for train_x, test_x in zip(train[0], test[0]):
-        head = train_linear(train_x, train[1], num_classes, cfg)
+        lr = select_lr(train_x, train[1], num_classes, cfg)
+        rows['lr'].append(lr)
+        head = train_linear(train_x, train[1], num_classes, dataclasses.replace(cfg, lr=lr))
         with torch.no_grad():
             rows['linear'].append(round(100 * (head(test_x).argmax(1) == test[1]).float().mean().item(), 2))
         rows['knn'].append(round(100 * knn_accuracy(train_x, train[1], test_x, test[1], num_classes, cfg.knn_k,
@@ -152,7 +175,8 @@ def readout(checkpoint: str | Path, cfg: ReadoutConfig | None = None, out_dir: s
         feats = {split: extract_features(encoder, ds, augment, device=device) for split, ds in splits.items()}
         rows, head = evaluate_features(feats['train'], feats['test'], num_classes, cfg)
         results['rows'][name] = rows
-        log(f'{name:12s} linear top-1 per stage: {rows["linear"]}  kNN: {rows["knn"]}')
+        log(f'{name:12s} linear top-1 per stage: {rows["linear"]}  kNN: {rows["knn"]}' +
+            (f'  (lr {rows["lr"]})' if cfg.lr_grid else ''))
         if name == 'model':
             classifier = learner.encoder.default_cfg.get('classifier', 'fc')
             save_file({f'{classifier}.weight': head.weight.detach().contiguous(),

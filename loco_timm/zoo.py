@@ -1,19 +1,32 @@
-"""Model zoo: timm registrations of the architectures loco-timm trains.
+"""Model zoo: the timm registrations of loco-timm's architectures and weight tags.
 
+LoCo: Local Contrastive Representation Learning (Xiong, Ren & Urtasun, NeurIPS 2020, arXiv:2008.01342).
+
+* ``loco_resnet50``: the paper's encoder, timm's ResNet-50 (the exported repositories name ``resnet50``, so plain
+  timm loads them too).
 * ``loco_resnet18_small``: a ResNet-18 (BasicBlock, 2-2-2-2) for small images such as Fashion-MNIST's 28 px: deep
   3x3 stem (8-8-16 channels) at stride 2, no max-pool, widths 16-32-64-256, so its feature maps are 14, 7, 4 and
-  2 px (``stem_stride=1`` doubles them). Sized so that LoCo pre-training on Fashion-MNIST runs in minutes on 2 CPU
-  cores. timm's ResNet cannot express a stem without max-pool, so loading it needs ``import loco_timm``.
+  2 px (``stem_stride=1`` doubles them). timm's ResNet cannot express a stem without max-pool, so loading it needs
+  ``import loco_timm``.
+
+The weight tags come from ``hub_configs/`` (:mod:`loco_timm.tags`), one file per tag; per architecture the LoCo tag
+comes first, so an untagged name (``loco_resnet50``) resolves to it. Every tag has an ``hf_hub_id`` and is listed by
+``timm.list_pretrained``, published or not: ``pretrained=True`` downloads through huggingface_hub (``HF_ENDPOINT``
+mirrors, offline mode and the cache apply) and, where the weights are missing, raises
+:class:`PretrainedWeightsNotFound` with the tag, the repository and how to produce them.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.resnet import BasicBlock, ResNet
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-__all__ = ['SmallImageResNet']
+from .tags import list_hub_configs
+
+__all__ = ['SmallImageResNet', 'PretrainedWeightsNotFound', 'ARCHITECTURES']
 
 
 class SmallImageResNet(ResNet):
@@ -28,21 +41,58 @@ class SmallImageResNet(ResNet):
             info['reduction'] = stem_stride * (max(info['reduction'] // 4, 1) if info['module'] != 'act1' else 1)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        'url': '', 'num_classes': 10, 'input_size': (1, 28, 28), 'pool_size': (2, 2), 'crop_pct': 1.0,
-        'interpolation': 'bilinear', 'mean': (0.2860,), 'std': (0.3530,), 'first_conv': 'conv1.0',
-        'classifier': 'fc', 'license': 'apache-2.0', **kwargs,
-    }
+class PretrainedWeightsNotFound(RuntimeError):
+    """``pretrained=True`` on a tag whose weights the Hub (or the mirror at ``HF_ENDPOINT``) does not have."""
 
 
-default_cfgs = generate_default_cfgs({
-    'loco_resnet18_small.untrained': _cfg(),
-})
+# architecture facts of the pretrained config; the tag's facts come from its hub config
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    'loco_resnet18_small': dict(first_conv='conv1.0', classifier='fc', pool_size=(2, 2), input_size=(1, 28, 28),
+                                num_classes=10, crop_pct=1.0, mean=(0.2860,), std=(0.3530,)),
+    'loco_resnet50': dict(first_conv='conv1', classifier='fc', pool_size=(7, 7), input_size=(3, 224, 224),
+                          num_classes=1000, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+}
 
 
-def _create_small_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> SmallImageResNet:
-    return build_model_with_cfg(SmallImageResNet, variant, pretrained, **kwargs)
+def _cfg(architecture: str, **kwargs: Any) -> dict[str, Any]:
+    return {'url': '', 'interpolation': 'bilinear', 'license': 'apache-2.0', 'paper_ids': 'arxiv:2008.01342',
+            **ARCHITECTURES[architecture], **kwargs}
+
+
+def _tag_cfgs() -> dict[str, dict[str, Any]]:
+    cfgs = {}
+    for hub_config in list_hub_configs():  # tags of other timm architectures are export-only (hf-hub: loading)
+        if hub_config.architecture in ARCHITECTURES:
+            cfgs[hub_config.name] = _cfg(hub_config.architecture, **hub_config.pretrained_cfg())
+    for architecture in ARCHITECTURES:  # an architecture without tags still registers
+        if not any(name.startswith(architecture + '.') for name in cfgs):
+            cfgs[f'{architecture}.untrained'] = _cfg(architecture)
+    return cfgs
+
+
+default_cfgs = generate_default_cfgs(_tag_cfgs())
+
+
+def _missing_weights_message(variant: str, kwargs: dict, err: Exception) -> str:
+    from timm.models._builder import resolve_pretrained_cfg
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    tag, hub_id = cfg.tag or default_cfgs[variant].default.tag, cfg.hf_hub_id or '(no hf_hub_id)'
+    endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f'no pretrained weights for {variant}.{tag} at {hub_id} on {endpoint} ({type(err).__name__}: {reason}). '
+            f'They may not be published: train them (`loco-timm train --config {variant}.{tag}`), export '
+            f'(`loco-timm export RUN --config {variant}.{tag} --out DIR`) and publish (`loco-timm publish DIR '
+            f'--repo-id {hub_id.split("@")[0]}`), or set HF_ENDPOINT to a mirror that has them; '
+            f'pretrained=False builds the model untrained')
+
+
+def _create(model_cls: type, variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    try:
+        return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+    except (HfHubHTTPError, EntryNotFoundError, LocalEntryNotFoundError, ConnectionError) as err:
+        raise PretrainedWeightsNotFound(_missing_weights_message(variant, kwargs, err)) from None
 
 
 @register_model
@@ -50,4 +100,11 @@ def loco_resnet18_small(pretrained: bool = False, **kwargs: Any) -> SmallImageRe
     """ResNet-18 for small images (deep stem at stride 2, no max-pool), widths 16-32-64-256, 1 input channel."""
     model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2), channels=(16, 32, 64, 256), stem_type='deep',
                       stem_width=8, in_chans=1, num_classes=10)
-    return _create_small_resnet('loco_resnet18_small', pretrained, **dict(model_args, **kwargs))
+    return _create(SmallImageResNet, 'loco_resnet18_small', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def loco_resnet50(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-50, the paper's encoder (timm's ``resnet50``)."""
+    model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3))
+    return _create(ResNet, 'loco_resnet50', pretrained, **dict(model_args, **kwargs))

@@ -41,7 +41,7 @@ setup() {
 
 job=${1:-}
 shift || true
-MAIN_RECIPE=hub_configs/loco_resnet18_small.loco_fmnist.yaml
+MAIN_RECIPE=loco_resnet18_small.simclr_fmnist
 case "$job" in
   main)
     setup

@@ -1,0 +1,151 @@
+"""The model zoo: hub configs as the single source of truth, timm registration, model cards, missing weights."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+
+import loco_timm  # noqa: F401
+from loco_timm.card import update_cards, zoo_card
+from loco_timm.config import ConfigError, ReadoutConfig, TrainConfig, from_dict, load_recipe
+from loco_timm.data import NORMALIZATION
+from loco_timm.tags import get_hub_config, hub_config_dir, list_hub_configs, load_hub_config
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = 'loco_resnet18_small.simclr_fmnist'
+
+
+def test_every_hub_config_is_a_valid_recipe_with_consistent_normalisation():
+    configs = list_hub_configs()
+    assert {c.name for c in configs} >= {FMNIST, 'loco_resnet50.simclr_in1k', 'loco_resnet50.e2e_simclr_in1k',
+                                         'loco_resnet50.gim_simclr_in1k', 'loco_resnet18_small.e2e_simclr_fmnist',
+                                         'loco_resnet18_small.gim_simclr_fmnist'}
+    for hub in configs:
+        recipe = hub.recipe()
+        train = from_dict(TrainConfig, recipe['train'])
+        from_dict(ReadoutConfig, recipe['readout'])
+        assert train.backbone == hub.architecture and train.image_size == hub.model['input_size'][-1]
+        mean, std = NORMALIZATION[train.dataset]
+        assert tuple(hub.model['mean']) == mean and tuple(hub.model['std']) == std, hub.name
+        assert len(hub.model.get('label_names') or [None] * hub.model['num_classes']) == hub.model['num_classes']
+        assert hub.repo_id == hub.hf_hub_id.split('@')[0] and '/' in hub.repo_id
+
+
+def test_a_weight_tag_is_a_recipe_for_train_and_readout():
+    by_tag = load_recipe(FMNIST)
+    by_path = load_recipe(hub_config_dir() / f'{FMNIST}.yaml')
+    assert by_tag == by_path
+    assert by_tag['train']['backbone'] == 'loco_resnet18_small' and by_tag['train']['mode'] == 'loco'
+
+
+def test_timm_lists_the_loco_models_and_their_tags():
+    assert set(timm.list_models('loco_*')) == {'loco_resnet18_small', 'loco_resnet50'}
+    assert set(timm.list_pretrained('loco_*')) == {c.name for c in list_hub_configs()}
+
+
+def test_an_untagged_name_resolves_to_the_loco_tag_and_carries_the_hub_config():
+    for arch in ('loco_resnet18_small', 'loco_resnet50'):
+        model = timm.create_model(arch, pretrained=False)
+        hub = get_hub_config(f'{arch}.{model.pretrained_cfg["tag"]}')
+        assert hub.mode == 'loco'
+        assert model.pretrained_cfg['hf_hub_id'] == hub.hf_hub_id
+        assert model.pretrained_cfg['num_classes'] == hub.model['num_classes'] == model.num_classes
+        assert tuple(model.pretrained_cfg['input_size']) == tuple(hub.model['input_size'])
+
+
+def test_small_resnet_behaves_like_a_timm_model():
+    x = torch.randn(2, 1, 28, 28)
+    model = timm.create_model(FMNIST).eval()
+    assert model(x).shape == (2, 10)
+    features = timm.create_model(FMNIST, features_only=True)
+    assert [f.shape[1:] for f in features(x)] == [(16, 14, 14), (16, 14, 14), (32, 7, 7), (64, 4, 4), (256, 2, 2)]
+    assert features.feature_info.reduction() == [2, 2, 4, 8, 16]
+    final, intermediates = model.forward_intermediates(x)
+    assert [t.shape[-1] for t in intermediates] == [14, 14, 7, 4, 2]
+    torch.testing.assert_close(final, model.forward_features(x))
+    assert timm.create_model(FMNIST, num_classes=0)(x).shape == (2, 256)
+    overlay = timm.create_model(FMNIST, pretrained_cfg_overlay=dict(mean=(0.5,), std=(0.5,)))
+    assert overlay.pretrained_cfg['mean'] == (0.5,) and overlay.pretrained_cfg['hf_hub_id'].endswith(FMNIST)
+
+
+def test_loco_resnet50_gives_features_like_timm_resnet50():
+    model = timm.create_model('loco_resnet50', features_only=True, out_indices=(1, 2, 3, 4))
+    assert model.feature_info.channels() == [256, 512, 1024, 2048]
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+
+
+def test_loco_resnet50_is_timm_resnet50_so_exports_load_in_plain_timm():
+    for hub in list_hub_configs():
+        native = hub.model.get('timm_architecture')
+        if not native:
+            continue
+        ours = timm.create_model(hub.name).state_dict()
+        theirs = timm.create_model(native).state_dict()
+        assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}, hub.name
+
+
+def test_model_card_and_readme_table_match_the_hub_configs():
+    assert update_cards(ROOT, check=True) == [], 'run `loco-timm cards` and commit MODEL_CARD.md and README.md'
+    card = zoo_card()
+    for hub in list_hub_configs():
+        assert f'`{hub.name}`' in card
+    assert 'arXiv:2008.01342' in card and '@inproceedings{xiong2020loco' in card
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _fmnist_text():
+    return (hub_config_dir() / f'{FMNIST}.yaml').read_text()
+
+
+def test_hub_config_refuses_repeated_keys_bad_repo_ids_and_bad_names(tmp_path):
+    repeated = _fmnist_text().replace('train:\n', 'train:\n  backbone: resnet18\n', 1)
+    with pytest.raises(ConfigError, match='sets backbone'):
+        load_hub_config(_write(tmp_path, f'{FMNIST}.yaml', repeated))
+    bad_id = _fmnist_text().replace('hf_hub_id: loco-timm/', 'hf_hub_id: loco timm//', 1)
+    with pytest.raises(ConfigError, match='not a valid repo id'):
+        load_hub_config(_write(tmp_path, f'{FMNIST}.yaml', bad_id))
+    unknown = _fmnist_text().replace('hub:\n', 'hub:\n  mirror: x\n', 1)
+    with pytest.raises(ConfigError, match='unknown key.*mirror'):
+        load_hub_config(_write(tmp_path, f'{FMNIST}.yaml', unknown))
+    with pytest.raises(ConfigError, match='<architecture>.<tag>.yaml'):
+        load_hub_config(_write(tmp_path, 'recipe.yaml', _fmnist_text()))
+    with pytest.raises(ConfigError, match='unknown weight tag .*valid tags are'):
+        get_hub_config('loco_resnet50.nope')
+
+
+def test_hub_config_yaml_is_read_safely(tmp_path):
+    evil = _fmnist_text() + "\nexploit: !!python/object/apply:os.system ['echo pwned']\n"
+    with pytest.raises(ConfigError, match='not valid YAML'):
+        load_hub_config(_write(tmp_path, f'{FMNIST}.yaml', evil))
+
+
+def test_pretrained_weights_that_are_not_there_raise_one_clear_error(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'cache'), HF_HUB_DISABLE_TELEMETRY='1')
+    code = ('import timm, loco_timm\n'
+            'timm.create_model("loco_resnet50.gim_simclr_in1k", pretrained=True)\n')
+    proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('loco_timm.zoo.PretrainedWeightsNotFound: no pretrained weights for '
+                           'loco_resnet50.gim_simclr_in1k at loco-timm/loco_resnet50.gim_simclr_in1k')
+    for hint in ('loco-timm train --config loco_resnet50.gim_simclr_in1k', 'loco-timm publish', 'HF_ENDPOINT'):
+        assert hint in last
+    assert 'During handling of the above exception' not in proc.stderr  # no chained HTTP stack trace
+
+
+def test_metrics_in_hub_configs_say_how_they_were_measured():
+    for hub in list_hub_configs():
+        if hub.metrics:
+            assert hub.metrics.get('source') and hub.metrics.get('evaluation'), hub.name
+            if 'paper' not in hub.metrics['source']:
+                assert hub.metrics.get('command') and hub.metrics.get('date'), hub.name
+        assert yaml.safe_load(hub.path.read_text())['hub']['published'] in (True, False)

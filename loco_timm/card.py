@@ -50,7 +50,9 @@ def _recipe_rows(hub: HubConfig) -> list[str]:
     rows.append(f'| lr | {lr:g} (= base_lr x batch_size / 256), linear warm-up then cosine, per step |')
     readout = hub.readout
     if readout:
-        rows.append(f'| readout | linear on frozen pooled features: SGD lr {readout.get("lr")}, momentum '
+        lr = (f'chosen per stage from {readout["lr_grid"]} on a held-out {readout.get("val_fraction", 0.1):g} of '
+              f'the training split' if readout.get('lr_grid') else readout.get('lr', 0.1))
+        rows.append(f'| readout | linear on frozen pooled features: SGD lr {lr}, momentum '
                     f'{readout.get("momentum")}, {readout.get("epochs")} epochs, /10 at {readout.get("milestones")} of '
                     f'training; kNN k={readout.get("knn_k")} |')
     return ['| recipe | value |', '|---|---|'] + rows

@@ -6,8 +6,9 @@ LoCo: Local Contrastive Representation Learning (Xiong, Ren & Urtasun, NeurIPS 2
   timm loads them too).
 * ``loco_resnet18_small``: a ResNet-18 (BasicBlock, 2-2-2-2) for small images such as Fashion-MNIST's 28 px: deep
   3x3 stem (8-8-16 channels) at stride 2, no max-pool, widths 16-32-64-256, so its feature maps are 14, 7, 4 and
-  2 px (``stem_stride=1`` doubles them). timm's ResNet cannot express a stem without max-pool, so loading it needs
-  ``import loco_timm``.
+  2 px (``stem_stride=1`` doubles them). Its head pools the 2x2 map by concatenated average and max pooling (timm's
+  ``catavgmax``, 512 features): on a map this small, max pooling keeps where a part responds, which an average
+  loses. timm's ResNet cannot express a stem without max-pool, so loading it needs ``import loco_timm``.
 
 The weight tags come from ``hub_configs/`` (:mod:`loco_timm.tags`), one file per tag; per architecture the LoCo tag
 comes first, so an untagged name (``loco_resnet50``) resolves to it. Every tag has an ``hf_hub_id`` and is listed by
@@ -97,9 +98,9 @@ def _create(model_cls: type, variant: str, pretrained: bool, **kwargs: Any) -> n
 
 @register_model
 def loco_resnet18_small(pretrained: bool = False, **kwargs: Any) -> SmallImageResNet:
-    """ResNet-18 for small images (deep stem at stride 2, no max-pool), widths 16-32-64-256, 1 input channel."""
+    """ResNet-18 for small images (deep stem at stride 2, no max-pool), widths 16-32-64-256, avg+max pooled head."""
     model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2), channels=(16, 32, 64, 256), stem_type='deep',
-                      stem_width=8, in_chans=1, num_classes=10)
+                      stem_width=8, in_chans=1, num_classes=10, global_pool='catavgmax')
     return _create(SmallImageResNet, 'loco_resnet18_small', pretrained, **dict(model_args, **kwargs))
 
 

@@ -67,7 +67,7 @@ def test_small_resnet_behaves_like_a_timm_model():
     final, intermediates = model.forward_intermediates(x)
     assert [t.shape[-1] for t in intermediates] == [14, 14, 7, 4, 2]
     torch.testing.assert_close(final, model.forward_features(x))
-    assert timm.create_model(FMNIST, num_classes=0)(x).shape == (2, 256)
+    assert timm.create_model(FMNIST, num_classes=0)(x).shape == (2, 512)  # catavgmax: average and max pooled
     overlay = timm.create_model(FMNIST, pretrained_cfg_overlay=dict(mean=(0.5,), std=(0.5,)))
     assert overlay.pretrained_cfg['mean'] == (0.5,) and overlay.pretrained_cfg['hf_hub_id'].endswith(FMNIST)
 

@@ -1,0 +1,59 @@
+"""Readout building blocks: the linear probe, its learning-rate selection on held-out training data, and kNN."""
+import pytest
+import torch
+
+from loco_timm.config import ConfigError, ReadoutConfig
+from loco_timm.readout import evaluate_features, knn_accuracy, select_lr, train_linear
+
+
+def _blobs(n=600, dim=8, classes=3, seed=0, scale=4.0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * scale
+    y = torch.arange(n) % classes
+    return centres[y] + torch.randn(n, dim, generator=g) + 10.0, y  # offset: standardisation must handle it
+
+
+def test_linear_head_takes_raw_features_with_the_standardisation_folded_in():
+    x, y = _blobs()
+    cfg = ReadoutConfig(epochs=20, lr=0.1, batch_size=64)
+    head = train_linear(x, y, 3, cfg)
+    assert (head(x).argmax(1) == y).float().mean() > 0.99
+    # standardising first makes the probe blind to per-feature scale and offset of the raw features
+    scale, shift = torch.linspace(0.1, 50, x.shape[1]), torch.linspace(-100, 100, x.shape[1])
+    rescaled = train_linear(x * scale + shift, y, 3, cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(rescaled(x * scale + shift), head(x), rtol=1e-3, atol=1e-3)
+
+
+def test_lr_is_selected_on_held_out_training_data_whatever_the_grid_order():
+    x, y = _blobs()
+    cfg = ReadoutConfig(epochs=5, batch_size=64, lr=0.1)
+    assert select_lr(x, y, 3, cfg) == 0.1  # no grid: the recipe's lr
+    for grid in ([1e-7, 0.3], [0.3, 1e-7]):
+        assert select_lr(x, y, 3, ReadoutConfig(epochs=5, batch_size=64, lr_grid=grid)) == 0.3
+
+
+def test_evaluate_features_reports_the_lr_used_per_stage():
+    (x, y), (tx, ty) = _blobs(seed=0), _blobs(n=90, seed=0)
+    cfg = ReadoutConfig(epochs=5, batch_size=64, lr_grid=[1e-7, 0.3], knn_k=10)
+    rows, head = evaluate_features(([x, x[:, :2]], y), ([tx, tx[:, :2]], ty), 3, cfg)
+    assert rows['lr'] == [0.3, 0.3] and len(rows['linear']) == len(rows['knn']) == 2
+    assert rows['linear'][0] > 95 and head.in_features == 2
+
+
+def test_knn_votes_with_cosine_similarity_and_temperature_weights():
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.2]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.05], [0.1, 1.0]])
+    # k=1: nearest neighbours are bank[0] (label 0) and bank[1] (label 1)
+    assert knn_accuracy(bank, labels, query, torch.tensor([0, 1]), 2, k=1) == 1.0
+    # k=3, T=1: query 0 sums exp(cos) over label 1 (two close-ish points) above label 0 (one point)
+    assert knn_accuracy(bank, labels, query[:1], torch.tensor([1]), 2, k=3, temperature=1.0) == 1.0
+    # a low temperature makes the single most similar point win
+    assert knn_accuracy(bank, labels, query[:1], torch.tensor([0]), 2, k=3, temperature=0.05) == 1.0
+
+
+@pytest.mark.parametrize('grid', [[], [0.1, -1.0], ['a'], [True]])
+def test_bad_lr_grid_is_refused(grid):
+    with pytest.raises(ConfigError, match='lr_grid'):
+        ReadoutConfig(lr_grid=grid)

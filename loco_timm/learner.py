@@ -66,8 +66,21 @@ def _check_units(units: Sequence[Sequence[int]], num_stages: int) -> list[Unit]:
     return checked
 
 
-def _add(grads: dict, key: tuple[int, int], grad: torch.Tensor) -> None:
-    grads[key] = grad if key not in grads else grads[key] + grad
+class _Schedule:
+    """Book-keeping of one ``LocalLearner.step``: stage graphs still alive, and where each unit's gradient is."""
+
+    def __init__(self, spans: dict[int, Unit], members: dict[int, list[int]]):
+        self.spans, self.members = spans, members
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.losses: dict[int, torch.Tensor] = {}
+        self.at: dict[int, int] = {}  # unit -> stage whose output its gradient has reached
+        self.grad: dict[int, torch.Tensor] = {}  # unit -> d loss / d output of stage at[unit]
+        self.total: dict[int, torch.Tensor] = {}  # stage -> summed d loss / d output over all units so far
+
+    def arrive(self, unit: int, stage: int, grad: torch.Tensor) -> None:
+        self.at[unit], self.grad[unit] = stage, grad
+        self.total[stage] = grad if stage not in self.total else self.total[stage] + grad
 
 
 class LocalLearner(nn.Module):
@@ -218,52 +231,63 @@ class LocalLearner(nn.Module):
         top = max(last for _, last in spans.values())
         bottom = min(first for first, _ in spans.values())
         needs_input_grad = {k for first, last in spans.values() for k in range(first + 1, last + 1)}
+        members = {k: [j for j, (first, last) in spans.items() if first <= k <= last] for k in range(top + 1)}
+        state = _Schedule(spans, members)
 
-        # forward, once per stage; each stage sees a detached input
         h = torch.cat([view1, view2])
-        inputs, outputs = {}, {}
         for k in range(top + 1):
             if k < bottom:
                 with torch.no_grad():
                     h = self.stages[k](h)
                 continue
-            inputs[k] = h.detach().requires_grad_(k in needs_input_grad)
-            h = outputs[k] = self.stages[k](inputs[k])
+            state.inputs[k] = h.detach().requires_grad_(k in needs_input_grad)
+            h = state.outputs[k] = self.stages[k](state.inputs[k])
+            for j in [j for j, (_, last) in spans.items() if last == k]:  # units whose loss sits on this stage
+                feature = h.detach().requires_grad_(True)
+                z = self.decoders[j](feature)
+                loss = self.loss(z[:batch], z[batch:])
+                backward(loss)
+                state.losses[j] = loss.detach()
+                state.arrive(j, k, feature.grad if feature.grad is not None else torch.zeros_like(feature))
+                del feature, z, loss
+            for m in range(k, bottom - 1, -1):  # carry gradients down and free every stage no later unit needs
+                if m in state.outputs:
+                    self._advance_stage(m, state)
+        return state.losses
 
-        # each unit's loss, backpropagated through its decoder down to its top stage output
-        grads: dict[tuple[int, int], torch.Tensor] = {}  # (unit's first stage, stage k) -> d loss / d output_k
-        losses = {}
-        for j in active:
-            first, last = spans[j]
-            feature = outputs[last].detach().requires_grad_(True)
-            z = self.decoders[j](feature)
-            loss = self.loss(z[:batch], z[batch:])
-            backward(loss)
-            losses[j] = loss.detach()
-            if feature.grad is not None:
-                _add(grads, (first, last), feature.grad)
-
-        # stages top to bottom: one weight pass with the summed gradient, input gradients kept apart per unit start
-        for k in range(top, bottom - 1, -1):
-            groups = {first: g for (first, stage), g in grads.items() if stage == k}
-            out, inp = outputs.pop(k), inputs.pop(k)
-            if not groups or not out.requires_grad:
-                continue
-            params = [p for p in self.stages[k].parameters() if p.requires_grad]
-            continuing = [first for first in groups if first < k]
-            total = sum(groups.values())
-            if len(groups) == 1 and continuing:
-                torch.autograd.backward(out, total, inputs=params + [inp])
-                _add(grads, (continuing[0], k - 1), inp.grad)
+    def _advance_stage(self, m: int, state: _Schedule) -> None:
+        """Move the gradients that reached stage m's output on: each unit that continues below gets its own
+        input-gradient pass; once every unit containing stage m has delivered, one weight-gradient pass with their
+        summed gradient, and the stage's graph is freed."""
+        out, inp = state.outputs[m], state.inputs[m]
+        arrived = [j for j in state.members[m] if j in state.losses and state.at[j] == m]
+        waiting = [j for j in state.members[m] if j not in state.losses]
+        if not out.requires_grad:  # nothing in this stage learns and no gradient passes through it
+            for j in arrived:  # no unit continues below a stage whose input needs no gradient
+                state.grad.pop(j)
+                state.at[j] = m - 1
+            if not waiting:
+                del state.outputs[m], state.inputs[m]
+            return
+        params = [p for p in self.stages[m].parameters() if p.requires_grad]
+        continuing = [j for j in arrived if state.spans[j][0] < m]
+        if not waiting and len(state.members[m]) == 1 and continuing:  # one unit: weights and input in one pass
+            torch.autograd.backward(out, state.total.pop(m), inputs=params + [inp])
+            state.arrive(continuing[0], m - 1, inp.grad)
+            del state.outputs[m], state.inputs[m]
+            return
+        for j in arrived:
+            if j in continuing:
+                (g,) = torch.autograd.grad(out, inp, state.grad.pop(j), retain_graph=True)
+                state.arrive(j, m - 1, g)
             else:
-                for first in continuing:
-                    (g,) = torch.autograd.grad(out, inp, groups[first], retain_graph=True)
-                    _add(grads, (first, k - 1), g)
-                if params:
-                    torch.autograd.backward(out, total, inputs=params)
-            for key in [key for key in grads if key[1] == k]:
-                del grads[key]
-        return losses
+                state.grad.pop(j)
+                state.at[j] = m - 1
+        if not waiting:
+            total = state.total.pop(m)
+            if params:
+                torch.autograd.backward(out, total, inputs=params)
+            del state.outputs[m], state.inputs[m]
 
     def summary(self) -> list[dict]:
         """Per unit: its stages, the decoder's input shape, kind, parameter count and forward FLOPs per image."""

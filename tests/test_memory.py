@@ -1,0 +1,88 @@
+"""The step's schedule keeps only what the next unit needs: peak saved-activation bytes (deterministic on CPU)
+stay within the largest unit plus its decoder, and every stage is forwarded once."""
+import pytest
+import timm
+import torch
+
+from loco_timm import LocalLearner
+from loco_timm.memory import SavedTensorMeter, saved_bytes
+
+TOLERANCE = 1.02  # the loss's own small saved tensors and bookkeeping
+
+
+def _learner(mode, name='test_resnet', **kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    return LocalLearner(model, mode=mode, input_size=(3, 64, 64), **kwargs)
+
+
+def _views(batch=8, size=64):
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(batch, 3, size, size, generator=g) for _ in range(2))
+
+
+def _stage_and_decoder_bytes(learner, views):
+    """Saved bytes of each stage run alone (on a detached input, as in step) and of each unit's decoder + loss."""
+    params = list(learner.parameters())
+    h = torch.cat(views)
+    stage, outputs = [], []
+    for s in learner.stages:
+        x = h.detach().requires_grad_(True)
+        stage.append(saved_bytes(s, x, exclude=params))
+        with torch.no_grad():
+            h = s(h)
+        outputs.append(h)
+    batch = len(views[0])
+
+    def decode(j, feature):
+        z = learner.decoders[j](feature)
+        return learner.loss(z[:batch], z[batch:])
+    decoder = [saved_bytes(decode, j, outputs[last].detach().requires_grad_(True), exclude=params)
+               for j, (_, last) in enumerate(learner.units)]
+    return stage, decoder
+
+
+def _peak(learner, views):
+    with SavedTensorMeter(exclude=list(learner.parameters())) as meter:
+        learner.step(*views)
+    assert meter.current == 0, 'the step left saved activations alive'
+    return meter.peak
+
+
+@pytest.mark.parametrize('mode,kwargs', [('loco', {}), ('loco', dict(top_unit=True)), ('gim', {}), ('e2e', {}),
+                                         ('loco', dict(units=[(0, 2), (1, 3)]))])
+def test_peak_activation_memory_is_the_largest_unit_plus_its_decoder(mode, kwargs):
+    learner = _learner(mode, **kwargs)
+    views = _views()
+    stage, decoder = _stage_and_decoder_bytes(learner, views)
+    largest = max(sum(stage[first:last + 1]) + decoder[j] for j, (first, last) in enumerate(learner.units))
+    peak = _peak(learner, views)
+    assert peak <= largest * TOLERANCE, (peak, largest, stage, decoder)
+
+
+def test_end_to_end_keeps_what_plain_backprop_keeps():
+    learner = _learner('e2e')
+    views = _views()
+
+    def plain(x):
+        z = learner.decoders[0](learner.encoder.forward_features(x))
+        return learner.loss(z[:len(views[0])], z[len(views[0]):])
+    reference = saved_bytes(plain, torch.cat(views), exclude=list(learner.parameters()))
+    assert abs(_peak(learner, views) - reference) <= 0.02 * reference
+
+
+def test_local_schedules_keep_less_than_end_to_end():
+    views = _views()
+    e2e, gim, loco = (_peak(_learner(mode, decoder='mlp'), views) for mode in ('e2e', 'gim', 'loco'))
+    assert gim < loco < e2e
+
+
+def test_meter_counts_each_storage_once_and_no_parameters():
+    lin = torch.nn.Linear(16, 16)
+    x = torch.randn(4, 16, requires_grad=True)
+    with SavedTensorMeter(exclude=lin.parameters()) as meter:
+        y = lin(x)  # saves x (and the weight, excluded)
+        z = (y * y).sum()  # saves y once, though y is both operands
+        assert meter.current == x.numel() * 4 + y.numel() * 4
+        z.backward()
+    assert meter.current == 0 and meter.peak == 2 * 4 * 16 * 4

@@ -49,6 +49,7 @@ class TrainConfig:
     temperature: float = 0.1
     proj_dim: int = 128
     decoder_norm: str = 'batch'
+    recompute: bool = False  # run a waiting stage's forward again instead of keeping its activations
     # data
     dataset: str = 'fashion_mnist'
     data_dir: typing.Optional[str] = None

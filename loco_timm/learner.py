@@ -5,15 +5,19 @@ LoCo (Xiong, Ren & Urtasun, NeurIPS 2020, arXiv:2008.01342) trains a network cut
 detached. Each middle stage is shared by two units and gets gradient from both losses. Greedy InfoMax (GIM) uses
 one unit per stage; end-to-end SimCLR (E2E) one unit over all stages.
 
-``LocalLearner.step`` runs the forward pass once and then every local backward pass. Its schedule:
+``LocalLearner.step`` runs each stage's forward once and schedules the local backward passes unit by unit:
 
 * every stage runs on a detached copy of its input, so each stage's graph is separate;
-* each unit's loss is backpropagated through its decoder (through the ``backward`` callable, where a trainer
-  applies loss scaling) down to the unit's top stage output;
-* stages are then visited top to bottom. A stage's weight gradient comes from one backward pass with the sum of
-  the output gradients of all units that contain it. The gradient passed to the stage below is computed
-  separately (input gradient only) for each unit that continues below, so that a loss never reaches a stage
-  outside its unit. Where only one unit is involved, weights and input share one pass.
+* as soon as a unit's top stage has run, the unit's loss is computed and backpropagated through its decoder (through
+  the ``backward`` callable, where a trainer applies loss scaling) to the unit's top stage output;
+* the gradient then moves down the unit's stages right away. A stage that a higher unit still needs gets an
+  input-gradient-only pass for the lower unit (its graph kept); once every unit containing a stage has delivered, the
+  stage gets **one** weight-gradient pass with the summed output gradient and its graph is freed. Where only one
+  unit contains a stage, weights and input share one pass (E2E is plain backprop).
+
+A stage's graph therefore lives only until the last unit containing it has its loss: peak activation memory is
+about the largest unit plus its decoder (GIM: one stage, LoCo: two), not the whole network, and a loss never
+reaches a stage outside its unit. Tests compare the gradients with autograd references and measure the saved bytes.
 """
 from __future__ import annotations
 
@@ -66,6 +70,16 @@ def _check_units(units: Sequence[Sequence[int]], num_stages: int) -> list[Unit]:
     return checked
 
 
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == 'cuda' else None
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 class _Schedule:
     """Book-keeping of one ``LocalLearner.step``: stage graphs still alive, and where each unit's gradient is."""
 
@@ -77,6 +91,7 @@ class _Schedule:
         self.at: dict[int, int] = {}  # unit -> stage whose output its gradient has reached
         self.grad: dict[int, torch.Tensor] = {}  # unit -> d loss / d output of stage at[unit]
         self.total: dict[int, torch.Tensor] = {}  # stage -> summed d loss / d output over all units so far
+        self.rng: dict[int, tuple] = {}  # stage -> random state before its forward (recompute)
 
     def arrive(self, unit: int, stage: int, grad: torch.Tensor) -> None:
         self.at[unit], self.grad[unit] = stage, grad
@@ -98,6 +113,10 @@ class LocalLearner(nn.Module):
         hidden_dim: Decoder MLP hidden width (default: the input width).
         decoder_norm: Normalisation in the decoders: ``"batch"`` (paper), ``"layer"`` or ``"none"``.
         input_size: (C, H, W) used once to infer the stage output shapes (default: the model's data config).
+        recompute: Do not keep a stage's graph while a higher unit runs: keep its input and run its forward again
+            when its gradients are due (activation checkpointing of the lower stage of a unit). Gradients, weights
+            and BatchNorm statistics are those of the plain schedule (buffers are restored after the second forward,
+            random state replayed); it costs one more forward of each such stage.
 
     Attributes:
         encoder: The backbone itself (same parameter objects), for readout and export.
@@ -120,6 +139,7 @@ class LocalLearner(nn.Module):
             hidden_dim: int | None = None,
             decoder_norm: str = 'batch',
             input_size: Sequence[int] | None = None,
+            recompute: bool = False,
     ):
         super().__init__()
         if mode not in MODES:
@@ -138,7 +158,8 @@ class LocalLearner(nn.Module):
         self.units = _check_units(units, num_stages) if units is not None else make_units(mode, num_stages, top_unit)
         self.config = dict(mode=mode, decoder=decoder, num_stages=num_stages, units=[list(u) for u in self.units],
                            top_unit=top_unit, temperature=temperature, proj_dim=proj_dim, hidden_dim=hidden_dim,
-                           decoder_norm=decoder_norm)
+                           decoder_norm=decoder_norm, recompute=recompute)
+        self.recompute = recompute
         self.input_size = tuple(input_size or self._default_input_size())
         self.stage_shapes = self._infer_stage_shapes()
         token_pool = 'token' if getattr(backbone, 'global_pool', 'avg') == 'token' else 'avg'
@@ -241,6 +262,8 @@ class LocalLearner(nn.Module):
                     h = self.stages[k](h)
                 continue
             state.inputs[k] = h.detach().requires_grad_(k in needs_input_grad)
+            if self.recompute:
+                state.rng[k] = _rng_state(h.device)
             h = state.outputs[k] = self.stages[k](state.inputs[k])
             for j in [j for j, (_, last) in spans.items() if last == k]:  # units whose loss sits on this stage
                 feature = h.detach().requires_grad_(True)
@@ -250,6 +273,7 @@ class LocalLearner(nn.Module):
                 state.losses[j] = loss.detach()
                 state.arrive(j, k, feature.grad if feature.grad is not None else torch.zeros_like(feature))
                 del feature, z, loss
+            h = h.detach()  # the graph stays referenced by state.outputs only, so freeing it there frees it
             for m in range(k, bottom - 1, -1):  # carry gradients down and free every stage no later unit needs
                 if m in state.outputs:
                     self._advance_stage(m, state)
@@ -259,9 +283,13 @@ class LocalLearner(nn.Module):
         """Move the gradients that reached stage m's output on: each unit that continues below gets its own
         input-gradient pass; once every unit containing stage m has delivered, one weight-gradient pass with their
         summed gradient, and the stage's graph is freed."""
-        out, inp = state.outputs[m], state.inputs[m]
         arrived = [j for j in state.members[m] if j in state.losses and state.at[j] == m]
         waiting = [j for j in state.members[m] if j not in state.losses]
+        if state.outputs[m] is None:  # dropped by recompute
+            if not arrived:
+                return
+            state.outputs[m] = self._recompute_stage(m, state)
+        out, inp = state.outputs[m], state.inputs[m]
         if not out.requires_grad:  # nothing in this stage learns and no gradient passes through it
             for j in arrived:  # no unit continues below a stage whose input needs no gradient
                 state.grad.pop(j)
@@ -288,6 +316,27 @@ class LocalLearner(nn.Module):
             if params:
                 torch.autograd.backward(out, total, inputs=params)
             del state.outputs[m], state.inputs[m]
+        elif self.recompute:  # a higher unit still needs this stage: keep only its input until then
+            state.outputs[m] = None
+
+    def _recompute_stage(self, m: int, state: _Schedule) -> torch.Tensor:
+        """Stage m's forward again, on its kept input with its first forward's random state; its buffers
+        (BatchNorm running statistics) are restored afterwards, so they are updated once per step."""
+        stage, inp = self.stages[m], state.inputs[m]
+        # the forward updates copies of the buffers (its graph may keep them), then the originals are put back
+        originals = [(module, name, buf) for module in stage.modules() for name, buf in module._buffers.items()
+                     if buf is not None]
+        for module, name, buf in originals:
+            module._buffers[name] = buf.clone()
+        devices = [inp.device] if inp.device.type == 'cuda' else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                _set_rng_state(state.rng[m], inp.device)
+                out = stage(inp)
+        finally:
+            for module, name, buf in originals:
+                module._buffers[name] = buf
+        return out
 
     def summary(self) -> list[dict]:
         """Per unit: its stages, the decoder's input shape, kind, parameter count and forward FLOPs per image."""

@@ -59,7 +59,7 @@ class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
             self.peak = max(self.peak, self.current)
         else:
             entry[1] += 1
-        saved = _Saved(tensor)
+        saved = _Saved(tensor.detach())  # no grad_fn: a saved output would otherwise keep its own graph alive
         weakref.finalize(saved, self._release, key)
         return saved
 

@@ -53,7 +53,8 @@ def build_learner(cfg: TrainConfig, in_chans: int, num_classes: int) -> LocalLea
         backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
     learner = LocalLearner(backbone, mode=cfg.mode, decoder=cfg.decoder, num_stages=cfg.num_stages, units=cfg.units,
                            top_unit=cfg.top_unit, temperature=cfg.temperature, proj_dim=cfg.proj_dim,
-                           decoder_norm=cfg.decoder_norm, input_size=(in_chans, cfg.image_size, cfg.image_size))
+                           decoder_norm=cfg.decoder_norm, input_size=(in_chans, cfg.image_size, cfg.image_size),
+                           recompute=cfg.recompute)
     if cfg.sync_bn:
         learner.decoders = torch.nn.SyncBatchNorm.convert_sync_batchnorm(learner.decoders)
     return learner

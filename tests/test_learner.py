@@ -240,3 +240,35 @@ def test_bad_views_are_a_value_error(views, match):
 def test_unknown_unit_index_is_a_value_error():
     with pytest.raises(ValueError, match=r'units=\[3\] must be indices'):
         _learner('loco').step(*_views(), units=[3])
+
+
+@pytest.mark.parametrize('mode,kwargs', [('loco', {}), ('loco', dict(top_unit=True)), ('gim', {}), ('e2e', {}),
+                                         ('loco', dict(units=[(0, 2), (1, 3)]))])
+def test_recompute_gives_the_same_gradients_weights_and_batchnorm_statistics(mode, kwargs):
+    results = []
+    for recompute in (False, True):
+        learner = _learner(mode, recompute=recompute, **kwargs)
+        optimizer = torch.optim.SGD(learner.parameters(), lr=0.5)
+        grads = None
+        for seed in (1, 2):  # two steps: the second starts from updated weights and statistics
+            optimizer.zero_grad()
+            learner.step(*_views(seed=seed))
+            grads = grads or _grads(list(learner.parameters()))
+            optimizer.step()
+        results.append((grads, [p.detach().clone() for p in learner.parameters()],
+                        [b.clone() for b in learner.buffers()]))
+    (grads, params, buffers), (grads_r, params_r, buffers_r) = results
+    _assert_close(grads_r, grads)
+    _assert_close(params_r, params)
+    for a, e in zip(buffers_r, buffers, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+    assert any(b.dtype == torch.int64 and b.item() == 2 for b in buffers_r)  # num_batches_tracked: once per step
+
+
+def test_recompute_runs_a_stage_forward_again_only_while_a_higher_unit_needs_it():
+    learner = _learner('loco', recompute=True)
+    calls = [0] * len(learner.stages)
+    for k, stage in enumerate(learner.stages):
+        stage.register_forward_hook(lambda m, i, o, k=k: calls.__setitem__(k, calls[k] + 1))
+    learner.step(*_views())
+    assert calls == [2, 2, 2, 1]  # the top stage's only unit has its loss right away

@@ -86,3 +86,23 @@ def test_meter_counts_each_storage_once_and_no_parameters():
         assert meter.current == x.numel() * 4 + y.numel() * 4
         z.backward()
     assert meter.current == 0 and meter.peak == 2 * 4 * 16 * 4
+
+
+def test_recompute_keeps_about_one_stage_for_loco():
+    views = _views()
+    learner = _learner('loco', recompute=True)
+    stage, decoder = _stage_and_decoder_bytes(learner, views)
+    plain = _peak(_learner('loco'), views)
+    recomputed = _peak(learner, views)
+    # at any time: one stage's graph (its forward or recompute) with the next stage's input, or a unit's top stage
+    # and decoder with the kept input of the unit's lower stage
+    inputs, h = [], torch.cat(views)
+    with torch.no_grad():
+        for s in learner.stages:
+            inputs.append(h.numel() * h.element_size())
+            h = s(h)
+    inputs.append(h.numel() * h.element_size())
+    bound = max(max(stage[k] + inputs[k + 1] for k in range(len(stage))),
+                max(stage[last] + decoder[j] + inputs[first] for j, (first, last) in enumerate(learner.units)))
+    assert recomputed <= bound * TOLERANCE, (recomputed, bound)
+    assert recomputed < plain

@@ -1,0 +1,124 @@
+"""What local learning saves: peak activation memory and step time of E2E, GIM and LoCo, as ratios to E2E.
+
+Memory is the peak of live bytes autograd saves for backward during ``LocalLearner.step`` (each storage once, no
+parameters; :class:`loco_timm.memory.SavedTensorMeter`), which is deterministic on CPU. Time is the median of several
+steps after warm-up (noisy on shared machines: compare ratios from one run, not absolute times across runs).
+Configurations: the same decoder on both sides (mlp everywhere: the schedule's own cost), the paper's (conv
+decoders for GIM/LoCo against E2E with mlp), and LoCo with recomputation. Also the loader's img/s for the small-image
+recipe next to its model img/s. Writes JSON and a markdown table.
+
+    .venv/bin/python benchmarks/schedule.py --out benchmarks/results/schedule_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import loco_timm  # noqa: F401  (registers loco_* models)
+from loco_timm import LocalLearner
+from loco_timm.memory import SavedTensorMeter
+
+MODELS = {  # name: (timm model, input size, batch per view)
+    'resnet50': ('resnet50', (3, 224, 224), 4),
+    'loco_resnet18_small': ('loco_resnet18_small', (1, 28, 28), 128),
+    'convnext_atto': ('convnext_atto', (3, 128, 128), 8),
+    'vit_tiny': ('vit_tiny_patch16_224', (3, 224, 224), 4),
+}
+CONFIGS = [('e2e', 'mlp', False), ('gim', 'mlp', False), ('loco', 'mlp', False), ('gim', 'conv', False),
+           ('loco', 'conv', False), ('loco', 'mlp', True), ('loco', 'conv', True)]
+
+
+def measure(model_name: str, input_size: tuple, batch: int, mode: str, decoder: str, recompute: bool,
+            steps: int) -> dict:
+    torch.manual_seed(0)
+    kwargs = {'img_size': input_size[-1]} if 'vit' in model_name else {}
+    backbone = timm.create_model(model_name, in_chans=input_size[0], **kwargs)
+    learner = LocalLearner(backbone, mode=mode, decoder=decoder, input_size=input_size, recompute=recompute)
+    views = [torch.randn(batch, *input_size) for _ in range(2)]
+    with SavedTensorMeter(exclude=list(learner.parameters())) as meter:
+        learner.step(*views)
+    times = []
+    for _ in range(steps + 1):  # the first is warm-up
+        learner.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        learner.step(*views)
+        times.append(time.perf_counter() - start)
+    return dict(mode=mode, decoder=decoder, recompute=recompute, peak_saved_bytes=meter.peak, step_seconds=statistics.median(times[1:]),
+                img_per_s=round(batch / statistics.median(times[1:]), 1))  # images (2 views each)
+
+
+def loader_throughput(batch: int = 128, batches: int = 20) -> float | None:
+    """img/s of the small-image recipe's input pipeline: Fashion-MNIST uint8 batches and both SimCLR views."""
+    from torch.utils.data import DataLoader
+    from loco_timm.augment import SimCLRAugment
+    from loco_timm.data import NORMALIZATION, build_dataset, find_fashion_mnist
+    if find_fashion_mnist() is None:
+        return None
+    dataset = build_dataset('fashion_mnist', 'pretrain', None, 28, None)
+    mean, std = NORMALIZATION['fashion_mnist']
+    augment = SimCLRAugment(28, scale=(0.4, 1.0), mean=mean, std=std)
+    loader = iter(DataLoader(dataset, batch_size=batch, shuffle=True))
+    start, seen = time.perf_counter(), 0
+    for _ in range(batches):
+        images, _, index = next(loader)
+        augment(images, index, 0, 0, 0), augment(images, index, 0, 0, 1)
+        seen += len(images)
+    return round(seen / (time.perf_counter() - start), 1)
+
+
+def table(results: dict) -> str:
+    lines = ['| model (input, batch/view) | mode | decoder | recompute | peak saved activations | '
+             'memory saving vs E2E | step time vs E2E |', '|---|---|---|---|---|---|---|']
+    for name, entry in results['models'].items():
+        base = next(r for r in entry['runs'] if r['mode'] == 'e2e')
+        for r in entry['runs']:
+            lines.append(f'| {name} ({"x".join(map(str, entry["input_size"]))}, {entry["batch"]}) | {r["mode"]} | '
+                         f'{r["decoder"]} | {"yes" if r["recompute"] else "no"} | '
+                         f'{r["peak_saved_bytes"] / 2**20:.1f} MiB | '
+                         f'{base["peak_saved_bytes"] / r["peak_saved_bytes"]:.2f}x | '
+                         f'{r["step_seconds"] / base["step_seconds"]:.2f}x |')
+    return '\n'.join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    parser.add_argument('--steps', type=int, default=3, help='timed steps after one warm-up step')
+    parser.add_argument('--threads', type=int, default=None)
+    parser.add_argument('--out', default='benchmarks/results/schedule_cpu.json')
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = dict(device='cpu', threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__,
+                   machine=platform.machine(), steps=args.steps, models={})
+    for name in args.models:
+        model_name, input_size, batch = MODELS[name]
+        runs = []
+        for mode, decoder, recompute in CONFIGS:
+            runs.append(measure(model_name, input_size, batch, mode, decoder, recompute, args.steps))
+            print(f'{name} {mode} {decoder} recompute={recompute}: {runs[-1]}', flush=True)
+        results['models'][name] = dict(input_size=input_size, batch=batch, runs=runs)
+    results['loader_img_per_s'] = loader_throughput()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    text = table(results)
+    small = results['models'].get('loco_resnet18_small')
+    if small and results['loader_img_per_s']:
+        model = next(r for r in small['runs'] if r['mode'] == 'loco' and r['decoder'] == 'conv' and not r['recompute'])
+        text += (f'\n\nInput pipeline of the Fashion-MNIST recipe: {results["loader_img_per_s"]:,.0f} img/s (uint8 '
+                 f'batches + two batched SimCLR views) vs {model["img_per_s"]:,.0f} img/s for the LoCo step of '
+                 f'loco_resnet18_small (batch 128 per view).')
+    out.with_suffix('.md').write_text(text + '\n')
+    print(text)
+
+
+if __name__ == '__main__':
+    main()

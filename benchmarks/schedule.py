@@ -50,8 +50,9 @@ def measure(model_name: str, input_size: tuple, batch: int, mode: str, decoder: 
         start = time.perf_counter()
         learner.step(*views)
         times.append(time.perf_counter() - start)
-    return dict(mode=mode, decoder=decoder, recompute=recompute, peak_saved_bytes=meter.peak, step_seconds=statistics.median(times[1:]),
-                img_per_s=round(batch / statistics.median(times[1:]), 1))  # images (2 views each)
+    step = statistics.median(times[1:])
+    return dict(mode=mode, decoder=decoder, recompute=recompute, peak_saved_bytes=meter.peak, step_seconds=step,
+                img_per_s=round(batch / step, 1))  # images (two views each) per second
 
 
 def loader_throughput(batch: int = 128, batches: int = 20) -> float | None:

@@ -64,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument('--token', help='Hub token with write access (default: HF_TOKEN or `hf auth login`)')
     pub.add_argument('--revision', help='branch to commit to (default: main)')
     pub.add_argument('--private', action='store_true', help='create the repository as private')
+    study = sub.add_parser('study', help='E2E / GIM / LoCo with mlp and conv decoders over seeds (the paper\'s '
+                                         'comparison at small scale)',
+                           description='Train and read out six arms (e2e_mlp, e2e_conv, gim_mlp, gim_conv, loco_conv, '
+                                       'loco_mlp) of one recipe for several seeds; finished runs are skipped, '
+                                       'interrupted ones resumed; writes results.json/md and plots to --out.')
+    study.add_argument('--out', required=True, help='the study folder (runs, results.json, results.md, plots)')
+    study.add_argument('--config', default='loco_resnet18_small.simclr_fmnist', help='recipe or weight tag')
+    study.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    study.add_argument('--arms', nargs='+', default=None, help='default: all six')
+    study.add_argument('--set', nargs=2, action='append', default=[], metavar=('KEY', 'VALUE'),
+                       help='override a train key for every arm (e.g. --set max_steps 20)')
+    study.add_argument('--readout-set', nargs=2, action='append', default=[], metavar=('KEY', 'VALUE'),
+                       help='override a readout key (e.g. --readout-set epochs 5)')
     cards = sub.add_parser('cards', help='regenerate MODEL_CARD.md and the README model table from hub_configs/',
                            description='Write MODEL_CARD.md and the README model table from hub_configs/ '
                                        '(--check: only report whether they are up to date, exit 1 if not).')
@@ -108,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == 'publish':
             from .hub import publish
             publish(args.folder, args.repo_id, token=args.token, revision=args.revision, private=args.private)
+        elif args.command == 'study':
+            from .study import run_study
+            train_overrides = apply_overrides({}, dict(args.set), TrainConfig)
+            readout_overrides = apply_overrides({}, dict(args.readout_set), ReadoutConfig)
+            run_study(args.out, args.config, args.seeds, args.arms, train_overrides, readout_overrides)
         elif args.command == 'cards':
             from .card import update_cards
             changed = update_cards(args.root, check=args.check)

@@ -208,6 +208,9 @@ def train(cfg: TrainConfig, resume: bool = False,
             if step % cfg.log_every == 0 or step == total_steps:
                 lr = optimizer.param_groups[0]['lr']
                 accelerator.log(dict(last, lr=lr, img_per_s=images_seen / (done - start), epoch=epoch), step=step)
+                if accelerator.is_main_process:  # plain-text loss curves (appended across resumes)
+                    with open(out_dir / 'losses.jsonl', 'a') as log_file:
+                        log_file.write(json.dumps(dict(last, step=step, lr=lr)) + '\n')
                 bar.set_postfix({k.split('/')[-1]: f'{v:.3f}' for k, v in last.items()}, refresh=False)
             bar.update(1)
             if step % cfg.checkpoint_every == 0 and step < total_steps:

@@ -1,0 +1,189 @@
+"""The paper's comparison at small scale: ``loco-timm study``.
+
+Six arms share one recipe (the main job's tag: backbone, budget, optimiser, augmentations, readout) and differ only
+in mode and decoder: E2E SimCLR with the mlp decoder and with the conv decoder (the paper's control), GIM with mlp and
+conv decoders, LoCo with conv and mlp decoders; each for several seeds. Every run is trained and read out like the
+main job, in ``OUT/<arm>/seed-<s>``; finished runs are skipped and interrupted ones resumed, so a study may span
+sessions. After every run the command rewrites ``OUT/results.json`` (all runs), ``OUT/results.md`` (mean +- std over
+seeds, paired per-seed differences, the paper's claims checked), ``OUT/readout.png`` (per-stage linear top-1) and
+``OUT/losses.png`` (per-unit training losses).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .config import ReadoutConfig, TrainConfig, from_dict, load_recipe
+
+__all__ = ['ARMS', 'run_study', 'summarize', 'CLAIMS']
+
+ARMS = {  # name: (mode, decoder)
+    'e2e_mlp': ('e2e', 'mlp'), 'e2e_conv': ('e2e', 'conv'), 'gim_mlp': ('gim', 'mlp'), 'gim_conv': ('gim', 'conv'),
+    'loco_conv': ('loco', 'conv'), 'loco_mlp': ('loco', 'mlp'),
+}
+PAIRS = {'LoCo - E2E': ('loco_conv', 'e2e_mlp'), 'LoCo - GIM': ('loco_conv', 'gim_conv')}
+CLAIMS = ('LoCo (conv) is within 0.5 pt of E2E (mlp) at the last stage',
+          'LoCo (conv) is above GIM (conv) at the last stage',
+          'the conv decoder helps GIM (gim_conv > gim_mlp)',
+          'the conv decoder does not help E2E (e2e_conv <= e2e_mlp + 0.5 pt)')
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(values: list[float]) -> str:
+    mean, std = _mean_std(values)
+    return f'{mean:.2f} +- {std:.2f}'
+
+
+def summarize(runs: list[dict]) -> dict[str, Any]:
+    """Per arm: last-stage linear/kNN and per-stage linear, mean and std over seeds; paired differences; claims."""
+    arms: dict[str, dict] = {}
+    for name in ARMS:
+        mine = sorted((r for r in runs if r['arm'] == name), key=lambda r: r['seed'])
+        if not mine:
+            continue
+        stages = range(len(mine[0]['linear']))
+        arms[name] = dict(seeds=[r['seed'] for r in mine], linear=[r['linear'][-1] for r in mine],
+                          knn=[r['knn'][-1] for r in mine],
+                          per_stage=[statistics.fmean(r['linear'][k] for r in mine) for k in stages])
+    pairs = {}
+    for label, (a, b) in PAIRS.items():
+        if a in arms and b in arms:
+            common = sorted(set(arms[a]['seeds']) & set(arms[b]['seeds']))
+            diff = [arms[a]['linear'][arms[a]['seeds'].index(s)] - arms[b]['linear'][arms[b]['seeds'].index(s)]
+                    for s in common]
+            if diff:
+                pairs[label] = dict(seeds=common, diff=diff)
+    mean = {name: _mean_std(arm['linear'])[0] for name, arm in arms.items()}
+    claims = {}
+    if {'loco_conv', 'e2e_mlp'} <= set(mean):
+        claims[CLAIMS[0]] = abs(mean['loco_conv'] - mean['e2e_mlp']) <= 0.5
+    if {'loco_conv', 'gim_conv'} <= set(mean):
+        claims[CLAIMS[1]] = mean['loco_conv'] > mean['gim_conv']
+    if {'gim_conv', 'gim_mlp'} <= set(mean):
+        claims[CLAIMS[2]] = mean['gim_conv'] > mean['gim_mlp']
+    if {'e2e_conv', 'e2e_mlp'} <= set(mean):
+        claims[CLAIMS[3]] = mean['e2e_conv'] <= mean['e2e_mlp'] + 0.5
+    return dict(arms=arms, pairs=pairs, claims=claims)
+
+
+def results_markdown(summary: dict, seeds: int) -> str:
+    lines = ['| arm | mode | decoder | seeds | last-stage linear top-1 | last-stage kNN top-1 | linear top-1 per stage '
+             '(mean) |', '|---|---|---|---|---|---|---|']
+    for name, arm in summary['arms'].items():
+        mode, decoder = ARMS[name]
+        lines.append(f'| {name} | {mode} | {decoder} | {len(arm["seeds"])}/{seeds} | {_fmt(arm["linear"])} | '
+                     f'{_fmt(arm["knn"])} | {", ".join(f"{v:.2f}" for v in arm["per_stage"])} |')
+    lines += ['', '| paired difference (same seed) | per seed | mean +- std |', '|---|---|---|']
+    for label, pair in summary['pairs'].items():
+        lines.append(f'| {label} | {", ".join(f"{d:+.2f}" for d in pair["diff"])} | {_fmt(pair["diff"])} |')
+    lines += ['', 'Claims of the paper, checked on these runs (mean over seeds, last-stage linear top-1):', '']
+    for claim in CLAIMS:
+        held = summary['claims'].get(claim)
+        lines.append(f'- {claim}: ' + ('not measured yet' if held is None else 'held' if held else '**did not hold**'))
+    return '\n'.join(lines)
+
+
+def _plots(runs: list[dict], summary: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, arm in summary['arms'].items():
+        ax.plot(range(1, len(arm['per_stage']) + 1), arm['per_stage'], marker='o', label=name)
+    ax.set_xlabel('stage')
+    ax.set_ylabel('linear top-1 (%), mean over seeds')
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / 'readout.png', dpi=120)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(ARMS), figsize=(3 * len(ARMS), 3), sharey=True)
+    for ax, name in zip(axes, ARMS):
+        for run in (r for r in runs if r['arm'] == name):
+            for unit, curve in run.get('losses', {}).items():
+                ax.plot(curve['step'], curve['loss'], linewidth=0.8, label=f'unit {unit}' if run['seed'] ==
+                        min(r['seed'] for r in runs if r['arm'] == name) else None)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel('step')
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel('training loss (NT-Xent)')
+    fig.tight_layout()
+    fig.savefig(out / 'losses.png', dpi=120)
+    plt.close(fig)
+
+
+def _loss_curves(run_dir: Path) -> dict[str, dict[str, list]]:
+    curves: dict[str, dict[str, list]] = {}
+    path = run_dir / 'losses.jsonl'
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            for key, value in row.items():
+                if key.startswith('loss/unit'):
+                    curve = curves.setdefault(key[len('loss/unit'):], dict(step=[], loss=[]))
+                    curve['step'].append(row['step'])
+                    curve['loss'].append(value)
+    return curves
+
+
+def run_study(out: str | Path, config: str, seeds: list[int], arms: list[str] | None = None,
+              train_overrides: dict | None = None, readout_overrides: dict | None = None, log=print) -> dict:
+    """Train and read out every (arm, seed) not finished yet, then rewrite the study's results and plots."""
+    from .checkpoint import latest_checkpoint
+    from .readout import readout
+    from .train import train
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = load_recipe(config)
+    arms = arms or list(ARMS)
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise ValueError(f'unknown arm(s) {", ".join(unknown)}: valid arms are {", ".join(ARMS)}')
+    readout_cfg = from_dict(ReadoutConfig, dict(recipe.get('readout') or {}, **(readout_overrides or {})))
+    for name in arms:
+        mode, decoder = ARMS[name]
+        for seed in seeds:
+            run_dir = out / name / f'seed-{seed}'
+            cfg = from_dict(TrainConfig, dict(recipe['train'], **(train_overrides or {}), mode=mode, decoder=decoder,
+                                               seed=seed, out_dir=str(run_dir)))
+            done = run_dir / 'readout.json'
+            latest = latest_checkpoint(run_dir)
+            finished = done.is_file() and latest is not None and json.loads(done.read_text())['checkpoint'] == str(
+                latest) and (run_dir / 'train_summary.json').is_file()
+            if finished:
+                log(f'{name} seed {seed}: done, skipped')
+                continue
+            log(f'{name} seed {seed}: training ({mode}, {decoder} decoder) in {run_dir}')
+            train(cfg, resume=latest is not None)
+            readout(run_dir, readout_cfg, log=log)
+            _write_results(out, config, seeds, recipe, train_overrides, readout_overrides)
+    return _write_results(out, config, seeds, recipe, train_overrides, readout_overrides)
+
+
+def _write_results(out: Path, config: str, seeds: list[int], recipe: dict, train_overrides: dict | None,
+                   readout_overrides: dict | None) -> dict:
+    runs = []
+    for name in ARMS:
+        for run_dir in sorted((out / name).glob('seed-*')):
+            if not (run_dir / 'readout.json').is_file():
+                continue
+            result = json.loads((run_dir / 'readout.json').read_text())
+            summary = json.loads((run_dir / 'train_summary.json').read_text())
+            runs.append(dict(arm=name, seed=int(run_dir.name.split('-')[1]), linear=result['rows']['model']['linear'],
+                             knn=result['rows']['model']['knn'], linear_lr=result['rows']['model'].get('lr'),
+                             references={k: v['linear'] for k, v in result['rows'].items() if k != 'model'},
+                             train_seconds=summary['wall_seconds'], steps=summary['steps'],
+                             losses=_loss_curves(run_dir)))
+    summary = summarize(runs)
+    results = dict(config=config, recipe=recipe, train_overrides=train_overrides or {},
+                   readout_overrides=readout_overrides or {}, seeds=seeds, summary=summary, runs=runs)
+    (out / 'results.json').write_text(json.dumps(results, indent=1))
+    (out / 'results.md').write_text(results_markdown(summary, len(seeds)) + '\n')
+    if runs:
+        _plots(runs, summary, out)
+    return results

@@ -31,6 +31,9 @@ DATASET_NAMES = {'fashion_mnist': 'Fashion-MNIST', 'cifar10': 'CIFAR-10', 'cifar
 RECIPE_KEYS = ('mode', 'decoder', 'epochs', 'batch_size', 'optimizer', 'base_lr', 'weight_decay', 'warmup_epochs',
                'temperature', 'crop_scale', 'mixed_precision')
 TABLE_START, TABLE_END = '<!-- zoo-table:start -->', '<!-- zoo-table:end -->'
+STUDY_START, STUDY_END = '<!-- study:start -->', '<!-- study:end -->'
+STUDY_RESULTS = Path('study') / 'fmnist' / 'results.md'  # written by `loco-timm study --out study/fmnist`
+STUDY_COMMAND = 'loco-timm study --out study/fmnist'
 
 
 def _last(value: Any) -> Any:
@@ -153,8 +156,17 @@ def zoo_table(configs: list[HubConfig] | None = None) -> str:
     return '\n'.join(lines)
 
 
-def zoo_card(configs: list[HubConfig] | None = None) -> str:
-    """The zoo's ``MODEL_CARD.md``, generated from every hub config."""
+def study_section(study_md: str | None) -> str:
+    """The study's results (``study/fmnist/results.md``) as they go into MODEL_CARD.md and the README."""
+    if not study_md:
+        return f'Not run yet (`{STUDY_COMMAND}`).'
+    return (f'Fashion-MNIST, the main job\'s recipe for every arm, written by `{STUDY_COMMAND}` '
+            f'(raw data: `study/fmnist/results.json`, plots: `study/fmnist/readout.png`, `study/fmnist/losses.png`):'
+            f'\n\n{study_md.strip()}')
+
+
+def zoo_card(configs: list[HubConfig] | None = None, study_md: str | None = None) -> str:
+    """The zoo's ``MODEL_CARD.md``, generated from every hub config (and the study's results, if any)."""
     configs = list_hub_configs() if configs is None else configs
     out = ['<!-- Generated from hub_configs/ by `loco-timm cards`; edit the hub configs, not this file. -->', '',
            '# loco-timm model zoo', '',
@@ -203,6 +215,7 @@ def zoo_card(configs: list[HubConfig] | None = None) -> str:
         line += f'. {metrics["source"][0].upper() + metrics["source"][1:]}' + (f' (`{metrics["command"]}`)' if
                                                                                 metrics.get('command') else '')
         out.append(line + (f'; {how}.' if how else '.'))
+    out += ['', '### E2E, GIM and LoCo at small scale (the study)', '', study_section(study_md)]
     out += ['', '## Limitations', '']
     for text in sorted({h.card.get('limitations', '').strip() for h in configs} - {''}):
         out.append(f'- {text}')
@@ -219,7 +232,8 @@ def update_cards(root: str | Path, check: bool = False) -> list[str]:
     root = Path(root)
     changed = []
     card_path = root / 'MODEL_CARD.md'
-    card = zoo_card()
+    study_md = (root / STUDY_RESULTS).read_text() if (root / STUDY_RESULTS).is_file() else None
+    card = zoo_card(study_md=study_md)
     if not card_path.is_file() or card_path.read_text() != card:
         changed.append(str(card_path))
         if not check:
@@ -230,6 +244,9 @@ def update_cards(root: str | Path, check: bool = False) -> list[str]:
         raise ValueError(f'{readme_path} lacks the {TABLE_START} ... {TABLE_END} markers of the model table')
     head, rest = readme.split(TABLE_START, 1)
     new = f'{head}{TABLE_START}\n{zoo_table()}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}'
+    if STUDY_START in new and STUDY_END in new:
+        head, rest = new.split(STUDY_START, 1)
+        new = f'{head}{STUDY_START}\n{study_section(study_md)}\n{STUDY_END}{rest.split(STUDY_END, 1)[1]}'
     if new != readme:
         changed.append(str(readme_path))
         if not check:

@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             train_overrides = apply_overrides({}, dict(args.set), TrainConfig)
             readout_overrides = apply_overrides({}, dict(args.readout_set), ReadoutConfig)
             run_study(args.out, args.config, args.seeds, args.arms, train_overrides, readout_overrides)
+            from pathlib import Path
+            from .card import STUDY_RESULTS, update_cards
+            if (Path(args.out) / 'results.md').resolve() == STUDY_RESULTS.resolve() and Path('README.md').is_file():
+                print(f'updated: {", ".join(update_cards(".")) or "nothing"}')  # the repository's study tables
         elif args.command == 'cards':
             from .card import update_cards
             changed = update_cards(args.root, check=args.check)

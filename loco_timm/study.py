@@ -72,11 +72,15 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
 
 
 def results_markdown(summary: dict, seeds: int) -> str:
-    lines = ['| arm | mode | decoder | seeds | last-stage linear top-1 | last-stage kNN top-1 | linear top-1 per stage '
+    runs = sum(len(arm['seeds']) for arm in summary['arms'].values())
+    planned = len(ARMS) * max(seeds, 3)
+    lines = [f'{runs} of {planned} runs ({len(ARMS)} arms x {max(seeds, 3)} seeds)' +
+             (': **partial**, means over the seeds run so far.' if runs < planned else '.'), '',
+             '| arm | mode | decoder | seeds | last-stage linear top-1 | last-stage kNN top-1 | linear top-1 per stage '
              '(mean) |', '|---|---|---|---|---|---|---|']
     for name, arm in summary['arms'].items():
         mode, decoder = ARMS[name]
-        lines.append(f'| {name} | {mode} | {decoder} | {len(arm["seeds"])}/{seeds} | {_fmt(arm["linear"])} | '
+        lines.append(f'| {name} | {mode} | {decoder} | {", ".join(map(str, arm["seeds"]))} | {_fmt(arm["linear"])} | '
                      f'{_fmt(arm["knn"])} | {", ".join(f"{v:.2f}" for v in arm["per_stage"])} |')
     lines += ['', '| paired difference (same seed) | per seed | mean +- std |', '|---|---|---|']
     for label, pair in summary['pairs'].items():

@@ -149,3 +149,19 @@ def test_metrics_in_hub_configs_say_how_they_were_measured():
             if 'paper' not in hub.metrics['source']:
                 assert hub.metrics.get('command') and hub.metrics.get('date'), hub.name
         assert yaml.safe_load(hub.path.read_text())['hub']['published'] in (True, False)
+
+
+def test_cards_carry_the_study_results_when_there_are_some(tmp_path):
+    from loco_timm.card import STUDY_RESULTS, STUDY_START, STUDY_END, TABLE_START, TABLE_END
+    (tmp_path / 'README.md').write_text(f'# x\n{TABLE_START}\n{TABLE_END}\n\n{STUDY_START}\n{STUDY_END}\nend\n')
+    assert sorted(update_cards(tmp_path)) == [str(tmp_path / 'MODEL_CARD.md'), str(tmp_path / 'README.md')]
+    assert 'Not run yet' in (tmp_path / 'README.md').read_text()
+    (tmp_path / STUDY_RESULTS).parent.mkdir(parents=True)
+    (tmp_path / STUDY_RESULTS).write_text('| arm | ... |\n| loco_conv | 85.00 +- 0.00 |\n')
+    assert update_cards(tmp_path, check=True) == [str(tmp_path / 'MODEL_CARD.md'), str(tmp_path / 'README.md')]
+    update_cards(tmp_path)
+    for name in ('README.md', 'MODEL_CARD.md'):
+        text = (tmp_path / name).read_text()
+        assert '| loco_conv | 85.00 +- 0.00 |' in text and 'Not run yet' not in text
+    assert (tmp_path / 'README.md').read_text().endswith(f'{STUDY_END}\nend\n')
+    assert update_cards(tmp_path, check=True) == []

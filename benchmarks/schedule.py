@@ -55,6 +55,21 @@ def measure(model_name: str, input_size: tuple, batch: int, mode: str, decoder: 
                 img_per_s=round(batch / step, 1))  # images (two views each) per second
 
 
+def stage_shares(model_name: str, input_size: tuple, batch: int) -> list[float]:
+    """Percent of the activations each stage saves for backward (each stage measured alone on its input)."""
+    from loco_timm.memory import saved_bytes
+    torch.manual_seed(0)
+    kwargs = {'img_size': input_size[-1]} if 'vit' in model_name else {}
+    learner = LocalLearner(timm.create_model(model_name, in_chans=input_size[0], **kwargs), mode='e2e',
+                           input_size=input_size)
+    h, params, saved = torch.randn(2 * batch, *input_size), list(learner.parameters()), []
+    for stage in learner.stages:
+        saved.append(saved_bytes(stage, h.detach().requires_grad_(True), exclude=params))
+        with torch.no_grad():
+            h = stage(h)
+    return [round(100 * s / sum(saved), 1) for s in saved]
+
+
 def loader_throughput(batch: int = 128, batches: int = 20) -> float | None:
     """img/s of the small-image recipe's input pipeline: Fashion-MNIST uint8 batches and both SimCLR views."""
     from torch.utils.data import DataLoader
@@ -94,7 +109,12 @@ def main() -> None:
     parser.add_argument('--steps', type=int, default=3, help='timed steps after one warm-up step')
     parser.add_argument('--threads', type=int, default=None)
     parser.add_argument('--out', default='benchmarks/results/schedule_cpu.json')
+    parser.add_argument('--shares', action='store_true', help='only print each stage\'s share of the activations')
     args = parser.parse_args()
+    if args.shares:
+        for name in args.models:
+            print(f'{name}: activation share per stage (%): {stage_shares(*MODELS[name])}')
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     results = dict(device='cpu', threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__,

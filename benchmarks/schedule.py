@@ -55,19 +55,25 @@ def measure(model_name: str, input_size: tuple, batch: int, mode: str, decoder: 
                 img_per_s=round(batch / step, 1))  # images (two views each) per second
 
 
-def stage_shares(model_name: str, input_size: tuple, batch: int) -> list[float]:
-    """Percent of the activations each stage saves for backward (each stage measured alone on its input)."""
+def stage_shares(model_name: str, input_size: tuple, batch: int) -> dict[str, list[float]]:
+    """Percent of the network's activations each stage saves for backward (each stage measured alone on its input),
+    and what a conv decoder on each stage's output saves, in percent of the same total."""
+    from loco_timm.decoders import create_decoder
     from loco_timm.memory import saved_bytes
     torch.manual_seed(0)
     kwargs = {'img_size': input_size[-1]} if 'vit' in model_name else {}
     learner = LocalLearner(timm.create_model(model_name, in_chans=input_size[0], **kwargs), mode='e2e',
                            input_size=input_size)
-    h, params, saved = torch.randn(2 * batch, *input_size), list(learner.parameters()), []
+    h, params, saved, decoders = torch.randn(2 * batch, *input_size), list(learner.parameters()), [], []
     for stage in learner.stages:
         saved.append(saved_bytes(stage, h.detach().requires_grad_(True), exclude=params))
         with torch.no_grad():
             h = stage(h)
-    return [round(100 * s / sum(saved), 1) for s in saved]
+        decoder = create_decoder('conv', h.shape[1:])
+        x = h.detach().requires_grad_(True)  # the stage output is already counted (the next stage saves it)
+        decoders.append(saved_bytes(decoder, x, exclude=[*decoder.parameters(), x]))
+    return dict(stages=[round(100 * s / sum(saved), 1) for s in saved],
+                conv_decoders=[round(100 * d / sum(saved), 1) for d in decoders])
 
 
 def loader_throughput(batch: int = 128, batches: int = 20) -> float | None:
@@ -113,7 +119,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.shares:
         for name in args.models:
-            print(f'{name}: activation share per stage (%): {stage_shares(*MODELS[name])}')
+            shares = stage_shares(*MODELS[name])
+            print(f'{name}: activation share per stage (%): {shares["stages"]}; a conv decoder on each stage\'s '
+                  f'output (% of the same total): {shares["conv_decoders"]}')
         return
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -107,6 +107,7 @@ class ReadoutConfig:
     lr: float = 0.1
     lr_grid: typing.Optional[list] = None  # select lr per row and stage on a held-out part of the training split
     val_fraction: float = 0.1
+    standardize: bool = True  # train on standardised features (folded back); False: raw features, the paper's lr 30
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 1024

@@ -1,7 +1,8 @@
 """Evaluation on frozen features: linear readout and kNN for every stage, with reference rows.
 
 The paper's protocol (frozen encoder, linear classifier on pooled features, SGD, learning rate divided by 10 at 30,
-60 and 90 % of training) scaled down: features are extracted once without augmentation, standardised, and the
+60 and 90 % of training) scaled down: features are extracted once without augmentation, standardised (unless
+``standardize`` is off, as in the ImageNet recipes, whose lr 30 is the paper's for raw features), and the
 classifier is trained on the cached features. Stage k's features are its output pooled as the decoders pool it;
 the last stage's are exactly timm's ``forward_head(x, pre_logits=True)``, so its classifier (with the
 standardisation folded in) drops into the timm model as ``get_classifier()``. kNN: k nearest training features by
@@ -58,9 +59,13 @@ def extract_features(learner: LocalLearner | None, dataset, augment: SimCLRAugme
 
 
 def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, cfg: ReadoutConfig) -> nn.Linear:
-    """A linear classifier on standardised features; the returned layer takes the raw features (standardisation
-    folded into its weights)."""
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    """A linear classifier trained with SGD on the standardised features (or on the raw ones when
+    ``cfg.standardize`` is False); the returned layer takes the raw features (standardisation folded into its
+    weights)."""
+    if cfg.standardize:
+        mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    else:
+        mean, std = torch.zeros(train_x.shape[1]), torch.ones(train_x.shape[1])
     xs = (train_x - mean) / std
     generator = torch.Generator().manual_seed(cfg.seed)
     linear = nn.Linear(train_x.shape[1], num_classes)

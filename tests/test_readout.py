@@ -25,6 +25,23 @@ def test_linear_head_takes_raw_features_with_the_standardisation_folded_in():
         torch.testing.assert_close(rescaled(x * scale + shift), head(x), rtol=1e-3, atol=1e-3)
 
 
+def test_unstandardised_probe_is_plain_sgd_on_the_raw_features():
+    # the paper's readout (lr 30, no momentum) on raw features: one full-batch epoch is one SGD step from the seeded
+    # initialisation, W' = W - lr * (softmax(XW^T + b) - onehot)^T X / N, in closed form
+    x, y = _blobs(n=30)
+    cfg = ReadoutConfig(epochs=1, lr=30.0, momentum=0.0, batch_size=30, standardize=False, milestones=[0.9])
+    head = train_linear(x, y, 3, cfg)
+    init = train_linear(x, y, 3, ReadoutConfig(epochs=1, lr=1e-30, momentum=0.0, batch_size=30,
+                                               standardize=False))  # same seeded start, no step
+    with torch.no_grad():
+        residual = (torch.softmax(init(x), 1) - torch.nn.functional.one_hot(y, 3).float()) / len(x)
+        torch.testing.assert_close(head.weight, init.weight - 30.0 * residual.T @ x, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(head.bias, init.bias - 30.0 * residual.sum(0), rtol=1e-4, atol=1e-4)
+    standardised = train_linear(x, y, 3, ReadoutConfig(epochs=1, lr=30.0, momentum=0.0, batch_size=30,
+                                                       milestones=[0.9]))
+    assert not torch.allclose(standardised.weight, head.weight)
+
+
 def test_lr_is_selected_on_held_out_training_data_whatever_the_grid_order():
     x, y = _blobs()
     cfg = ReadoutConfig(epochs=5, batch_size=64, lr=0.1)

@@ -13,12 +13,12 @@ from loco_timm.tags import get_hub_config
 # arXiv:2008.01342 (../shared/PAPER.md): batch 4096, LARS lr 4.8 (= 0.3 x 4096/256), cosine, 10 warm-up epochs,
 # 800 epochs, 224 px, SimCLR augmentations; where the paper is silent, SimCLR's defaults: temperature 0.1, weight
 # decay 1e-6, crop scale (0.08, 1), 128-d projection. Linear readout: SGD without momentum, lr 30, 100 epochs,
-# lr /10 at epochs 30, 60, 90.
+# lr /10 at epochs 30, 60, 90, on the raw (not standardised) pooled features.
 PAPER_TRAIN = dict(batch_size=4096, optimizer='lars', lr=4.8, warmup_epochs=10, epochs=800, image_size=224,
                    temperature=0.1, weight_decay=1e-6, crop_scale=[0.08, 1.0], proj_dim=128, momentum=0.9,
                    grad_accumulation=1, backbone='loco_resnet50', model_args={}, dataset='imagefolder')
 PAPER_READOUT = dict(lr=30.0, momentum=0.0, epochs=100, milestone_epochs=[30, 60, 90], weight_decay=0.0,
-                     lr_grid=None)
+                     lr_grid=None, standardize=False)
 ARMS = {'loco_resnet50.simclr_in1k': ('loco', 'conv'), 'loco_resnet50.e2e_simclr_in1k': ('e2e', 'mlp'),
         'loco_resnet50.gim_simclr_in1k': ('gim', 'conv')}
 
@@ -84,4 +84,5 @@ def test_imagenet_recipe_dry_runs_with_only_size_overrides(tmp_path):
                               '--epochs', '3', '--knn-k', '4'], env=env, capture_output=True, text=True, timeout=600)
     assert readout.returncode == 0, readout.stderr[-3000:]
     used = json.loads((run / 'readout.json').read_text())['readout']
-    assert (used['lr'], used['momentum'], used['milestones']) == (30.0, 0.0, [0.3, 0.6, 0.9])
+    assert (used['lr'], used['momentum'], used['milestones'], used['standardize']) == (30.0, 0.0, [0.3, 0.6, 0.9],
+                                                                                       False)

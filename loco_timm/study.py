@@ -96,12 +96,27 @@ def _plots(runs: list[dict], summary: dict, out: Path) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {'e2e': 'tab:blue', 'gim': 'tab:orange', 'loco': 'tab:green'}
     for name, arm in summary['arms'].items():
-        ax.plot(range(1, len(arm['per_stage']) + 1), arm['per_stage'], marker='o', label=name)
+        mode, decoder = ARMS[name]
+        per_seed = [r['linear'] for r in runs if r['arm'] == name]
+        stds = [_mean_std([values[k] for values in per_seed])[1] for k in range(len(arm['per_stage']))]
+        ax.errorbar(range(1, len(arm['per_stage']) + 1), arm['per_stage'], yerr=stds, marker='o', capsize=3,
+                    color=colours[mode], linestyle='-' if decoder == 'conv' else '--',
+                    label=f'{name} ({len(per_seed)} seed{"s" if len(per_seed) > 1 else ""})')
+    random_init = [r['references']['random_init'] for r in runs if 'random_init' in r.get('references', {})]
+    if random_init:
+        ax.plot(range(1, len(random_init[0]) + 1), [statistics.fmean(v) for v in zip(*random_init)], marker='x',
+                color='grey', linestyle=':', label='random-init encoder')
+    pixels = [r['references']['pixels'][-1] for r in runs if 'pixels' in r.get('references', {})]
+    if pixels:
+        ax.axhline(statistics.fmean(pixels), color='black', linestyle=':', linewidth=1, label='raw pixels')
+    ax.set_xticks(range(1, len(next(iter(summary['arms'].values()))['per_stage']) + 1))
     ax.set_xlabel('stage')
-    ax.set_ylabel('linear top-1 (%), mean over seeds')
-    ax.legend(fontsize=8)
+    ax.set_ylabel('linear top-1 (%), mean ± std over seeds')
+    ax.set_title('Linear readout per stage (solid: conv decoder, dashed: mlp)', fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / 'readout.png', dpi=120)
     plt.close(fig)
@@ -109,8 +124,9 @@ def _plots(runs: list[dict], summary: dict, out: Path) -> None:
     for ax, name in zip(axes, ARMS):
         for run in (r for r in runs if r['arm'] == name):
             for unit, curve in run.get('losses', {}).items():
-                ax.plot(curve['step'], curve['loss'], linewidth=0.8, label=f'unit {unit}' if run['seed'] ==
-                        min(r['seed'] for r in runs if r['arm'] == name) else None)
+                first = run['seed'] == min(r['seed'] for r in runs if r['arm'] == name)
+                ax.plot(curve['step'], curve['loss'], linewidth=0.8, color=f'C{int(unit)}', alpha=1.0 if first else
+                        0.5, label=f'unit {int(unit) + 1}' if first else None)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel('step')
         if ax.get_legend_handles_labels()[0]:

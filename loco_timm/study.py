@@ -23,7 +23,8 @@ ARMS = {  # name: (mode, decoder)
     'e2e_mlp': ('e2e', 'mlp'), 'e2e_conv': ('e2e', 'conv'), 'gim_mlp': ('gim', 'mlp'), 'gim_conv': ('gim', 'conv'),
     'loco_conv': ('loco', 'conv'), 'loco_mlp': ('loco', 'mlp'),
 }
-PAIRS = {'LoCo - E2E': ('loco_conv', 'e2e_mlp'), 'LoCo - GIM': ('loco_conv', 'gim_conv')}
+PAIRS = {'LoCo - E2E': ('loco_conv', 'e2e_mlp'), 'LoCo - GIM': ('loco_conv', 'gim_conv'),
+         'GIM: conv - mlp decoder': ('gim_conv', 'gim_mlp'), 'E2E: conv - mlp decoder': ('e2e_conv', 'e2e_mlp')}
 CLAIMS = ('LoCo (conv) is within 0.5 pt of E2E (mlp) at the last stage',
           'LoCo (conv) is above GIM (conv) at the last stage',
           'the conv decoder helps GIM (gim_conv > gim_mlp)',

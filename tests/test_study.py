@@ -22,6 +22,8 @@ def test_summary_pairs_seeds_and_checks_the_claims():
     summary = summarize(runs)
     assert summary['pairs']['LoCo - E2E']['diff'] == pytest.approx([-0.2, 0.4])
     assert summary['pairs']['LoCo - GIM']['diff'] == pytest.approx([2.0, 3.0])
+    assert summary['pairs']['GIM: conv - mlp decoder'] == dict(seeds=[0], diff=pytest.approx([-1.0]))
+    assert summary['pairs']['E2E: conv - mlp decoder'] == dict(seeds=[0], diff=pytest.approx([2.8]))
     assert summary['arms']['loco_conv']['per_stage'] == [50, 81.0]
     claims = summary['claims']
     assert claims[CLAIMS[0]] and claims[CLAIMS[1]]  # |81.0 - 80.9| <= 0.5; 81.0 > 78.5

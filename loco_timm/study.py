@@ -37,7 +37,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def _fmt(values: list[float]) -> str:
     mean, std = _mean_std(values)
-    return f'{mean:.2f} +- {std:.2f}'
+    return f'{mean:.2f} +- {std:.2f}' if len(values) > 1 else f'{mean:.2f} (1 seed)'
 
 
 def summarize(runs: list[dict]) -> dict[str, Any]:

@@ -18,7 +18,8 @@ def test_summary_pairs_seeds_and_checks_the_claims():
     runs = [_run('loco_conv', 0, [50, 80.0]), _run('loco_conv', 1, [50, 82.0]),
             _run('e2e_mlp', 0, [50, 80.2]), _run('e2e_mlp', 1, [50, 81.6]),
             _run('gim_conv', 0, [50, 78.0]), _run('gim_conv', 1, [50, 79.0]),
-            _run('gim_mlp', 0, [50, 79.0]), _run('e2e_conv', 0, [50, 83.0])]
+            _run('gim_mlp', 0, [50, 79.0]), _run('e2e_conv', 0, [50, 83.0]),
+            _run('e2e_mlp', 2, [50, 95.0])]  # a seed LoCo does not have yet: not in the pairs, nor in the claims
     summary = summarize(runs)
     assert summary['pairs']['LoCo - E2E']['diff'] == pytest.approx([-0.2, 0.4])
     assert summary['pairs']['LoCo - GIM']['diff'] == pytest.approx([2.0, 3.0])
@@ -26,8 +27,9 @@ def test_summary_pairs_seeds_and_checks_the_claims():
     assert summary['pairs']['E2E: conv - mlp decoder'] == dict(seeds=[0], diff=pytest.approx([2.8]))
     assert summary['arms']['loco_conv']['per_stage'] == [50, 81.0]
     claims = summary['claims']
-    assert claims[CLAIMS[0]] and claims[CLAIMS[1]]  # |81.0 - 80.9| <= 0.5; 81.0 > 78.5
-    assert not claims[CLAIMS[2]] and not claims[CLAIMS[3]]  # 78.5 < 79.0; 83.0 > 80.9 + 0.5
+    assert summary['arms']['e2e_mlp']['seeds'] == [0, 1, 2]
+    assert claims[CLAIMS[0]] and claims[CLAIMS[1]]  # paired means: |0.1| <= 0.5; 2.5 > 0
+    assert not claims[CLAIMS[2]] and not claims[CLAIMS[3]]  # seed 0 only: 78 - 79 < 0; 83 - 80.2 > 0.5
 
 
 @pytest.mark.slow

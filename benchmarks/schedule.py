@@ -116,7 +116,11 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=None)
     parser.add_argument('--out', default='benchmarks/results/schedule_cpu.json')
     parser.add_argument('--shares', action='store_true', help='only print each stage\'s share of the activations')
+    parser.add_argument('--markdown', action='store_true', help='only rewrite the .md of an existing --out JSON')
     args = parser.parse_args()
+    if args.markdown:
+        write_markdown(json.loads(Path(args.out).read_text()), Path(args.out))
+        return
     if args.shares:
         for name in args.models:
             shares = stage_shares(*MODELS[name])
@@ -138,7 +142,19 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
+    write_markdown(results, out)
+
+
+def write_markdown(results: dict, out: Path) -> None:
+    """The README table and notes (``out`` with suffix .md) from a results JSON."""
     text = table(results)
+    big = results['models'].get('resnet50')
+    if big:
+        rates = {f'{r["mode"]} ({r["decoder"]} decoder)': r['img_per_s'] for r in big['runs']
+                 if not r['recompute'] and (r['mode'], r['decoder']) in (('e2e', 'mlp'), ('loco', 'conv'))}
+        years = {k: 800 * 1_281_167 / v / (365.25 * 24 * 3600) for k, v in rates.items()}
+        text += ('\n\nThe ImageNet recipe (800 epochs x 1,281,167 images) at the ResNet-50 rates above: ' +
+                 ', '.join(f'{k} {rates[k]} img/s -> {years[k]:.0f} years' for k in rates) + '.')
     small = results['models'].get('loco_resnet18_small')
     if small and results['loader_img_per_s']:
         model = next(r for r in small['runs'] if r['mode'] == 'loco' and r['decoder'] == 'conv' and not r['recompute'])

@@ -166,17 +166,17 @@ class ImageFolderDataset(Dataset):
 
 
 def _torchvision_dataset(cls, root: Path, download: bool, **kwargs):
+    fix = f'put torchvision\'s {cls.__name__} files there (as its downloader lays them out) and pass it as data_dir'
     try:
         return cls(str(root), download=False, **kwargs)
     except RuntimeError:
         if not download:
-            raise
+            raise FileNotFoundError(f'{cls.__name__} not found in {root} (downloading is off): {fix}') from None
     try:
         return cls(str(root), download=True, **kwargs)
     except Exception as err:
         raise FileNotFoundError(
-            f'{cls.__name__} not found in {root} and could not be downloaded ({err.__class__.__name__}): put '
-            f'torchvision\'s {cls.__name__} files there (as its downloader lays them out) and pass it as data_dir') \
+            f'{cls.__name__} not found in {root} and could not be downloaded ({err.__class__.__name__}): {fix}') \
             from None
 
 

@@ -165,6 +165,10 @@ def train(cfg: TrainConfig, resume: bool = False,
             accelerator.print(f'resumed from {checkpoint} at step {step}')
         else:
             accelerator.print(f'no checkpoint in {out_dir}: starting from step 0')
+        losses = out_dir / 'losses.jsonl'
+        if accelerator.is_main_process and losses.is_file():  # drop the rows logged after the checkpoint
+            kept = [line for line in losses.read_text().splitlines() if json.loads(line)['step'] <= step]
+            losses.write_text(''.join(f'{line}\n' for line in kept))
 
     accelerator.init_trackers('loco', config={k: str(v) for k, v in _as_json(cfg).items()})
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc=cfg.mode,
@@ -208,7 +212,7 @@ def train(cfg: TrainConfig, resume: bool = False,
             if step % cfg.log_every == 0 or step == total_steps:
                 lr = optimizer.param_groups[0]['lr']
                 accelerator.log(dict(last, lr=lr, img_per_s=images_seen / (done - start), epoch=epoch), step=step)
-                if accelerator.is_main_process:  # plain-text loss curves (appended across resumes)
+                if accelerator.is_main_process:  # plain-text loss curves (trimmed to the checkpoint on resume)
                     with open(out_dir / 'losses.jsonl', 'a') as log_file:
                         log_file.write(json.dumps(dict(last, step=step, lr=lr)) + '\n')
                 bar.set_postfix({k.split('/')[-1]: f'{v:.3f}' for k, v in last.items()}, refresh=False)

@@ -63,5 +63,5 @@ def test_stl10_pretrains_on_the_unlabeled_split(tmp_path, no_md5):
 
 
 def test_missing_cifar_without_download_names_the_fix(tmp_path):
-    with pytest.raises(RuntimeError):
+    with pytest.raises(FileNotFoundError, match=r'CIFAR10 not found in .*: put torchvision\'s CIFAR10 files there'):
         build_dataset('cifar10', 'pretrain', tmp_path, 32, download=False)

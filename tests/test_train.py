@@ -152,6 +152,8 @@ def test_killed_run_resumes_to_the_same_weights_then_reads_out(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     killed_at = int(latest_checkpoint(run).name.split('-')[1])
     assert 0 < killed_at < 40, 'the run should have been killed after its first checkpoint and before the end'
+    with open(run / 'losses.jsonl', 'a') as log:  # as if a row after the checkpoint had been logged before the kill
+        log.write(json.dumps({'step': killed_at + 1, 'loss/unit0': 9.9}) + '\n')
 
     resumed = _run(_cli('train', '--resume', *_tiny_cli_args(run)))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -160,6 +162,9 @@ def test_killed_run_resumes_to_the_same_weights_then_reads_out(tmp_path):
     full, again = _weights(tmp_path / 'full'), _weights(run)
     for name in full:
         torch.testing.assert_close(again[name], full[name], rtol=1e-5, atol=1e-6, msg=name)
+    steps = [[json.loads(line)['step'] for line in (folder / 'losses.jsonl').read_text().splitlines()]
+             for folder in (tmp_path / 'full', run)]
+    assert steps[1] == steps[0]  # rows logged between the checkpoint and the kill are not kept twice
 
     readout = _run(_cli('readout', str(run), '--epochs', '2', '--train-subset', '256', '--test-subset', '128',
                         '--knn-k', '20'))

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument('--config', help='recipe YAML file (its readout: section)')
     read.add_argument('--out', help='output folder (default: the run folder)')
     read.add_argument('--device', default=None, help='cpu, cuda ... (default: cuda if available)')
+    read.add_argument('--reference-cache', metavar='DIR',
+                      help='reuse the raw-pixel and random-init rows computed before with the same recipe, data and '
+                           'initial encoder from this folder (and add new ones): saves time across many checkpoints')
     _add_fields(read, ReadoutConfig)
     exp = sub.add_parser('export', help='write a Hub repository folder (timm model, config.json, model card)',
                          description='Export a checkpoint and its readout head as a timm model in a Hugging Face '
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             import torch
             from .readout import readout
             device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-            readout(args.checkpoint, readout_config_from_args(args), args.out, device=device)
+            readout(args.checkpoint, readout_config_from_args(args), args.out, device=device,
+                    reference_cache=args.reference_cache)
         elif args.command == 'export':
             from .export import export
             export(args.checkpoint, args.config, args.out, args.readout_dir)

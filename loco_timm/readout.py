@@ -9,12 +9,17 @@ standardisation folded in) drops into the timm model as ``get_classifier()``. kN
 cosine similarity, votes weighted by ``exp(sim / T)`` (as in InstDisc/DINO). The same recipe evaluates two
 reference rows: raw pixels and the randomly initialised encoder (same architecture and seed). With ``lr_grid`` the
 linear classifier's learning rate is chosen per row and stage on a held-out part of the training split, so every row
-gets the rate that suits it and the test split stays unseen.
+gets the rate that suits it and the test split stays unseen. The reference rows do not depend on training, so with
+``reference_cache`` they are computed once and reused, keyed by everything they depend on: the readout recipe, the
+dataset, its size and subsets, and for the random-init row the encoder's architecture and initial weights (the
+study's 18 runs share one pixel row and one random-init row per seed).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,8 @@ from .decoders import Pool
 from .learner import LocalLearner
 
 __all__ = ['extract_features', 'train_linear', 'select_lr', 'knn_accuracy', 'evaluate_features', 'readout',
-           'plot_readout']
+           'plot_readout', 'reference_key']
+CACHE_VERSION = 1  # bump when the readout's maths change, so cached reference rows are not reused
 
 
 @torch.no_grad()
@@ -149,10 +155,34 @@ def _learner_from_checkpoint(checkpoint: Path, random_init: bool = False) -> tup
     return learner, cfg, progress
 
 
+def reference_key(name: str, encoder: LocalLearner | None, cfg: ReadoutConfig, data: dict) -> str:
+    """A digest of everything a reference row depends on: the readout recipe, the data (``data``: dataset, folder,
+    image size, subset sizes) and, for an encoder, its architecture, stage split and weights."""
+    digest = hashlib.sha256(json.dumps(dict(version=CACHE_VERSION, row=name, readout=dataclasses.asdict(cfg),
+                                            data=data), sort_keys=True, default=str).encode())
+    if encoder is not None:
+        digest.update(repr(encoder.encoder).encode())
+        digest.update(json.dumps([list(s) for s in encoder.stage_shapes]).encode())
+        for key, value in sorted(encoder.encoder.state_dict().items()):
+            value = value.detach().cpu().contiguous()
+            digest.update(f'{key}:{value.dtype}:{tuple(value.shape)}'.encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
 def readout(checkpoint: str | Path, cfg: ReadoutConfig | None = None, out_dir: str | Path | None = None,
-            device: str = 'cpu', log=print) -> dict[str, Any]:
+            device: str = 'cpu', log=print, reference_cache: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint (or a run folder's latest) and write ``readout.json``, ``readout.png`` and the last
-    stage's classifier ``readout_head.safetensors`` to ``out_dir`` (default: the run folder)."""
+    stage's classifier ``readout_head.safetensors`` to ``out_dir`` (default: the run folder). With
+    ``reference_cache`` (a folder), reference rows computed before with the same key (:func:`reference_key`) are
+    read from it instead of being computed again, and new ones are added to it."""
     import time
     from safetensors.torch import save_file
     started = time.perf_counter()
@@ -174,12 +204,24 @@ def readout(checkpoint: str | Path, cfg: ReadoutConfig | None = None, out_dir: s
     results: dict[str, Any] = dict(checkpoint=str(checkpoint), step=progress['step'], mode=train_cfg.mode,
                                    backbone=train_cfg.backbone, dataset=train_cfg.dataset,
                                    readout=json.loads(json.dumps(cfg.__dict__)), rows={})
+    data = dict(dataset=train_cfg.dataset, data_dir=str(Path(data_dir).resolve()) if data_dir else None,
+                image_size=train_cfg.image_size, train=len(splits['train']), test=len(splits['test']),
+                device=torch.device(device).type)
     for name, encoder in encoders.items():
+        cached = None
+        if name != 'model' and reference_cache is not None:
+            cached = Path(reference_cache) / f'{name}-{reference_key(name, encoder, cfg, data)}.json'
+            if cached.is_file():
+                results['rows'][name] = json.loads(cached.read_text())
+                log(f'{name:12s} linear top-1 per stage: {results["rows"][name]["linear"]}  (cached: {cached})')
+                continue
         if encoder is not None:
             encoder.to(device)
         feats = {split: extract_features(encoder, ds, augment, device=device) for split, ds in splits.items()}
         rows, head = evaluate_features(feats['train'], feats['test'], num_classes, cfg)
         results['rows'][name] = rows
+        if cached is not None:
+            _write_json_atomic(cached, rows)
         log(f'{name:12s} linear top-1 per stage: {rows["linear"]}  kNN: {rows["knn"]}' +
             (f'  (lr {rows["lr"]})' if cfg.lr_grid else ''))
         if name == 'model':

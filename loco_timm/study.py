@@ -6,7 +6,8 @@ conv decoders, LoCo with conv and mlp decoders; each for several seeds. Every ru
 main job, in ``OUT/<arm>/seed-<s>``; finished runs are skipped and interrupted ones resumed, so a study may span
 sessions. After every run the command rewrites ``OUT/results.json`` (all runs), ``OUT/results.md`` (mean +- std over
 seeds, paired per-seed differences, the paper's claims checked), ``OUT/readout.png`` (per-stage linear top-1) and
-``OUT/losses.png`` (per-unit training losses).
+``OUT/losses.png`` (per-unit training losses). The reference rows (raw pixels; the random-init encoder, the same for
+every arm of a seed) are read out once and kept in ``OUT/references``.
 """
 from __future__ import annotations
 
@@ -179,7 +180,7 @@ def run_study(out: str | Path, config: str, seeds: list[int], arms: list[str] | 
                 continue
             log(f'{name} seed {seed}: training ({mode}, {decoder} decoder) in {run_dir}')
             train(cfg, resume=latest is not None)
-            readout(run_dir, readout_cfg, log=log)
+            readout(run_dir, readout_cfg, log=log, reference_cache=out / 'references')
             _write_results(out, config, seeds, recipe, train_overrides, readout_overrides)
     return _write_results(out, config, seeds, recipe, train_overrides, readout_overrides)
 

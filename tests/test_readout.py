@@ -74,3 +74,46 @@ def test_knn_votes_with_cosine_similarity_and_temperature_weights():
 def test_bad_lr_grid_is_refused(grid):
     with pytest.raises(ConfigError, match='lr_grid'):
         ReadoutConfig(lr_grid=grid)
+
+
+def _checkpoint(folder, **overrides):
+    """A checkpoint folder as `loco-timm train` writes it, of a learner that was never trained (seeded init)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from loco_timm.config import TrainConfig
+    from loco_timm.train import _as_json, build_learner
+    cfg = TrainConfig(**dict(dict(backbone='test_resnet', dataset='fashion_mnist', image_size=28, seed=0), **overrides))
+    torch.manual_seed(cfg.seed)
+    learner = build_learner(cfg, 1, 10)
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in learner.state_dict().items()}, str(folder / 'learner.safetensors'))
+    (folder / 'progress.json').write_text(json.dumps(dict(config=_as_json(cfg), in_chans=1, num_classes=10, step=1)))
+    return folder
+
+
+def test_reference_rows_are_computed_once_and_reused_only_with_the_same_key(tmp_path):
+    from loco_timm.data import find_fashion_mnist
+    from loco_timm.readout import readout
+    if find_fashion_mnist() is None:
+        pytest.skip('Fashion-MNIST not installed')
+    cfg = ReadoutConfig(epochs=2, train_subset=200, test_subset=100, knn_k=10)
+    cache = tmp_path / 'cache'
+
+    def run(name, cfg=cfg, **overrides):
+        logs = []
+        result = readout(_checkpoint(tmp_path / name, **overrides), cfg, log=logs.append, reference_cache=cache)
+        return result['rows'], [line.split()[0] for line in logs if '(cached:' in line]
+
+    first, hits = run('loco', mode='loco', decoder='conv')
+    assert hits == [] and len(list(cache.iterdir())) == 2
+    plain = readout(tmp_path / 'loco', cfg, out_dir=tmp_path / 'plain', log=lambda *_: None)['rows']
+    assert plain == first  # the cached rows are exactly what a readout without cache computes
+    other_arm, hits = run('gim', mode='gim', decoder='mlp')  # other decoders, same encoder init: both rows reused
+    assert hits == ['random_init', 'pixels']
+    assert {k: other_arm[k] for k in hits} == {k: first[k] for k in hits}
+    _, hits = run('seed1', mode='loco', seed=1)  # another initial encoder: only the pixel row is reused
+    assert hits == ['pixels'] and len(list(cache.iterdir())) == 3
+    _, hits = run('epochs', ReadoutConfig(epochs=3, train_subset=200, test_subset=100, knn_k=10))
+    assert hits == [] and len(list(cache.iterdir())) == 5

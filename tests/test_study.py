@@ -47,6 +47,10 @@ def test_study_trains_every_arm_and_seed_once_and_resumes(tmp_path):
     for run in results['runs']:
         assert run['steps'] == 3 and len(run['linear']) == 4 and len(run['losses']) == units[run['arm']]
     assert results['summary']['pairs']['LoCo - E2E']['seeds'] == [0, 1]
+    # reference rows read out once: the pixel row for all six runs, the random-init row once per seed
+    assert len(list((tmp_path / 'references').iterdir())) == 3 and first.stdout.count('(cached:') == 6 * 2 - 3
+    for run in results['runs']:
+        assert run['references'] == next(r['references'] for r in results['runs'] if r['seed'] == run['seed'])
     assert (tmp_path / 'readout.png').stat().st_size > 1000 and (tmp_path / 'losses.png').stat().st_size > 1000
     text = (tmp_path / 'results.md').read_text()
     assert 'LoCo - GIM' in text and 'not measured yet' in text  # gim_mlp / e2e_conv arms were not run

@@ -67,7 +67,12 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
               CLAIMS[2]: (('gim_conv', 'gim_mlp'), lambda d: d > 0),
               CLAIMS[3]: (('e2e_conv', 'e2e_mlp'), lambda d: d <= 0.5)}
     claims = {claim: test(paired[arms_]) for claim, (arms_, test) in checks.items() if arms_ in paired}
-    return dict(arms=arms, pairs=pairs, claims=claims)
+    timed = [r for r in runs if r.get('train_seconds') is not None and r.get('readout_seconds') is not None]
+    timing = dict(train=[min(r['train_seconds'] for r in timed), max(r['train_seconds'] for r in timed)],
+                  readout=[min(r['readout_seconds'] for r in timed), max(r['readout_seconds'] for r in timed)],
+                  hours=sum(r['train_seconds'] + r['readout_seconds'] for r in timed) / 3600, runs=len(timed)) \
+        if timed else None
+    return dict(arms=arms, pairs=pairs, claims=claims, timing=timing)
 
 
 def results_markdown(summary: dict, seeds: int) -> str:
@@ -89,6 +94,11 @@ def results_markdown(summary: dict, seeds: int) -> str:
     for claim in CLAIMS:
         held = summary['claims'].get(claim)
         lines.append(f'- {claim}: ' + ('not measured yet' if held is None else 'held' if held else '**did not hold**'))
+    timing = summary.get('timing')
+    if timing:
+        lines += ['', f'Time per run on the machine that ran them: training {timing["train"][0]:.0f}-'
+                      f'{timing["train"][1]:.0f} s, readout {timing["readout"][0]:.0f}-{timing["readout"][1]:.0f} s; '
+                      f'{timing["hours"]:.1f} hours for {timing["runs"]} runs.']
     return '\n'.join(lines)
 
 
@@ -197,7 +207,8 @@ def _write_results(out: Path, config: str, seeds: list[int], recipe: dict, train
             runs.append(dict(arm=name, seed=int(run_dir.name.split('-')[1]), linear=result['rows']['model']['linear'],
                              knn=result['rows']['model']['knn'], linear_lr=result['rows']['model'].get('lr'),
                              references={k: v['linear'] for k, v in result['rows'].items() if k != 'model'},
-                             train_seconds=summary['wall_seconds'], steps=summary['steps'],
+                             train_seconds=summary['wall_seconds'], readout_seconds=result.get('seconds'),
+                             steps=summary['steps'],
                              losses=_loss_curves(run_dir)))
     summary = summarize(runs)
     results = dict(config=config, recipe=recipe, train_overrides=train_overrides or {},

@@ -10,6 +10,7 @@ machines or workers.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -168,7 +169,9 @@ def train(cfg: TrainConfig, resume: bool = False,
         losses = out_dir / 'losses.jsonl'
         if accelerator.is_main_process and losses.is_file():  # drop the rows logged after the checkpoint
             kept = [line for line in losses.read_text().splitlines() if json.loads(line)['step'] <= step]
-            losses.write_text(''.join(f'{line}\n' for line in kept))
+            trimmed = losses.with_name(f'.{losses.name}.tmp')  # atomically: a kill now keeps the old curves
+            trimmed.write_text(''.join(f'{line}\n' for line in kept))
+            os.replace(trimmed, losses)
 
     accelerator.init_trackers('loco', config={k: str(v) for k, v in _as_json(cfg).items()})
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc=cfg.mode,

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from loco_timm.data import find_fashion_mnist
-from loco_timm.study import CLAIMS, summarize
+from loco_timm.study import CLAIMS, results_markdown, summarize
 from zoo_common import cli
 
 pytestmark = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST not installed')
@@ -30,6 +30,18 @@ def test_summary_pairs_seeds_and_checks_the_claims():
     assert summary['arms']['e2e_mlp']['seeds'] == [0, 1, 2]
     assert claims[CLAIMS[0]] and claims[CLAIMS[1]]  # paired means: |0.1| <= 0.5; 2.5 > 0
     assert not claims[CLAIMS[2]] and not claims[CLAIMS[3]]  # seed 0 only: 78 - 79 < 0; 83 - 80.2 > 0.5
+
+
+def test_results_give_the_time_the_runs_took():
+    runs = [dict(_run('loco_conv', 0, [80.0]), train_seconds=600.4, readout_seconds=240.0),
+            dict(_run('e2e_mlp', 0, [81.0]), train_seconds=500.0, readout_seconds=100.6),
+            _run('gim_conv', 0, [79.0])]  # a run without timings (an older results file) is left out of them
+    timing = summarize(runs)['timing']
+    assert timing == dict(train=[500.0, 600.4], readout=[100.6, 240.0], hours=pytest.approx(1441 / 3600),
+                      runs=2)
+    assert results_markdown(summarize(runs), 3).endswith(
+        'training 500-600 s, readout 101-240 s; 0.4 hours for 2 runs.')
+    assert summarize(runs[2:])['timing'] is None and 'Time per run' not in results_markdown(summarize(runs[2:]), 3)
 
 
 @pytest.mark.slow

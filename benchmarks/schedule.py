@@ -25,20 +25,24 @@ import loco_timm  # noqa: F401  (registers loco_* models)
 from loco_timm import LocalLearner
 from loco_timm.memory import SavedTensorMeter
 
-MODELS = {  # name: (timm model, input size, batch per view)
-    'resnet50': ('resnet50', (3, 224, 224), 4),
-    'loco_resnet18_small': ('loco_resnet18_small', (1, 28, 28), 128),
-    'convnext_atto': ('convnext_atto', (3, 128, 128), 8),
-    'vit_tiny': ('vit_tiny_patch16_224', (3, 224, 224), 4),
+MODELS = {  # name: (timm model, input size, batch per view, model arguments)
+    'resnet50': ('resnet50', (3, 224, 224), 4, {}),
+    'loco_resnet18_small': ('loco_resnet18_small', (1, 28, 28), 128, {}),
+    'convnext_atto': ('convnext_atto', (3, 128, 128), 8, {}),
+    'vit_tiny': ('vit_tiny_patch16_224', (3, 224, 224), 4, {'img_size': 224}),
+    # families split by the generic (traced) splitter
+    'swin_tiny': ('swin_tiny_patch4_window7_224', (3, 224, 224), 2, {}),  # windowed transformer, NHWC maps
+    'densenet121': ('densenet121', (3, 128, 128), 4, {}),  # densely connected CNN
+    'pvt_v2_b0': ('pvt_v2_b0', (3, 128, 128), 8, {}),  # pyramid ViT
+    'coatnet_nano': ('coatnet_nano_rw_224', (3, 224, 224), 2, {}),  # hybrid conv/attention (MaxxViT family)
 }
 CONFIGS = [('e2e', 'mlp', False), ('gim', 'mlp', False), ('loco', 'mlp', False), ('gim', 'conv', False),
            ('loco', 'conv', False), ('loco', 'mlp', True), ('loco', 'conv', True)]
 
 
-def measure(model_name: str, input_size: tuple, batch: int, mode: str, decoder: str, recompute: bool,
+def measure(model_name: str, input_size: tuple, batch: int, kwargs: dict, mode: str, decoder: str, recompute: bool,
             steps: int) -> dict:
     torch.manual_seed(0)
-    kwargs = {'img_size': input_size[-1]} if 'vit' in model_name else {}
     backbone = timm.create_model(model_name, in_chans=input_size[0], **kwargs)
     learner = LocalLearner(backbone, mode=mode, decoder=decoder, input_size=input_size, recompute=recompute)
     views = [torch.randn(batch, *input_size) for _ in range(2)]
@@ -55,23 +59,22 @@ def measure(model_name: str, input_size: tuple, batch: int, mode: str, decoder: 
                 img_per_s=round(batch / step, 1))  # images (two views each) per second
 
 
-def stage_shares(model_name: str, input_size: tuple, batch: int) -> dict[str, list[float]]:
+def stage_shares(model_name: str, input_size: tuple, batch: int, kwargs: dict) -> dict[str, list[float]]:
     """Percent of the network's activations each stage saves for backward (each stage measured alone on its input),
     and what a conv decoder on each stage's output saves, in percent of the same total."""
-    from loco_timm.decoders import create_decoder
     from loco_timm.memory import saved_bytes
+    from loco_timm.stages import detach_stage_output, stage_tensors
     torch.manual_seed(0)
-    kwargs = {'img_size': input_size[-1]} if 'vit' in model_name else {}
     learner = LocalLearner(timm.create_model(model_name, in_chans=input_size[0], **kwargs), mode='e2e',
                            input_size=input_size)
     h, params, saved, decoders = torch.randn(2 * batch, *input_size), list(learner.parameters()), [], []
-    for stage in learner.stages:
-        saved.append(saved_bytes(stage, h.detach().requires_grad_(True), exclude=params))
+    for k, stage in enumerate(learner.stages):
+        saved.append(saved_bytes(lambda x: stage_tensors(stage(x)), detach_stage_output(h, True), exclude=params))
         with torch.no_grad():
             h = stage(h)
-        decoder = create_decoder('conv', h.shape[1:])
-        x = h.detach().requires_grad_(True)  # the stage output is already counted (the next stage saves it)
-        decoders.append(saved_bytes(decoder, x, exclude=[*decoder.parameters(), x]))
+        decoder = LocalLearner(learner.encoder, mode='gim', decoder='conv', input_size=input_size).decoders[k]
+        x = detach_stage_output(learner.feature(k, h), True)  # already counted (the next stage saves it)
+        decoders.append(saved_bytes(decoder, x, exclude=[*decoder.parameters(), *stage_tensors(x)]))
     return dict(stages=[round(100 * s / sum(saved), 1) for s in saved],
                 conv_decoders=[round(100 * d / sum(saved), 1) for d in decoders])
 
@@ -132,10 +135,10 @@ def main() -> None:
     results = dict(device='cpu', threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__,
                    machine=platform.machine(), steps=args.steps, models={})
     for name in args.models:
-        model_name, input_size, batch = MODELS[name]
+        model_name, input_size, batch, kwargs = MODELS[name]
         runs = []
         for mode, decoder, recompute in CONFIGS:
-            runs.append(measure(model_name, input_size, batch, mode, decoder, recompute, args.steps))
+            runs.append(measure(model_name, input_size, batch, kwargs, mode, decoder, recompute, args.steps))
             print(f'{name} {mode} {decoder} recompute={recompute}: {runs[-1]}', flush=True)
         results['models'][name] = dict(input_size=input_size, batch=batch, runs=runs)
     results['loader_img_per_s'] = loader_throughput()

@@ -11,6 +11,9 @@ LoCo (arXiv:2008.01342) puts one decoder on top of every local unit:
   2 * (17/16 + 9/16) * C^2 * (H_in * W_in / 4) on top of the MLP. For token (ViT) stages the analogue is one extra
   transformer block (timm's ``Block``, width C, the backbone's head count, MLP ratio 4) before token pooling.
 
+Every stage feature layout is read: NCHW and NHWC maps (the conv block runs on NCHW), token sequences, vectors, and
+features of several tensors (each tensor pooled, the vectors concatenated before the MLP).
+
 ``LocalLearner.summary()`` reports the measured widths, parameters and FLOPs of every decoder of a learner.
 The blocks here are plain modules without any trainer logic.
 """
@@ -21,10 +24,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ['DECODERS', 'NORMS', 'Pool', 'ProjectionMLP', 'LocalDecoder', 'create_decoder', 'count_flops']
+__all__ = ['DECODERS', 'NORMS', 'LAYOUTS', 'Pool', 'ToNCHW', 'ProjectionMLP', 'LocalDecoder', 'create_decoder', 'count_flops']
 
 DECODERS = ('mlp', 'conv')
 NORMS = ('batch', 'layer', 'none')
+LAYOUTS = ('NCHW', 'NHWC', 'NLC', 'NC')
 
 
 def _norm1d(kind: str, dim: int) -> nn.Module:
@@ -37,26 +41,43 @@ def _norm2d_layer(kind: str) -> type[nn.Module]:
 
 
 class Pool(nn.Module):
-    """Global pooling of a stage output to one vector per image.
+    """Global pooling of a stage feature to one vector per image.
 
     Args:
         kind: ``"avg"`` (mean over positions or patch tokens) or ``"token"`` (the first token, ViT class token).
         num_prefix_tokens: Class/register tokens in front of the patch tokens (ignored by ``"avg"``).
+        layout: ``"NCHW"``, ``"NHWC"``, ``"NLC"`` (tokens) or ``"NC"`` (already a vector); None: NCHW for 4-d
+            input, tokens for 3-d.
     """
 
-    def __init__(self, kind: str = 'avg', num_prefix_tokens: int = 0):
+    def __init__(self, kind: str = 'avg', num_prefix_tokens: int = 0, layout: str | None = None):
         super().__init__()
         if kind not in ('avg', 'token'):
             raise ValueError(f'unknown pooling {kind!r}: use "avg" or "token"')
+        if layout not in (None,) + LAYOUTS:
+            raise ValueError(f'unknown layout {layout!r}: use one of {", ".join(LAYOUTS)}')
         self.kind = kind
         self.num_prefix_tokens = num_prefix_tokens
+        self.layout = layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 4:  # NCHW
+        layout = self.layout or {4: 'NCHW', 3: 'NLC', 2: 'NC'}.get(x.ndim)
+        if layout == 'NCHW':
             return x.mean(dim=(2, 3))
+        if layout == 'NHWC':
+            return x.mean(dim=(1, 2))
+        if layout == 'NC':
+            return x
         if self.kind == 'token':
             return x[:, 0]
-        return x[:, self.num_prefix_tokens:].mean(dim=1)
+        return x[:, self.num_prefix_tokens:].mean(dim=1) if x.shape[1] > self.num_prefix_tokens else x.mean(dim=1)
+
+
+class ToNCHW(nn.Module):
+    """NHWC maps to NCHW (before a conv decoder block)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2)
 
 
 class ProjectionMLP(nn.Module):
@@ -82,16 +103,29 @@ class ProjectionMLP(nn.Module):
 
 
 class LocalDecoder(nn.Module):
-    """Optional block, pooling and projection MLP: maps a stage output to an embedding for the contrastive loss."""
+    """Optional block, pooling and projection MLP: maps a stage feature to an embedding for the contrastive loss.
+    For a feature of several tensors (``blocks`` and ``pool`` as lists), each tensor has its block and pooling, and
+    the pooled vectors are concatenated before the MLP."""
 
-    def __init__(self, block: nn.Module | None, pool: Pool, mlp: ProjectionMLP):
+    def __init__(self, block: nn.Module | list | None, pool: Pool | list, mlp: ProjectionMLP):
         super().__init__()
-        self.block = block if block is not None else nn.Identity()
-        self.pool = pool
+        self.multi = isinstance(pool, (list, tuple))
+        if self.multi:
+            self.block = nn.ModuleList(b if b is not None else nn.Identity() for b in block)
+            self.pool = nn.ModuleList(pool)
+        else:
+            self.block = block if block is not None else nn.Identity()
+            self.pool = pool
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.pool(self.block(x)))
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.mlp(self.pooled(x))
+
+    def pooled(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """The vector the MLP reads: the pooled output of the block (concatenated over tensors)."""
+        if self.multi:
+            return torch.cat([p(b(t)) for b, p, t in zip(self.block, self.pool, x)], dim=1)
+        return self.pool(self.block(x))
 
 
 def _conv_block(channels: int, norm: str) -> nn.Module:
@@ -107,50 +141,77 @@ def _token_block(dim: int, num_heads: int) -> nn.Module:
     return Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True)
 
 
+def _branch(kind: str, shape: Sequence[int], layout: str, norm: str, token_pool: str, num_prefix_tokens: int,
+            num_heads: int | None) -> tuple[nn.Module | None, Pool, int]:
+    """(block, pooling, pooled width) for one tensor of a stage feature."""
+    if layout in ('NCHW', 'NHWC'):
+        channels = shape[0] if layout == 'NCHW' else shape[-1]
+        if kind == 'conv':
+            block = _conv_block(channels, norm)
+            if layout == 'NHWC':
+                block = nn.Sequential(ToNCHW(), block)
+            return block, Pool('avg', layout='NCHW'), max(channels // 4, 1) * 4
+        return None, Pool('avg', layout=layout), channels
+    if layout == 'NLC':
+        width = shape[-1]
+        block = _token_block(width, num_heads or max(width // 64, 1)) if kind == 'conv' else None
+        return block, Pool(token_pool, num_prefix_tokens, layout='NLC'), width
+    if layout == 'NC':
+        return None, Pool('avg', layout='NC'), shape[0]
+    raise ValueError(f'unknown layout {layout!r}: use one of {", ".join(LAYOUTS)}')
+
+
 def create_decoder(
         kind: str,
-        feature_shape: Sequence[int],
+        feature_shape: Sequence,
         proj_dim: int = 128,
         hidden_dim: int | None = None,
         norm: str = 'batch',
         token_pool: str = 'token',
         num_prefix_tokens: int = 0,
         num_heads: int | None = None,
+        layout: str | Sequence[str] | None = None,
 ) -> LocalDecoder:
-    """Build a decoder for a stage output of the given per-image shape.
+    """Build a decoder for a stage feature of the given per-image shape and layout.
 
     Args:
         kind: ``"mlp"`` or ``"conv"`` (see the module docstring).
-        feature_shape: Stage output shape without the batch dimension: ``(C, H, W)`` or tokens ``(N, C)``.
+        feature_shape: The feature's shape without the batch dimension: ``(C, H, W)``, ``(H, W, C)``, tokens
+            ``(N, C)``, a vector ``(C,)``, or a tuple of such shapes for a feature of several tensors.
         proj_dim: Output embedding width.
         hidden_dim: MLP hidden width (default: the pooled input width).
         norm: Normalisation inside the decoder: ``"batch"``, ``"layer"`` or ``"none"``.
         token_pool: Pooling of token outputs, ``"token"`` or ``"avg"``.
         num_prefix_tokens: Class/register tokens in token outputs.
         num_heads: Attention heads of the ``"conv"`` analogue for tokens (default: width // 64, at least 1).
+        layout: ``"NCHW"``, ``"NHWC"``, ``"NLC"``, ``"NC"`` (a tuple of them for several tensors); None: from the
+            shape (3 dims: NCHW, 2: tokens, 1: vector). A vector has no ``"conv"`` block.
 
     Returns:
         The decoder module.
 
     Raises:
-        ValueError: For an unknown ``kind`` or ``norm``, or an unsupported feature shape.
+        ValueError: For an unknown ``kind``, ``norm`` or layout, or an unsupported feature shape.
     """
     if kind not in DECODERS:
         raise ValueError(f'unknown decoder {kind!r}: use one of {", ".join(DECODERS)}')
     if norm not in NORMS:
         raise ValueError(f'unknown decoder norm {norm!r}: use one of {", ".join(NORMS)}')
-    if len(feature_shape) == 3:
-        channels = feature_shape[0]
-        block = _conv_block(channels, norm) if kind == 'conv' else None
-        width = max(channels // 4, 1) * 4 if kind == 'conv' else channels
-        pool = Pool('avg')
-    elif len(feature_shape) == 2:
-        width = feature_shape[1]
-        block = _token_block(width, num_heads or max(width // 64, 1)) if kind == 'conv' else None
-        pool = Pool(token_pool, num_prefix_tokens)
-    else:
-        raise ValueError(f'cannot decode stage outputs of shape {tuple(feature_shape)}: expected (C, H, W) or (N, C)')
-    return LocalDecoder(block, pool, ProjectionMLP(width, hidden_dim, proj_dim, norm))
+    multi = len(feature_shape) > 0 and isinstance(feature_shape[0], (tuple, list))
+    shapes = list(feature_shape) if multi else [feature_shape]
+    layouts = list(layout) if multi and layout is not None else [layout] * len(shapes)
+    branches = []
+    for shape, lay in zip(shapes, layouts):
+        lay = lay or {3: 'NCHW', 2: 'NLC', 1: 'NC'}.get(len(shape))
+        if lay is None:
+            raise ValueError(f'cannot decode stage outputs of shape {tuple(shape)}: expected (C, H, W), (H, W, C), '
+                             f'(N, C) or (C,)')
+        branches.append(_branch(kind, shape, lay, norm, token_pool, num_prefix_tokens, num_heads))
+    width = sum(w for _, _, w in branches)
+    mlp = ProjectionMLP(width, hidden_dim, proj_dim, norm)
+    if multi:
+        return LocalDecoder([b for b, _, _ in branches], [p for _, p, _ in branches], mlp)
+    return LocalDecoder(branches[0][0], branches[0][1], mlp)
 
 
 def count_flops(module: nn.Module, example: torch.Tensor) -> int:

@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .decoders import DECODERS, NORMS, count_flops, create_decoder
+from .decoders import DECODERS, NORMS, Pool, count_flops, create_decoder
 from .losses import NTXentLoss
-from .stages import split_stages
+from .stages import detach_stage_output, feature_layout, split_stages, stage_feature, stage_tensors
 
 __all__ = ['LocalLearner', 'MODES', 'make_units']
 
@@ -80,6 +80,40 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+def _add_grads(a: list, b: list) -> list:
+    return [y if x is None else x if y is None else x + y for x, y in zip(a, b)]
+
+
+def _output_grads(output, original, feature) -> list:
+    """A decoder's gradient, placed on the stage output's tensors (each feature tensor's first slot; None
+    elsewhere)."""
+    grads = {}
+    for t, leaf in zip(stage_tensors(original), stage_tensors(feature)):
+        grads.setdefault(id(t), leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
+    return [grads.pop(id(t), None) for t in stage_tensors(output)]
+
+
+def _pairs(outs: list, grads: list) -> tuple[list, list]:
+    kept = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+    return [o for o, _ in kept], [g for _, g in kept]
+
+
+def _backward(outs: list, grads: list, inputs: list) -> None:
+    """Accumulate the gradient of the stage outputs into ``inputs`` (parameters, input leaves)."""
+    outs, grads = _pairs(outs, grads)
+    if outs and inputs:
+        torch.autograd.backward(outs, grads, inputs=inputs)
+
+
+def _input_grads(outs: list, grads: list, inputs: list) -> list:
+    """d(outputs . grads)/d(inputs) for the stage's input tensors (None where no gradient flows), graph kept."""
+    outs, grads = _pairs(outs, grads)
+    leaves = [t for t in inputs if t.requires_grad]
+    found = iter(torch.autograd.grad(outs, leaves, grads, retain_graph=True, allow_unused=True)
+                 if outs and leaves else [None] * len(leaves))
+    return [next(found) if t.requires_grad else None for t in inputs]
+
+
 class _Schedule:
     """Book-keeping of one ``LocalLearner.step``: stage graphs still alive, and where each unit's gradient is."""
 
@@ -89,13 +123,14 @@ class _Schedule:
         self.outputs: dict[int, torch.Tensor] = {}
         self.losses: dict[int, torch.Tensor] = {}
         self.at: dict[int, int] = {}  # unit -> stage whose output its gradient has reached
-        self.grad: dict[int, torch.Tensor] = {}  # unit -> d loss / d output of stage at[unit]
-        self.total: dict[int, torch.Tensor] = {}  # stage -> summed d loss / d output over all units so far
+        # unit -> d loss / d output of stage at[unit], one entry per tensor of the output (None: no gradient)
+        self.grad: dict[int, list] = {}
+        self.total: dict[int, list] = {}  # stage -> summed d loss / d output over all units so far
         self.rng: dict[int, tuple] = {}  # stage -> random state before its forward (recompute)
 
-    def arrive(self, unit: int, stage: int, grad: torch.Tensor) -> None:
+    def arrive(self, unit: int, stage: int, grad: list) -> None:
         self.at[unit], self.grad[unit] = stage, grad
-        self.total[stage] = grad if stage not in self.total else self.total[stage] + grad
+        self.total[stage] = grad if stage not in self.total else _add_grads(self.total[stage], grad)
 
 
 class LocalLearner(nn.Module):
@@ -162,11 +197,16 @@ class LocalLearner(nn.Module):
         self.recompute = recompute
         self.input_size = tuple(input_size or self._default_input_size())
         self.stage_shapes = self._infer_stage_shapes()
+        channels_last = getattr(backbone, 'output_fmt', 'NCHW') == 'NHWC'
+        self.layouts = [feature_layout(shape, (getattr(stage, 'feature_info', None) or {}).get('num_chs'),
+                                       channels_last) for shape, stage in zip(self.stage_shapes, self.stages)]
         token_pool = 'token' if getattr(backbone, 'global_pool', 'avg') == 'token' else 'avg'
-        heads = getattr(getattr(getattr(backbone, 'blocks', [None])[0], 'attn', None), 'num_heads', None)
+        blocks = getattr(backbone, 'blocks', None)
+        first_block = blocks[0] if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) else None
+        heads = getattr(getattr(first_block, 'attn', None), 'num_heads', None)
         self.decoders = nn.ModuleList([
             create_decoder(decoder, self.stage_shapes[last], proj_dim, hidden_dim, decoder_norm, token_pool,
-                           getattr(backbone, 'num_prefix_tokens', 0), heads)
+                           getattr(backbone, 'num_prefix_tokens', 0), heads, self.layouts[last])
             for _, last in self.units])
         self.loss = NTXentLoss(temperature)
 
@@ -188,23 +228,50 @@ class LocalLearner(nn.Module):
         self.encoder.eval()
         try:
             param = next(self.encoder.parameters())
-            h = torch.zeros(1, *self.input_size, device=param.device, dtype=param.dtype)
-            shapes = []
+            h = torch.zeros(2, *self.input_size, device=param.device, dtype=param.dtype)
+            shapes, self._feature_parts = [], []
             for stage in self.stages:
                 h = stage(h)
-                shapes.append(tuple(h.shape[1:]))
+                f = stage_feature(h)
+                if isinstance(f, torch.Tensor):
+                    shapes.append(tuple(f.shape[1:]))
+                    self._feature_parts.append(None)
+                    continue
+                # a level of several tensors: decode those with one row per image (not TNT's pixel tokens,
+                # one row per patch)
+                parts = tuple(i for i, t in enumerate(f) if t.shape[0] == 2)
+                shapes.append(tuple(tuple(f[i].shape[1:]) for i in parts) if len(parts) > 1 else
+                              tuple(f[parts[0]].shape[1:]))
+                self._feature_parts.append(parts)
         finally:
             for m, flag in flags.items():
                 m.training = flag
         return shapes
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Outputs of every stage for a batch of images (the last equals ``encoder.forward_features(x)``)."""
+    def feature(self, k: int, output):
+        """The part of stage ``k``'s output its decoders read: the level's feature (one tensor, or the tensors of
+        a level of several that have one row per image)."""
+        f = stage_feature(output)
+        parts = self._feature_parts[k]
+        if parts is None:
+            return f
+        return tuple(f[i] for i in parts) if len(parts) > 1 else f[parts[0]]
+
+    def forward(self, x: torch.Tensor) -> list:
+        """The feature of every stage for a batch of images (the last equals ``encoder.forward_features(x)``)."""
         outputs = []
-        for stage in self.stages:
+        for k, stage in enumerate(self.stages):
             x = stage(x)
-            outputs.append(x)
+            outputs.append(self.feature(k, x) if k < len(self.stages) - 1 else x)
         return outputs
+
+    def pool(self, k: int, feature) -> torch.Tensor:
+        """Stage ``k``'s feature pooled to one vector per image (as its decoders pool it, without their block)."""
+        token_pool = 'token' if getattr(self.encoder, 'global_pool', 'avg') == 'token' else 'avg'
+        prefix = getattr(self.encoder, 'num_prefix_tokens', 0)
+        layouts = self.layouts[k] if isinstance(self.layouts[k], tuple) else (self.layouts[k],)
+        tensors = feature if isinstance(feature, (tuple, list)) else (feature,)
+        return torch.cat([Pool(token_pool, prefix, layout)(t) for layout, t in zip(layouts, tensors)], dim=1)
 
     def _check_step_args(self, view1: torch.Tensor, view2: torch.Tensor, units: Sequence[int] | None) -> list[int]:
         if not isinstance(view1, torch.Tensor) or not isinstance(view2, torch.Tensor):
@@ -261,19 +328,20 @@ class LocalLearner(nn.Module):
                 with torch.no_grad():
                     h = self.stages[k](h)
                 continue
-            state.inputs[k] = h.detach().requires_grad_(k in needs_input_grad)
+            state.inputs[k] = detach_stage_output(h, k in needs_input_grad)
             if self.recompute:
-                state.rng[k] = _rng_state(h.device)
+                state.rng[k] = _rng_state(stage_tensors(h)[0].device)
             h = state.outputs[k] = self.stages[k](state.inputs[k])
             for j in [j for j, (_, last) in spans.items() if last == k]:  # units whose loss sits on this stage
-                feature = h.detach().requires_grad_(True)
+                original = self.feature(k, h)
+                feature = detach_stage_output(original, True)
                 z = self.decoders[j](feature)
                 loss = self.loss(z[:batch], z[batch:])
                 backward(loss)
                 state.losses[j] = loss.detach()
-                state.arrive(j, k, feature.grad if feature.grad is not None else torch.zeros_like(feature))
-                del feature, z, loss
-            h = h.detach()  # the graph stays referenced by state.outputs only, so freeing it there frees it
+                state.arrive(j, k, _output_grads(h, original, feature))
+                del feature, original, z, loss
+            h = detach_stage_output(h)  # the graph stays referenced by state.outputs only, so freeing it there frees it
             for m in range(k, bottom - 1, -1):  # carry gradients down and free every stage no later unit needs
                 if m in state.outputs:
                     self._advance_stage(m, state)
@@ -289,8 +357,8 @@ class LocalLearner(nn.Module):
             if not arrived:
                 return
             state.outputs[m] = self._recompute_stage(m, state)
-        out, inp = state.outputs[m], state.inputs[m]
-        if not out.requires_grad:  # nothing in this stage learns and no gradient passes through it
+        outs, inputs = stage_tensors(state.outputs[m]), stage_tensors(state.inputs[m])
+        if not any(t.requires_grad for t in outs):  # nothing in this stage learns and no gradient passes through it
             for j in arrived:  # no unit continues below a stage whose input needs no gradient
                 state.grad.pop(j)
                 state.at[j] = m - 1
@@ -298,23 +366,23 @@ class LocalLearner(nn.Module):
                 del state.outputs[m], state.inputs[m]
             return
         params = [p for p in self.stages[m].parameters() if p.requires_grad]
+        leaves = [t for t in inputs if t.requires_grad]
         continuing = [j for j in arrived if state.spans[j][0] < m]
         if not waiting and len(state.members[m]) == 1 and continuing:  # one unit: weights and input in one pass
-            torch.autograd.backward(out, state.total.pop(m), inputs=params + [inp])
-            state.arrive(continuing[0], m - 1, inp.grad)
+            _backward(outs, state.total.pop(m), params + leaves)
+            state.arrive(continuing[0], m - 1, [t.grad if t.requires_grad else None for t in inputs])
             del state.outputs[m], state.inputs[m]
             return
         for j in arrived:
             if j in continuing:
-                (g,) = torch.autograd.grad(out, inp, state.grad.pop(j), retain_graph=True)
-                state.arrive(j, m - 1, g)
+                state.arrive(j, m - 1, _input_grads(outs, state.grad.pop(j), inputs))
             else:
                 state.grad.pop(j)
                 state.at[j] = m - 1
         if not waiting:
             total = state.total.pop(m)
             if params:
-                torch.autograd.backward(out, total, inputs=params)
+                _backward(outs, total, params)
             del state.outputs[m], state.inputs[m]
         elif self.recompute:  # a higher unit still needs this stage: keep only its input until then
             state.outputs[m] = None
@@ -323,27 +391,34 @@ class LocalLearner(nn.Module):
         """Stage m's forward again, on its kept input with its first forward's random state; its buffers
         (BatchNorm running statistics) are restored afterwards, so they are updated once per step."""
         stage, inp = self.stages[m], state.inputs[m]
+        device = stage_tensors(inp)[0].device
         # the forward updates copies of the buffers (its graph may keep them), then the originals are put back
-        originals = [(module, name, buf) for module in stage.modules() for name, buf in module._buffers.items()
-                     if buf is not None]
-        for module, name, buf in originals:
+        owners = stage.buffer_owners() if hasattr(stage, 'buffer_owners') else [
+            (module, name) for module in stage.modules() for name in module._buffers]
+        originals = {(id(module), name): (module, name, module._buffers[name]) for module, name in owners
+                     if module._buffers.get(name) is not None}
+        for module, name, buf in originals.values():
             module._buffers[name] = buf.clone()
-        devices = [inp.device] if inp.device.type == 'cuda' else []
+        devices = [device] if device.type == 'cuda' else []
         try:
             with torch.random.fork_rng(devices=devices):
-                _set_rng_state(state.rng[m], inp.device)
+                _set_rng_state(state.rng[m], device)
                 out = stage(inp)
         finally:
-            for module, name, buf in originals:
+            for module, name, buf in originals.values():
                 module._buffers[name] = buf
         return out
 
     def summary(self) -> list[dict]:
-        """Per unit: its stages, the decoder's input shape, kind, parameter count and forward FLOPs per image."""
+        """Per unit: its stages, the decoder's input shape and layout, kind, parameter count and forward FLOPs per image."""
         rows = []
         for (first, last), dec in zip(self.units, self.decoders):
             param = next(dec.parameters())
-            example = torch.zeros(1, *self.stage_shapes[last], device=param.device, dtype=param.dtype)
-            rows.append(dict(unit=(first, last), input_shape=self.stage_shapes[last], decoder=self.config['decoder'],
+            shape = self.stage_shapes[last]
+            multi = bool(shape) and isinstance(shape[0], tuple)
+            example = (tuple(torch.zeros(1, *s, device=param.device, dtype=param.dtype) for s in shape) if multi
+                       else torch.zeros(1, *shape, device=param.device, dtype=param.dtype))
+            rows.append(dict(unit=(first, last), input_shape=shape, layout=self.layouts[last],
+                             decoder=self.config['decoder'],
                              params=sum(p.numel() for p in dec.parameters()), flops=count_flops(dec, example)))
         return rows

@@ -31,7 +31,7 @@ from .augment import SimCLRAugment
 from .checkpoint import load_weights, read_progress, resolve_checkpoint
 from .config import ReadoutConfig, TrainConfig, from_dict
 from .data import NORMALIZATION, build_dataset
-from .decoders import Pool
+from .factory import build_learner
 from .learner import LocalLearner
 
 __all__ = ['extract_features', 'train_linear', 'select_lr', 'knn_accuracy', 'evaluate_features', 'readout',
@@ -44,11 +44,8 @@ def extract_features(learner: LocalLearner | None, dataset, augment: SimCLRAugme
                      device: str | torch.device = 'cpu') -> tuple[list[torch.Tensor], torch.Tensor]:
     """Pooled features of every stage (or the flattened pixels when ``learner`` is None) and the labels."""
     from torch.utils.data import DataLoader
-    pools = None
     if learner is not None:
         learner.eval()
-        pools = [Pool('token' if getattr(learner.encoder, 'global_pool', 'avg') == 'token' else 'avg',
-                      getattr(learner.encoder, 'num_prefix_tokens', 0)) for _ in learner.stages]
     features, labels = None, []
     for images, targets, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         x = augment.plain(images.to(device))
@@ -56,7 +53,7 @@ def extract_features(learner: LocalLearner | None, dataset, augment: SimCLRAugme
             per_stage = [x.flatten(1)]
         else:
             outs = learner(x)
-            per_stage = [pool(o) for pool, o in zip(pools[:-1], outs[:-1])]
+            per_stage = [learner.pool(k, o) for k, o in enumerate(outs[:-1])]
             per_stage.append(learner.encoder.forward_head(outs[-1], pre_logits=True))
         per_stage = [f.float().cpu() for f in per_stage]
         features = [[f] for f in per_stage] if features is None else [a + [f] for a, f in zip(features, per_stage)]
@@ -145,7 +142,6 @@ def evaluate_features(train: tuple[list, torch.Tensor], test: tuple[list, torch.
 
 
 def _learner_from_checkpoint(checkpoint: Path, random_init: bool = False) -> tuple[LocalLearner, TrainConfig, dict]:
-    from .train import build_learner
     progress = read_progress(checkpoint)
     cfg = from_dict(TrainConfig, progress['config'], where=f'{checkpoint}/progress.json')
     torch.manual_seed(cfg.seed)

@@ -24,10 +24,11 @@ from .augment import SimCLRAugment
 from .checkpoint import latest_checkpoint, load_weights, read_progress, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import NORMALIZATION, EpochSampler, build_dataset
+from .factory import build_learner
 from .learner import LocalLearner
 from .optim import build_optimizer, build_scheduler, steps_for
 
-__all__ = ['train', 'build_learner', 'NonFiniteLossError', 'RESUME_KEYS', 'main']
+__all__ = ['train', 'NonFiniteLossError', 'RESUME_KEYS', 'main']
 
 # recipe keys that must match to resume a run
 RESUME_KEYS = ('backbone', 'model_args', 'mode', 'decoder', 'num_stages', 'units', 'top_unit', 'temperature',
@@ -37,28 +38,6 @@ RESUME_KEYS = ('backbone', 'model_args', 'mode', 'decoder', 'num_stages', 'units
 
 class NonFiniteLossError(RuntimeError):
     """A unit's loss became NaN or infinite on some process; every process stops."""
-
-
-def build_learner(cfg: TrainConfig, in_chans: int, num_classes: int) -> LocalLearner:
-    """The timm backbone of the recipe wrapped as a LocalLearner (no weights loaded)."""
-    import timm
-    if not timm.is_model(cfg.backbone):
-        raise ConfigError(f'unknown backbone {cfg.backbone!r}: use a timm model name (timm.list_models()) or '
-                          f'loco_resnet18_small')
-    try:
-        backbone = timm.create_model(cfg.backbone, pretrained=False, in_chans=in_chans, num_classes=num_classes,
-                                     **cfg.model_args)
-    except TypeError as err:
-        raise ConfigError(f'model_args {cfg.model_args} do not fit {cfg.backbone}: {err}') from None
-    if cfg.sync_bn:
-        backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
-    learner = LocalLearner(backbone, mode=cfg.mode, decoder=cfg.decoder, num_stages=cfg.num_stages, units=cfg.units,
-                           top_unit=cfg.top_unit, temperature=cfg.temperature, proj_dim=cfg.proj_dim,
-                           decoder_norm=cfg.decoder_norm, input_size=(in_chans, cfg.image_size, cfg.image_size),
-                           recompute=cfg.recompute)
-    if cfg.sync_bn:
-        learner.decoders = torch.nn.SyncBatchNorm.convert_sync_batchnorm(learner.decoders)
-    return learner
 
 
 def _check_out_dir(path: Path) -> None:

@@ -59,8 +59,8 @@ case "$job" in
     old=.venv/oldest-timm-$OLDEST_TIMM
     [ -d "$old/timm" ] || .venv/bin/python -m pip install -q --no-deps --target "$old" "timm==$OLDEST_TIMM"
     echo "run.sh: core tests with timm $OLDEST_TIMM"
-    PYTHONPATH="$old" .venv/bin/python -m pytest -q -p no:cacheprovider \
-      tests/test_stages.py tests/test_learner.py tests/test_losses.py ;;
+    PYTHONPATH="$old" .venv/bin/python -m pytest -q -p no:cacheprovider -m "not slow" \
+      tests/test_stages.py tests/test_learner.py tests/test_losses.py tests/test_families.py ;;
   *)
     echo "usage: bash scripts/run.sh {main|demo|test} [ARGS]" >&2; exit 2 ;;
 esac

@@ -60,7 +60,7 @@ def test_units_follow_the_paper():
 def test_learner_exposes_encoder_stages_units_and_decoders():
     learner = _learner('loco')
     assert learner.encoder.__class__.__name__ == 'ResNet' and len(learner.stages) == 4
-    assert learner.stages[0].conv1 is learner.encoder.conv1
+    assert learner.stages[0].used_modules['layer1_0_conv1'] is learner.encoder.layer1[0].conv1
     assert len(learner.decoders) == len(learner.units) == 3
     # the stages are not registered twice: the state dict holds encoder and decoders only
     assert {k.split('.')[0] for k in learner.state_dict()} == {'encoder', 'decoders'}

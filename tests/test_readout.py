@@ -83,7 +83,8 @@ def _checkpoint(folder, **overrides):
     from safetensors.torch import save_file
 
     from loco_timm.config import TrainConfig
-    from loco_timm.train import _as_json, build_learner
+    from loco_timm.factory import build_learner
+    from loco_timm.train import _as_json
     cfg = TrainConfig(**dict(dict(backbone='test_resnet', dataset='fashion_mnist', image_size=28, seed=0), **overrides))
     torch.manual_seed(cfg.seed)
     learner = build_learner(cfg, 1, 10)

@@ -4,7 +4,7 @@ import timm
 import torch
 from torch import nn
 
-from loco_timm import split_stages, supported_families
+from loco_timm import register_stage_adapter, split_stages, supported_families
 
 # (model name, create kwargs, default K, channels of the last stage or None)
 FAMILIES = [
@@ -54,26 +54,36 @@ def test_stages_partition_the_trunk_parameters(name, kwargs, k):
     assert len(owner) + len(left_out) == len(list(model.parameters()))
 
 
+def _blocks_of(model, stage, depth=2):
+    """The model's parameter name prefixes (``layer1.0``, ``conv1``) whose parameters the stage holds."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return sorted({'.'.join(names[id(p)].split('.')[:depth]) for p in stage.parameters()})
+
+
 def test_resnet50_default_stages_are_stem_res2_then_res3_res4_res5():
-    stages = split_stages(timm.create_model('resnet50'))
-    first = [name.split('_')[0] for name in stages[0]._modules]
-    assert first == ['conv1', 'bn1', 'act1', 'maxpool', 'layer1', 'layer1', 'layer1']
-    assert [{n.split('_')[0] for n in s._modules} for s in stages[1:]] == [{'layer2'}, {'layer3'}, {'layer4'}]
+    model = timm.create_model('resnet50')
+    stages = split_stages(model)
+    assert [s.level for s in stages] == ['layer1', 'layer2', 'layer3', None]
+    assert _blocks_of(model, stages[0]) == ['bn1.bias', 'bn1.weight', 'conv1.weight', 'layer1.0', 'layer1.1',
+                                            'layer1.2']
+    assert [{b.split('.')[0] for b in _blocks_of(model, s)} for s in stages[1:]] == [{'layer2'}, {'layer3'},
+                                                                                     {'layer4'}]
 
 
-def test_stages_share_modules_with_the_model():
+def test_stages_share_modules_and_parameters_with_the_model():
     model = timm.create_model('test_resnet')
     stages = split_stages(model)
-    assert stages[0].conv1 is model.conv1 and stages[3].layer4_0 is model.layer4[0]
+    assert stages[0].used_modules['layer1_0_conv1'] is model.layer1[0].conv1
+    assert any(p is model.layer4[0].conv1.weight for p in stages[3].parameters())
 
 
 def test_vit_first_stage_embeds_and_last_stage_norms():
     model = timm.create_model('test_vit', img_size=32)
     stages = split_stages(model)
-    assert list(stages[0]._modules)[0] == 'embed' and list(stages[-1]._modules)[-1] == 'norm'
-    embed_params = {id(p) for p in stages[0].embed.parameters()}
-    assert {id(model.pos_embed), id(model.cls_token), id(model.patch_embed.proj.weight)} <= embed_params
-    assert [len([n for n in s._modules if n.startswith('blocks')]) for s in stages] == [2, 2, 1, 1]
+    first = {id(p) for p in stages[0].parameters()}
+    assert {id(model.pos_embed), id(model.cls_token), id(model.patch_embed.proj.weight)} <= first
+    assert id(model.norm.weight) in {id(p) for p in stages[-1].parameters()}
+    assert [len([b for b in _blocks_of(model, s) if b.startswith('blocks')]) for s in stages] == [2, 2, 1, 1]
 
 
 @pytest.mark.parametrize('k', [1, 2, 3, 6])
@@ -90,15 +100,16 @@ def test_vit_num_stages_groups_blocks(k):
 
 
 def test_fewer_stages_merge_neighbouring_default_stages():
-    stages = split_stages(timm.create_model('resnet50'), num_stages=2)
-    assert [sorted({n.split('_')[0] for n in s._modules} - {'conv1', 'bn1', 'act1', 'maxpool'}) for s in stages] == \
+    model = timm.create_model('resnet50')
+    stages = split_stages(model, num_stages=2)
+    assert [sorted({b.split('.')[0] for b in _blocks_of(model, s)} - {'conv1', 'bn1'}) for s in stages] == \
         [['layer1', 'layer2'], ['layer3', 'layer4']]
 
 
 def test_more_stages_split_the_longest_stage_at_a_block_boundary():
     model = _model('resnet50', {})
     stages = split_stages(model, num_stages=6)  # the paper's "progressive" 6-stage ResNet-50
-    assert len(stages) == 6
+    assert [s.level for s in stages] == ['layer1', 'layer2.1', 'layer2', 'layer3.2', 'layer3', None]
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         h = x
@@ -113,32 +124,74 @@ def test_num_stages_out_of_range_is_a_value_error(k):
         split_stages(timm.create_model('test_resnet'), num_stages=k)
 
 
-def test_unknown_family_is_a_value_error_naming_model_and_families():
+def test_a_model_without_feature_info_is_a_one_line_value_error():
     class Custom(nn.Module):
         def forward_features(self, x):
             return x
-    with pytest.raises(ValueError, match=r'cannot split Custom into sequential stages: supported families are .*ResNet'):
+    with pytest.raises(ValueError, match=r'^cannot split Custom: its feature_info names no module') as err:
         split_stages(Custom())
+    assert '\n' not in str(err.value)
 
 
-def test_swin_is_not_supported_with_a_clear_error():
-    with pytest.raises(ValueError, match='cannot split SwinTransformer'):
-        split_stages(timm.create_model('swin_tiny_patch4_window7_224', depths=(1, 1, 1, 1), embed_dim=32,
-                                       num_heads=(1, 1, 1, 1)))
+def test_an_untraceable_forward_is_a_value_error_naming_model_and_reason():
+    class Branchy(nn.Module):
+        feature_info = [dict(module='conv', num_chs=4, reduction=1)]
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward_features(self, x):
+            return self.conv(x) if x.sum() > 0 else x  # data-dependent control flow
+
+    with pytest.raises(ValueError, match=r'^cannot split Branchy: torch.fx cannot trace its forward_features \(Trace'):
+        split_stages(Branchy())
 
 
-def test_supported_families_names_the_required_families():
-    names = ' '.join(supported_families())
-    for family in ('ResNet', 'ConvNeXt', 'EfficientNet', 'MobileNetV3', 'RegNet', 'ByobNet', 'VisionTransformer'):
-        assert family in names
+def test_a_model_that_is_no_timm_model_is_a_value_error():
+    with pytest.raises(ValueError, match='cannot split Linear: it has no forward_features'):
+        split_stages(nn.Linear(2, 2))
+
+
+def test_a_registered_adapter_splits_its_family_into_chains_of_atoms():
+    from loco_timm.stages import adapters
+
+    class Chain(nn.Module):
+        feature_info = [dict(module='blocks.0', num_chs=4, reduction=1), dict(module='blocks.1', num_chs=4,
+                                                                               reduction=2)]
+
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 1)
+            self.blocks = nn.Sequential(nn.Conv2d(4, 4, 3, 1, 1), nn.Conv2d(4, 4, 3, 2, 1))
+
+        def forward_features(self, x):
+            return self.blocks(self.stem(x))
+
+    before = dict(adapters._ADAPTERS)
+    try:
+        register_stage_adapter(Chain, 'Chain')(lambda m: [('stem', m.stem), ('blocks.0', m.blocks[0]),
+                                                          ('blocks.1', m.blocks[1])])
+        assert 'Chain' in supported_families()
+        model = Chain()
+        stages = split_stages(model)
+        assert [type(s) for s in stages] == [nn.Sequential, nn.Sequential]
+        x = torch.randn(2, 3, 8, 8)
+        assert torch.equal(stages[1](stages[0](x)), model.forward_features(x))
+    finally:
+        adapters._ADAPTERS.clear()
+        adapters._ADAPTERS.update(before)
 
 
 def test_small_image_resnet_keeps_layer1_as_its_own_stage():
     import loco_timm  # noqa: F401  (registers loco_resnet18_small)
     stages = split_stages(timm.create_model('loco_resnet18_small'))
-    assert [list(s._modules)[-1] for s in stages] == ['layer1_1', 'layer2_1', 'layer3_1', 'layer4_1']
+    assert [s.level for s in stages] == ['layer1', 'layer2', 'layer3', None]
 
 
 def test_efficientnet_blocks_at_the_stem_stride_join_the_stem():
-    stages = split_stages(timm.create_model('mobilenetv3_large_100'))  # blocks.0 runs at stride 2
-    assert [list(s._modules)[-1] for s in stages] == ['blocks_1_1', 'blocks_2_2', 'blocks_4_1', 'blocks_6_0']
+    model = timm.create_model('mobilenetv3_large_100')  # blocks.0 runs at stride 2
+    stages = split_stages(model)
+    assert [s.level for s in stages] == ['blocks.1', 'blocks.2', 'blocks.4', None]
+    assert _blocks_of(model, stages[-1])[-1] == 'blocks.6'
+    assert 'blocks.0' in _blocks_of(model, stages[0])

@@ -183,3 +183,22 @@ def test_resume_with_an_incompatible_recipe_is_a_one_line_error(tmp_path):
     assert again.stderr.strip().splitlines()[-1].startswith(
         "loco-timm train: error: cannot resume: the recipe differs from the checkpoint's in batch_size=32 "
         "(checkpoint: 16)")
+
+
+@pytest.mark.parametrize('backbone', ['test_mambaout', 'test_coatnet'])
+def test_train_command_trains_families_of_the_generic_splitter(tmp_path, backbone):
+    """NHWC maps (MambaOut) and a hybrid conv/attention model (CoAtNet) through the whole command."""
+    size = 64 if backbone == 'test_coatnet' else 32  # CoAtNet's attention grid follows its img_size argument
+    extra = {'model_args': {'img_size': size}} if backbone == 'test_coatnet' else {}
+    result = _run(_cli('train', *_tiny_cli_args(tmp_path, backbone=backbone, image_size=size, max_steps=2,
+                                                checkpoint_every=2, **extra)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert latest_checkpoint(tmp_path) is not None
+
+
+def test_a_fixed_input_size_backbone_given_another_image_size_is_a_one_line_error(tmp_path):
+    result = _run(_cli('train', *_tiny_cli_args(tmp_path, backbone='test_maxvit', image_size=32)))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'test_maxvit takes 160x160 px images only (a fixed input size), not image_size 32' in \
+        lines[0], lines

@@ -1,0 +1,131 @@
+"""Coverage of timm's model families: the smallest model of each, split and trained one LoCo step.
+
+    .venv/bin/python benchmarks/coverage.py                      # every family of the installed timm
+    .venv/bin/python benchmarks/coverage.py --families resnet swin_transformer
+    .venv/bin/python benchmarks/coverage.py --reuse-picks        # the models of the last report, no meta scan
+
+Writes ``benchmarks/results/coverage.json`` (one row per family: model, input size, stages, feature shapes and
+layouts, composition check, LoCo step, seconds, or the reason it fails) and ``coverage.md``, and rewrites the
+"Supported backbone families" table of README.md between its markers. The protocol is
+:func:`loco_timm.coverage.check_model`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from loco_timm.coverage import check_model, smallest_models  # noqa: E402
+
+RESULTS = ROOT / 'benchmarks' / 'results'
+START, END = '<!-- coverage:start -->', '<!-- coverage:end -->'
+
+
+def _cell(value) -> str:
+    return str(value).replace('|', '/').replace('\n', ' ')
+
+
+def markdown(report: dict) -> str:
+    rows = report['families']
+    ok = [r for r in rows if r.get('ok')]
+    lines = [f'{len(ok)} of {len(rows)} timm model families pass, {len(rows) - len(ok)} fail or were not run (timm {report["timm"]}, torch {report["torch"]}, '
+             f'{report["date"]}; written by `.venv/bin/python benchmarks/coverage.py`). Per family: its smallest '
+             f'model, untrained, at {report["side"]} px or its fixed size; default stages composed equal '
+             f'`forward_features` (eval), one LoCo step gives every parameter `forward_features` uses a gradient, and '
+             f'the top unit alone leaves the first stage without one.', '',
+             '| family | model | input | stages | feature layouts | LoCo step | seconds |', '|---|---|---|---|---|---|---|']
+    for r in rows:
+        if r.get('ok'):
+            layouts = ', '.join('+'.join(x) if isinstance(x, list) else x for x in r['layouts'])
+            size = 'x'.join(str(v) for v in r['input_size'][1:])
+            lines.append(f'| {r["family"]} | `{r["model"]}` | {size} | {r["stages"]} | {layouts} | ok | {r["seconds"]} |')
+    failing = [r for r in rows if not r.get('ok') and not r.get('not_run')]
+    if failing:
+        lines += ['', 'Not supported yet, with the reason:', '', '| family | model | reason |', '|---|---|---|']
+        lines += [f'| {r["family"]} | `{r.get("model")}` | {_cell(r.get("reason", ""))} |' for r in failing]
+    skipped = [r for r in rows if r.get('not_run')]
+    if skipped:
+        lines += ['', 'Not run here:', '', '| family | model | reason |', '|---|---|---|']
+        lines += [f'| {r["family"]} | `{r.get("model")}` | {_cell(r.get("reason", ""))} |' for r in skipped]
+    return '\n'.join(lines) + '\n'
+
+
+def update_readme(text: str, readme: Path) -> None:
+    content = readme.read_text()
+    if START not in content or END not in content:
+        raise SystemExit(f'coverage.py: {readme} has no {START} ... {END} markers')
+    head, rest = content.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f'{head}{START}\n{text}{END}{tail}')
+
+
+def timm_families() -> list[str]:
+    """timm's own model modules (not the ones plugins such as loco_timm register)."""
+    return [m for m in timm.list_modules() if importlib.util.find_spec(f'timm.models.{m}') is not None]
+
+
+def _param_count(name: str) -> int:
+    with torch.device('meta'):
+        return sum(p.numel() for p in timm.create_model(name).parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--families', nargs='*', help='timm module names (default: all)')
+    parser.add_argument('--reuse-picks', action='store_true', help='take the models of the last coverage.json')
+    parser.add_argument('--side', type=int, default=128)
+    parser.add_argument('--out', type=Path, default=RESULTS)
+    parser.add_argument('--max-params', type=float, default=200e6,
+                        help='families whose smallest model is larger are listed as not run (default 200e6)')
+    parser.add_argument('--no-readme', action='store_true', help='do not rewrite README.md')
+    args = parser.parse_args()
+    warnings.filterwarnings('ignore')
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    families = args.families or timm_families()
+    previous = args.out / 'coverage.json'
+    if args.reuse_picks and previous.exists():
+        picks = {r['family']: r.get('model') for r in json.loads(previous.read_text())['families']}
+        picks = {f: picks.get(f) for f in families}
+        missing = [f for f, m in picks.items() if m is None]
+        picks.update(smallest_models(missing) if missing else {})
+    else:
+        picks = smallest_models(families)
+    rows = []
+    for family in families:
+        model = picks.get(family)
+        size = _param_count(model) if model else 0
+        if not model:
+            row = dict(family=family, model=None, ok=False, reason='no model of the family builds')
+        elif size > args.max_params:
+            row = dict(family=family, model=model, ok=False, not_run=True,
+                       reason=f'not run: its smallest model has {size / 1e6:.0f} M parameters, over --max-params '
+                              f'{args.max_params / 1e6:.0f} M (too slow for 2 CPU cores)')
+        else:
+            row = dict(family=family, **check_model(model, side=args.side))
+        rows.append(row)
+        print(f'{family:28s} {str(model):40s} {"ok" if row["ok"] else "FAIL " + row.get("reason", "")} '
+              f'({row.get("seconds", 0)} s)', flush=True)
+    report = dict(timm=timm.__version__, torch=torch.__version__, python=platform.python_version(),
+                  date=time.strftime('%Y-%m-%d'), side=args.side, families=rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / 'coverage.json').write_text(json.dumps(report, indent=1) + '\n')
+    text = markdown(report)
+    (args.out / 'coverage.md').write_text(text)
+    if not args.no_readme and args.families is None:
+        update_readme(text, ROOT / 'README.md')
+    print(f'{sum(r["ok"] for r in rows)} of {len(rows)} families pass; wrote {args.out}/coverage.json, coverage.md')
+
+
+if __name__ == '__main__':
+    main()

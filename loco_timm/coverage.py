@@ -1,0 +1,141 @@
+"""Which timm model families LoCo can train: the check behind ``benchmarks/coverage.py`` and the family tests.
+
+For one model, :func:`check_model` runs the protocol of the "any timm backbone" promise:
+
+* the default stages (:func:`loco_timm.split_stages`): how many, each feature's shape and layout;
+* composition: the stages applied in order equal ``forward_features`` (eval mode; exact, or allclose);
+* one LoCo step (train mode) gives a gradient to every parameter ``forward_features`` uses;
+* ``step(units=[top unit])`` leaves the first stage without gradient.
+
+:func:`smallest_models` picks the smallest model (parameter count, built on the meta device) of every family
+(timm module) of the installed timm.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+import warnings
+
+import torch
+
+__all__ = ['smallest_models', 'check_model', 'input_size_for']
+
+SIDE = 128
+
+
+def smallest_models(families: list[str] | None = None) -> dict[str, str | None]:
+    """Family (timm module name) -> its model with the fewest parameters (None when no model of it builds)."""
+    import timm
+    picks = {}
+    for family in families or timm.list_modules():
+        best = None
+        for name in timm.list_models(module=family):
+            try:
+                with warnings.catch_warnings(), torch.device('meta'):
+                    warnings.simplefilter('ignore')
+                    count = sum(p.numel() for p in timm.create_model(name).parameters())
+            except Exception:  # noqa: BLE001 - a model that does not build on meta is skipped
+                continue
+            if best is None or count < best[1]:
+                best = (name, count)
+        picks[family] = best[0] if best else None
+    return picks
+
+
+def input_size_for(model: torch.nn.Module, side: int = SIDE) -> tuple[int, int, int]:
+    """``side`` px, or the model's own input size where it is fixed or ``side`` px does not run."""
+    cfg = model.pretrained_cfg
+    default = tuple(cfg.get('input_size', (3, 224, 224)))
+    if cfg.get('fixed_input_size', False):
+        return default
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            model.forward_features(torch.zeros(1, default[0], side, side))
+            model.train(was)
+        return (default[0], side, side)
+    except Exception:  # noqa: BLE001 - the model needs its own size
+        return default
+
+
+def _allclose(a, b) -> tuple[bool, float]:
+    if isinstance(a, torch.Tensor):
+        if a.shape != b.shape:
+            return False, float('inf')
+        diff = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+        return torch.allclose(a, b, rtol=1e-4, atol=1e-5), diff
+    results = [_allclose(x, y) for x, y in zip(a, b)]
+    return all(r[0] for r in results) and len(a) == len(b), max((r[1] for r in results), default=0.0)
+
+
+def _describe(error: Exception) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    return f'{type(error).__name__}: {text}'[:300]
+
+
+def check_model(name: str, side: int = SIDE, batch: int = 2, seed: int = 0) -> dict:
+    """Run the protocol on one timm model (untrained). Returns a dict with ``ok`` and the measurements, or the
+    first failing check and its reason."""
+    import timm
+
+    from .learner import LocalLearner
+    start = time.perf_counter()
+    row: dict = dict(model=name, ok=False)
+    try:
+        torch.manual_seed(seed)
+        model = timm.create_model(name)
+        size = input_size_for(model, side)
+        row['input_size'] = list(size)
+        learner = LocalLearner(model, mode='loco', input_size=size)
+        row.update(stages=len(learner.stages), shapes=[list(map(list, s)) if s and isinstance(s[0], tuple) else
+                                                       list(s) for s in learner.stage_shapes],
+                   layouts=[list(x) if isinstance(x, tuple) else x for x in learner.layouts],
+                   units=[list(u) for u in learner.units])
+        x = torch.randn(batch, *size)
+        model.eval()
+        with torch.no_grad():
+            expected = model.forward_features(x)
+            got = learner(x)[-1]
+        close, diff = _allclose(got, expected)
+        row.update(composition=close, max_abs_diff=diff)
+        if not close:
+            row['reason'] = f'stages differ from forward_features (max abs diff {diff:.3g})'
+            return row
+        model.train()
+        learner.train()
+        used = _used_parameters(model, x)
+        view1, view2 = torch.randn(batch, *size), torch.randn(batch, *size)
+        learner.zero_grad(set_to_none=True)
+        losses = learner.step(view1, view2)
+        row['losses'] = [round(float(v), 4) for v in losses.values()]
+        names = {id(p): n for n, p in model.named_parameters()}
+        missing = [names[id(p)] for p in used if p.grad is None or not torch.isfinite(p.grad).all()]
+        row['params_used'] = len(used)
+        if missing:
+            row['reason'] = f'{len(missing)} parameter(s) forward_features uses got no finite gradient: {missing[:3]}'
+            return row
+        learner.zero_grad(set_to_none=True)
+        learner.step(view1, view2, units=[len(learner.units) - 1])
+        leaked = [names.get(id(p), '?') for p in learner.stages[0].parameters() if p.grad is not None]
+        if leaked and len(learner.units) > 1 and learner.units[-1][0] > 0:
+            row['reason'] = f'the top unit gave the first stage gradient: {leaked[:3]}'
+            return row
+        row['ok'] = True
+    except Exception as e:  # noqa: BLE001 - the report records why a family fails
+        row['reason'] = _describe(e)
+        row['where'] = traceback.extract_tb(e.__traceback__)[-1].name if e.__traceback__ else ''
+    finally:
+        row['seconds'] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def _used_parameters(model: torch.nn.Module, x: torch.Tensor) -> list[torch.nn.Parameter]:
+    """The parameters whose gradient ``forward_features`` reaches (train mode)."""
+    model.zero_grad(set_to_none=True)
+    out = model.forward_features(torch.cat([x, x]))
+    tensors = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+    sum(t.float().sum() for t in tensors).backward()
+    used = [p for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return used

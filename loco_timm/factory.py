@@ -1,0 +1,61 @@
+"""Build the LocalLearner a recipe describes: the one place training, readout and export make it."""
+from __future__ import annotations
+
+import torch
+
+from .config import ConfigError, TrainConfig
+from .learner import LocalLearner
+
+__all__ = ['build_learner', 'fixed_input_size']
+
+
+def fixed_input_size(backbone: torch.nn.Module, size: tuple[int, int], in_chans: int) -> tuple[int, int] | None:
+    """None when the model takes ``size`` images, else the (H, W) it needs: a model timm marks as having a fixed
+    input size is tried once at ``size`` (as built: an ``img_size`` model argument may have changed it)."""
+    from timm.data import resolve_model_data_config
+    if not (getattr(backbone, 'pretrained_cfg', None) or {}).get('fixed_input_size', False):
+        return None
+    flags = {m: m.training for m in backbone.modules()}
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            backbone.forward_features(torch.zeros(1, in_chans, *size))
+        return None
+    except Exception:  # noqa: BLE001 - any failure at this size means the model needs its own
+        built = getattr(getattr(backbone, 'patch_embed', None), 'img_size', None) or getattr(backbone, 'img_size', None)
+        if built is not None:
+            return tuple(built) if isinstance(built, (tuple, list)) else (built, built)
+        return tuple(resolve_model_data_config(backbone)['input_size'][1:])
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def build_learner(cfg: TrainConfig, in_chans: int, num_classes: int) -> LocalLearner:
+    """The timm backbone of the recipe wrapped as a LocalLearner (no weights loaded)."""
+    import timm
+    if not timm.is_model(cfg.backbone):
+        raise ConfigError(f'unknown backbone {cfg.backbone!r}: use a timm model name (timm.list_models()) or '
+                          f'loco_resnet18_small')
+    try:
+        backbone = timm.create_model(cfg.backbone, pretrained=False, in_chans=in_chans, num_classes=num_classes,
+                                     **cfg.model_args)
+    except TypeError as err:
+        raise ConfigError(f'model_args {cfg.model_args} do not fit {cfg.backbone}: {err}') from None
+    if cfg.sync_bn:
+        backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+    needed = fixed_input_size(backbone, (cfg.image_size, cfg.image_size), in_chans)
+    if needed is not None:
+        raise ConfigError(f'{cfg.backbone} takes {needed[0]}x{needed[1]} px images only (a fixed input size), not '
+                          f'image_size {cfg.image_size}: set image_size: {needed[0]}, or model_args img_size: '
+                          f'{cfg.image_size} where the model accepts it')
+    try:
+        learner = LocalLearner(backbone, mode=cfg.mode, decoder=cfg.decoder, num_stages=cfg.num_stages,
+                               units=cfg.units, top_unit=cfg.top_unit, temperature=cfg.temperature,
+                               proj_dim=cfg.proj_dim, decoder_norm=cfg.decoder_norm,
+                               input_size=(in_chans, cfg.image_size, cfg.image_size), recompute=cfg.recompute)
+    except ValueError as err:
+        raise ConfigError(f'backbone {cfg.backbone}: {err}') from None
+    if cfg.sync_bn:
+        learner.decoders = torch.nn.SyncBatchNorm.convert_sync_batchnorm(learner.decoders)
+    return learner

@@ -1,0 +1,113 @@
+"""The generic splitter on timm families without an adapter: composition, boundaries, layouts, one LoCo step.
+
+Fast tests use timm's tiny test models and small hand-built models; the slow test runs the coverage protocol
+(:func:`loco_timm.coverage.check_model`) on the smallest model of every family that the committed coverage report
+(benchmarks/results/coverage.json, written by benchmarks/coverage.py) lists as passing.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from loco_timm import LocalLearner, split_stages
+from loco_timm.coverage import check_model
+from loco_timm.stages import Boundary, detach_stage_output, stage_feature
+
+REPORT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results' / 'coverage.json'
+# tiny models of families the generic splitter handles: NHWC maps, hybrid conv/attention, relative position tokens
+TINY = ['test_mambaout', 'test_maxvit', 'test_coatnet', 'test_vit_relpos', 'test_convnext2']
+
+
+def _compose(stages, x):
+    h = x
+    for stage in stages:
+        h = stage(h)
+    return h
+
+
+@pytest.mark.parametrize('name', TINY)
+def test_tiny_families_compose_and_train_one_loco_step(name):
+    if not timm.is_model(name):
+        pytest.skip(f'{name} is not in timm {timm.__version__}')
+    row = check_model(name, side=64)
+    assert row['ok'], row.get('reason')
+    assert row['stages'] >= 2 and row['composition']
+
+
+def test_mambaout_features_are_nhwc_and_decoded_as_maps():
+    learner = LocalLearner(timm.create_model('test_mambaout'), 'loco', input_size=(3, 64, 64))
+    assert learner.layouts == ['NHWC'] * 4
+    assert [s[-1] for s in learner.stage_shapes] == [f['num_chs'] for f in learner.encoder.feature_info][:3] + [
+        learner.encoder.num_features]
+
+
+class SkipNet(nn.Module):
+    """A value that skips over a cut: stage 2 reads stage 0's output as well as stage 1's."""
+    feature_info = [dict(module='a', num_chs=4, reduction=2), dict(module='b', num_chs=4, reduction=4),
+                    dict(module='c', num_chs=4, reduction=4)]
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(4, 4, 3, 2, 1), nn.ReLU())
+        self.c = nn.Conv2d(4, 4, 3, 1, 1)
+        self.num_features = 4
+
+    def forward_features(self, x):
+        a = self.a(x)
+        b = self.b(a)
+        return self.c(b) + nn.functional.avg_pool2d(a, 2)
+
+
+def test_a_value_that_skips_a_cut_crosses_it_detached_and_composition_is_exact():
+    torch.manual_seed(0)
+    model = SkipNet()
+    stages = split_stages(model)
+    assert len(stages) == 3
+    x = torch.randn(2, 3, 16, 16)
+    out0 = stages[0](x)
+    out1 = stages[1](out0)
+    assert isinstance(out1, Boundary) and len(out1.values) == 2  # b's output and the skipped a
+    assert stage_feature(out1) is out1.values[out1.feature]
+    assert torch.equal(_compose(stages, x), model.forward_features(x))
+    detached = detach_stage_output(out1, requires_grad=True)
+    assert all(v.is_leaf and v.requires_grad for v in detached.values)
+
+
+def test_skip_value_gradients_stay_inside_their_units():
+    """LoCo units (0, 1) and (1, 2): the skip from stage 0 to stage 2 carries unit (1, 2)'s gradient into stage 1
+    only, never into stage 0; its gradient equals an autograd reference on the detached stage-1 input."""
+    torch.manual_seed(0)
+    learner = LocalLearner(SkipNet(), 'loco', decoder='mlp', input_size=(3, 16, 16)).double()
+    v1, v2 = torch.randn(4, 3, 16, 16).double(), torch.randn(4, 3, 16, 16).double()
+    learner.zero_grad(set_to_none=True)
+    learner.step(v1, v2, units=[1])
+    assert all(p.grad is None for p in learner.stages[0].parameters())
+    got = [p.grad.clone() for p in learner.stages[1].parameters()]
+    # reference: stage 1 and 2 on a detached copy of stage 0's output, loss of unit 1's decoder
+    learner.zero_grad(set_to_none=True)
+    h0 = learner.stages[0](torch.cat([v1, v2])).detach()
+    out = learner.stages[2](learner.stages[1](h0))
+    z = learner.decoders[1](out)
+    learner.loss(z[:4], z[4:]).backward()
+    want = [p.grad for p in learner.stages[1].parameters()]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def _report_rows():
+    if not REPORT.exists():
+        return []
+    return [r for r in json.loads(REPORT.read_text())['families'] if r.get('ok')]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('row', _report_rows(), ids=lambda r: r['family'])
+def test_every_supported_family_passes_the_protocol(row):
+    """At 64 px where the model takes it (its own size otherwise), to keep CI short; the report used 128 px."""
+    got = check_model(row['model'], side=64)
+    assert got['ok'], got.get('reason')
+    assert got['stages'] == row['stages'] and got['layouts'] == row['layouts']

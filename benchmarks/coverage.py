@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/coverage.py                      # every family of the installed timm
     .venv/bin/python benchmarks/coverage.py --families resnet swin_transformer
     .venv/bin/python benchmarks/coverage.py --reuse-picks        # the models of the last report, no meta scan
+    PYTHONPATH=.venv/oldest-timm-1.0.12 .venv/bin/python benchmarks/coverage.py --no-readme \
+        --reuse-picks benchmarks/results/coverage.json --out benchmarks/results/coverage_timm-1.0.12
 
 Writes ``benchmarks/results/coverage.json`` (one row per family: model, input size, stages, feature shapes and
 layouts, composition check, LoCo step, seconds, or the reason it fails) and ``coverage.md``, and rewrites the
@@ -76,14 +78,19 @@ def timm_families() -> list[str]:
 
 
 def _param_count(name: str) -> int:
-    with torch.device('meta'):
+    try:
+        with torch.device('meta'):
+            return sum(p.numel() for p in timm.create_model(name).parameters())
+    except Exception:  # noqa: BLE001 - some older timm models call .item() while they build
         return sum(p.numel() for p in timm.create_model(name).parameters())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--families', nargs='*', help='timm module names (default: all)')
-    parser.add_argument('--reuse-picks', action='store_true', help='take the models of the last coverage.json')
+    parser.add_argument('--reuse-picks', nargs='?', type=Path, const=True, default=None, metavar='COVERAGE_JSON',
+                        help='take the models of a report (default: the last coverage.json in --out); a family '
+                             'whose model is missing there or in this timm is scanned again')
     parser.add_argument('--side', type=int, default=128)
     parser.add_argument('--out', type=Path, default=RESULTS)
     parser.add_argument('--max-params', type=float, default=200e6,
@@ -93,10 +100,12 @@ def main() -> None:
     warnings.filterwarnings('ignore')
     torch.set_num_threads(max(1, torch.get_num_threads()))
     families = args.families or timm_families()
-    previous = args.out / 'coverage.json'
-    if args.reuse_picks and previous.exists():
+    previous = args.out / 'coverage.json' if args.reuse_picks is True else args.reuse_picks
+    if previous is not None and not previous.exists() and args.reuse_picks is not True:
+        raise SystemExit(f'coverage.py: --reuse-picks {previous}: no such file; give a coverage.json or omit the path')
+    if previous is not None and previous.exists():
         picks = {r['family']: r.get('model') for r in json.loads(previous.read_text())['families']}
-        picks = {f: picks.get(f) for f in families}
+        picks = {f: picks.get(f) if picks.get(f) in timm.list_models(module=f) else None for f in families}
         missing = [f for f, m in picks.items() if m is None]
         picks.update(smallest_models(missing) if missing else {})
     else:
@@ -106,7 +115,8 @@ def main() -> None:
         model = picks.get(family)
         size = _param_count(model) if model else 0
         if not model:
-            row = dict(family=family, model=None, ok=False, reason='no model of the family builds')
+            row = dict(family=family, model=None, ok=False, reason='no model of the family builds on the meta device (where its '
+                                                                       'smallest model is looked for)')
         elif size > args.max_params:
             row = dict(family=family, model=model, ok=False, not_run=True,
                        reason=f'not run: its smallest model has {size / 1e6:.0f} M parameters, over --max-params '

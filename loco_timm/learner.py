@@ -29,6 +29,7 @@ from torch import nn
 
 from .decoders import DECODERS, NORMS, Pool, count_flops, create_decoder
 from .losses import NTXentLoss
+from .gradients import Schedule, backward_to, input_grads, output_grads, rng_state, set_rng_state
 from .stages import detach_stage_output, feature_layout, split_stages, stage_feature, stage_tensors
 
 __all__ = ['LocalLearner', 'MODES', 'make_units']
@@ -68,69 +69,6 @@ def _check_units(units: Sequence[Sequence[int]], num_stages: int) -> list[Unit]:
     if len(set(checked)) != len(checked):
         raise ValueError(f'units {checked} repeat a unit: each (first, last) pair may appear once')
     return checked
-
-
-def _rng_state(device: torch.device) -> tuple:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == 'cuda' else None
-
-
-def _set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def _add_grads(a: list, b: list) -> list:
-    return [y if x is None else x if y is None else x + y for x, y in zip(a, b)]
-
-
-def _output_grads(output, original, feature) -> list:
-    """A decoder's gradient, placed on the stage output's tensors (each feature tensor's first slot; None
-    elsewhere)."""
-    grads = {}
-    for t, leaf in zip(stage_tensors(original), stage_tensors(feature)):
-        grads.setdefault(id(t), leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
-    return [grads.pop(id(t), None) for t in stage_tensors(output)]
-
-
-def _pairs(outs: list, grads: list) -> tuple[list, list]:
-    kept = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-    return [o for o, _ in kept], [g for _, g in kept]
-
-
-def _backward(outs: list, grads: list, inputs: list) -> None:
-    """Accumulate the gradient of the stage outputs into ``inputs`` (parameters, input leaves)."""
-    outs, grads = _pairs(outs, grads)
-    if outs and inputs:
-        torch.autograd.backward(outs, grads, inputs=inputs)
-
-
-def _input_grads(outs: list, grads: list, inputs: list) -> list:
-    """d(outputs . grads)/d(inputs) for the stage's input tensors (None where no gradient flows), graph kept."""
-    outs, grads = _pairs(outs, grads)
-    leaves = [t for t in inputs if t.requires_grad]
-    found = iter(torch.autograd.grad(outs, leaves, grads, retain_graph=True, allow_unused=True)
-                 if outs and leaves else [None] * len(leaves))
-    return [next(found) if t.requires_grad else None for t in inputs]
-
-
-class _Schedule:
-    """Book-keeping of one ``LocalLearner.step``: stage graphs still alive, and where each unit's gradient is."""
-
-    def __init__(self, spans: dict[int, Unit], members: dict[int, list[int]]):
-        self.spans, self.members = spans, members
-        self.inputs: dict[int, torch.Tensor] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.losses: dict[int, torch.Tensor] = {}
-        self.at: dict[int, int] = {}  # unit -> stage whose output its gradient has reached
-        # unit -> d loss / d output of stage at[unit], one entry per tensor of the output (None: no gradient)
-        self.grad: dict[int, list] = {}
-        self.total: dict[int, list] = {}  # stage -> summed d loss / d output over all units so far
-        self.rng: dict[int, tuple] = {}  # stage -> random state before its forward (recompute)
-
-    def arrive(self, unit: int, stage: int, grad: list) -> None:
-        self.at[unit], self.grad[unit] = stage, grad
-        self.total[stage] = grad if stage not in self.total else _add_grads(self.total[stage], grad)
 
 
 class LocalLearner(nn.Module):
@@ -320,7 +258,7 @@ class LocalLearner(nn.Module):
         bottom = min(first for first, _ in spans.values())
         needs_input_grad = {k for first, last in spans.values() for k in range(first + 1, last + 1)}
         members = {k: [j for j, (first, last) in spans.items() if first <= k <= last] for k in range(top + 1)}
-        state = _Schedule(spans, members)
+        state = Schedule(spans, members)
 
         h = torch.cat([view1, view2])
         for k in range(top + 1):
@@ -330,7 +268,7 @@ class LocalLearner(nn.Module):
                 continue
             state.inputs[k] = detach_stage_output(h, k in needs_input_grad)
             if self.recompute:
-                state.rng[k] = _rng_state(stage_tensors(h)[0].device)
+                state.rng[k] = rng_state(stage_tensors(h)[0].device)
             h = state.outputs[k] = self.stages[k](state.inputs[k])
             for j in [j for j, (_, last) in spans.items() if last == k]:  # units whose loss sits on this stage
                 original = self.feature(k, h)
@@ -339,7 +277,7 @@ class LocalLearner(nn.Module):
                 loss = self.loss(z[:batch], z[batch:])
                 backward(loss)
                 state.losses[j] = loss.detach()
-                state.arrive(j, k, _output_grads(h, original, feature))
+                state.arrive(j, k, output_grads(h, original, feature))
                 del feature, original, z, loss
             h = detach_stage_output(h)  # the graph stays referenced by state.outputs only, so freeing it there frees it
             for m in range(k, bottom - 1, -1):  # carry gradients down and free every stage no later unit needs
@@ -347,7 +285,7 @@ class LocalLearner(nn.Module):
                     self._advance_stage(m, state)
         return state.losses
 
-    def _advance_stage(self, m: int, state: _Schedule) -> None:
+    def _advance_stage(self, m: int, state: Schedule) -> None:
         """Move the gradients that reached stage m's output on: each unit that continues below gets its own
         input-gradient pass; once every unit containing stage m has delivered, one weight-gradient pass with their
         summed gradient, and the stage's graph is freed."""
@@ -369,25 +307,25 @@ class LocalLearner(nn.Module):
         leaves = [t for t in inputs if t.requires_grad]
         continuing = [j for j in arrived if state.spans[j][0] < m]
         if not waiting and len(state.members[m]) == 1 and continuing:  # one unit: weights and input in one pass
-            _backward(outs, state.total.pop(m), params + leaves)
+            backward_to(outs, state.total.pop(m), params + leaves)
             state.arrive(continuing[0], m - 1, [t.grad if t.requires_grad else None for t in inputs])
             del state.outputs[m], state.inputs[m]
             return
         for j in arrived:
             if j in continuing:
-                state.arrive(j, m - 1, _input_grads(outs, state.grad.pop(j), inputs))
+                state.arrive(j, m - 1, input_grads(outs, state.grad.pop(j), inputs))
             else:
                 state.grad.pop(j)
                 state.at[j] = m - 1
         if not waiting:
             total = state.total.pop(m)
             if params:
-                _backward(outs, total, params)
+                backward_to(outs, total, params)
             del state.outputs[m], state.inputs[m]
         elif self.recompute:  # a higher unit still needs this stage: keep only its input until then
             state.outputs[m] = None
 
-    def _recompute_stage(self, m: int, state: _Schedule) -> torch.Tensor:
+    def _recompute_stage(self, m: int, state: Schedule) -> torch.Tensor:
         """Stage m's forward again, on its kept input with its first forward's random state; its buffers
         (BatchNorm running statistics) are restored afterwards, so they are updated once per step."""
         stage, inp = self.stages[m], state.inputs[m]
@@ -402,7 +340,7 @@ class LocalLearner(nn.Module):
         devices = [device] if device.type == 'cuda' else []
         try:
             with torch.random.fork_rng(devices=devices):
-                _set_rng_state(state.rng[m], device)
+                set_rng_state(state.rng[m], device)
                 out = stage(inp)
         finally:
             for module, name, buf in originals.values():

@@ -40,6 +40,7 @@ def test_tiny_families_compose_and_train_one_loco_step(name):
 def test_mambaout_features_are_nhwc_and_decoded_as_maps():
     learner = LocalLearner(timm.create_model('test_mambaout'), 'loco', input_size=(3, 64, 64))
     assert learner.layouts == ['NHWC'] * 4
+    assert [row['layout'] for row in learner.summary()] == ['NHWC'] * 3
     assert [s[-1] for s in learner.stage_shapes] == [f['num_chs'] for f in learner.encoder.feature_info][:3] + [
         learner.encoder.num_features]
 
@@ -111,3 +112,43 @@ def test_every_supported_family_passes_the_protocol(row):
     got = check_model(row['model'], side=64)
     assert got['ok'], got.get('reason')
     assert got['stages'] == row['stages'] and got['layouts'] == row['layouts']
+
+
+def test_stages_traced_in_eval_mode_follow_the_model_into_train_mode():
+    """DropPath reads self.training inside the traced forward (and ConvNeXt has no batch norm): stages split in eval mode trace again for train mode,
+    so with the same random draws they equal the eager model's stochastic forward."""
+    model = timm.create_model('test_convnext', drop_path_rate=0.5, ls_init_value=1.0).eval()
+    stages = split_stages(model)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        evaluated = _compose(stages, x)
+        assert torch.allclose(evaluated, model.forward_features(x), atol=1e-5)
+        model.train()
+        torch.manual_seed(1)
+        got = _compose(stages, x)
+        torch.manual_seed(1)
+        want = model.forward_features(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, evaluated, atol=1e-3)  # paths were dropped
+
+
+def test_attention_bias_caches_are_neither_read_nor_polluted_by_the_trace():
+    """LeViT caches its attention biases per device in eval mode: the trace must leave no traced value in the cache,
+    and after training the eval stages use the new biases."""
+    torch.manual_seed(0)
+    model = timm.create_model('levit_128s').eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        model.forward_features(x)  # fills the caches
+    before = {id(m): dict(m.attention_bias_cache) for m in model.modules() if hasattr(m, 'attention_bias_cache')}
+    stages = split_stages(model)
+    after = {id(m): dict(m.attention_bias_cache) for m in model.modules() if hasattr(m, 'attention_bias_cache')}
+    assert before and after == before  # the same tensors under the same keys, nothing traced added
+    learner = LocalLearner(model, 'loco', decoder='mlp')
+    optimizer = torch.optim.SGD(learner.parameters(), lr=1.0)
+    learner.train()
+    learner.step(torch.randn(2, 3, 224, 224), torch.randn(2, 3, 224, 224))
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(_compose(stages, x), model.forward_features(x), atol=1e-5)

@@ -1,7 +1,7 @@
 """Coverage of timm's model families: the smallest model of each, split and trained one LoCo step.
 
     .venv/bin/python benchmarks/coverage.py                      # every family of the installed timm
-    .venv/bin/python benchmarks/coverage.py --families resnet swin_transformer
+    .venv/bin/python benchmarks/coverage.py --families resnet swin_transformer   # these rows of the report again
     .venv/bin/python benchmarks/coverage.py --reuse-picks        # the models of the last report, no meta scan
     PYTHONPATH=.venv/oldest-timm-1.0.12 .venv/bin/python benchmarks/coverage.py --no-readme \
         --reuse-picks benchmarks/results/coverage.json --out benchmarks/results/coverage_timm-1.0.12
@@ -28,10 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loco_timm.coverage import check_model, smallest_models  # noqa: E402
+from loco_timm.coverage import check_model, param_count, smallest_models  # noqa: E402
+from readme_block import replace_block  # noqa: E402
 
 RESULTS = ROOT / 'benchmarks' / 'results'
-START, END = '<!-- coverage:start -->', '<!-- coverage:end -->'
 
 
 def _cell(value) -> str:
@@ -45,7 +45,7 @@ def markdown(report: dict) -> str:
              f'{report["date"]}; written by `.venv/bin/python benchmarks/coverage.py`). Per family: its smallest '
              f'model, untrained, at {report["side"]} px or its fixed size; default stages composed equal '
              f'`forward_features` (eval), one LoCo step gives every parameter `forward_features` uses a gradient, and '
-             f'the top unit alone leaves the first stage without one.', '',
+             f'the top unit alone leaves the first stage\'s own parameters (those no stage of the top unit reads) without one.', '',
              '| family | model | input | stages | feature layouts | LoCo step | seconds |', '|---|---|---|---|---|---|---|']
     for r in rows:
         if r.get('ok'):
@@ -63,26 +63,22 @@ def markdown(report: dict) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def update_readme(text: str, readme: Path) -> None:
-    content = readme.read_text()
-    if START not in content or END not in content:
-        raise SystemExit(f'coverage.py: {readme} has no {START} ... {END} markers')
-    head, rest = content.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f'{head}{START}\n{text}{END}{tail}')
-
-
 def timm_families() -> list[str]:
     """timm's own model modules (not the ones plugins such as loco_timm register)."""
     return [m for m in timm.list_modules() if importlib.util.find_spec(f'timm.models.{m}') is not None]
 
 
-def _param_count(name: str) -> int:
-    try:
-        with torch.device('meta'):
-            return sum(p.numel() for p in timm.create_model(name).parameters())
-    except Exception:  # noqa: BLE001 - some older timm models call .item() while they build
-        return sum(p.numel() for p in timm.create_model(name).parameters())
+def _merged(report: dict, previous: Path) -> dict:
+    """``report`` (some families) with the other families' rows of the previous report of the same timm and side."""
+    if not previous.exists():
+        return report
+    old = json.loads(previous.read_text())
+    if (old['timm'], old['side']) != (report['timm'], report['side']):
+        raise SystemExit(f'coverage.py: {previous} is for timm {old["timm"]} at {old["side"]} px, not timm '
+                         f'{report["timm"]} at {report["side"]} px: run all families, or give another --out')
+    new = {r['family']: r for r in report['families']}
+    rows = [new.pop(r['family'], r) for r in old['families']] + list(new.values())
+    return dict(report, families=rows)
 
 
 def main() -> None:
@@ -113,10 +109,9 @@ def main() -> None:
     rows = []
     for family in families:
         model = picks.get(family)
-        size = _param_count(model) if model else 0
+        size = param_count(model) if model else 0
         if not model:
-            row = dict(family=family, model=None, ok=False, reason='no model of the family builds on the meta device (where its '
-                                                                       'smallest model is looked for)')
+            row = dict(family=family, model=None, ok=False, reason='no model of the family builds')
         elif size > args.max_params:
             row = dict(family=family, model=model, ok=False, not_run=True,
                        reason=f'not run: its smallest model has {size / 1e6:.0f} M parameters, over --max-params '
@@ -128,12 +123,14 @@ def main() -> None:
               f'({row.get("seconds", 0)} s)', flush=True)
     report = dict(timm=timm.__version__, torch=torch.__version__, python=platform.python_version(),
                   date=time.strftime('%Y-%m-%d'), side=args.side, families=rows)
+    report = _merged(report, args.out / 'coverage.json') if args.families else report
+    rows = report['families']
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / 'coverage.json').write_text(json.dumps(report, indent=1) + '\n')
     text = markdown(report)
     (args.out / 'coverage.md').write_text(text)
-    if not args.no_readme and args.families is None:
-        update_readme(text, ROOT / 'README.md')
+    if not args.no_readme:
+        replace_block('coverage', text)
     print(f'{sum(r["ok"] for r in rows)} of {len(rows)} families pass; wrote {args.out}/coverage.json, coverage.md')
 
 

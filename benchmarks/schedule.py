@@ -24,6 +24,7 @@ import torch
 import loco_timm  # noqa: F401  (registers loco_* models)
 from loco_timm import LocalLearner
 from loco_timm.memory import SavedTensorMeter
+from readme_block import replace_block
 
 MODELS = {  # name: (timm model, input size, batch per view, model arguments)
     'resnet50': ('resnet50', (3, 224, 224), 4, {}),
@@ -35,7 +36,12 @@ MODELS = {  # name: (timm model, input size, batch per view, model arguments)
     'densenet121': ('densenet121', (3, 128, 128), 4, {}),  # densely connected CNN
     'pvt_v2_b0': ('pvt_v2_b0', (3, 128, 128), 8, {}),  # pyramid ViT
     'coatnet_nano': ('coatnet_nano_rw_224', (3, 224, 224), 2, {}),  # hybrid conv/attention (MaxxViT family)
+    # the paper's other encoders (loco_timm.zoo)
+    'shufflenet_v2_50': ('loco_shufflenet_v2_50', (3, 224, 224), 4, {}),
+    'presnet50': ('loco_presnet50', (3, 224, 224), 2, {}),
 }
+# memory saving vs E2E the paper reports (conv decoders, units trained one after another)
+PAPER_SAVINGS = {'resnet50': {'gim': 1.81, 'loco': 1.28}, 'presnet50': {'gim': 4.56, 'loco': 2.76}}
 CONFIGS = [('e2e', 'mlp', False), ('gim', 'mlp', False), ('loco', 'mlp', False), ('gim', 'conv', False),
            ('loco', 'conv', False), ('loco', 'mlp', True), ('loco', 'conv', True)]
 
@@ -120,9 +126,10 @@ def main() -> None:
     parser.add_argument('--out', default='benchmarks/results/schedule_cpu.json')
     parser.add_argument('--shares', action='store_true', help='only print each stage\'s share of the activations')
     parser.add_argument('--markdown', action='store_true', help='only rewrite the .md of an existing --out JSON')
+    parser.add_argument('--no-readme', action='store_true', help='do not rewrite the README table')
     args = parser.parse_args()
     if args.markdown:
-        write_markdown(json.loads(Path(args.out).read_text()), Path(args.out))
+        write_markdown(json.loads(Path(args.out).read_text()), Path(args.out), readme=not args.no_readme)
         return
     if args.shares:
         for name in args.models:
@@ -141,15 +148,23 @@ def main() -> None:
             runs.append(measure(model_name, input_size, batch, kwargs, mode, decoder, recompute, args.steps))
             print(f'{name} {mode} {decoder} recompute={recompute}: {runs[-1]}', flush=True)
         results['models'][name] = dict(input_size=input_size, batch=batch, runs=runs)
-    results['loader_img_per_s'] = loader_throughput()
+    # the loader is compared with the small model's step: measured in the same run as it
+    results['loader_img_per_s'] = loader_throughput() if 'loco_resnet18_small' in args.models else None
     out = Path(args.out)
+    if set(args.models) != set(MODELS) and out.exists():  # other models' rows stay from the last run
+        old = json.loads(out.read_text())
+        if (old['torch'], old['timm'], old['threads']) == (results['torch'], results['timm'], results['threads']):
+            results['models'] = {**old['models'], **results['models']}
+            results['loader_img_per_s'] = results['loader_img_per_s'] or old.get('loader_img_per_s')
+        else:
+            print(f'{out} was measured with other versions or threads: written without its other models')
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    write_markdown(results, out)
+    write_markdown(results, out, readme=not args.no_readme and set(results['models']) == set(MODELS))
 
 
-def write_markdown(results: dict, out: Path) -> None:
-    """The README table and notes (``out`` with suffix .md) from a results JSON."""
+def write_markdown(results: dict, out: Path, readme: bool = True) -> None:
+    """The table and notes (``out`` with suffix .md) from a results JSON, also as README's schedule block."""
     text = table(results)
     big = results['models'].get('resnet50')
     if big:
@@ -164,7 +179,17 @@ def write_markdown(results: dict, out: Path) -> None:
         text += (f'\n\nInput pipeline of the Fashion-MNIST recipe: {results["loader_img_per_s"]:,.0f} img/s (uint8 '
                  f'batches + two batched SimCLR views) vs {model["img_per_s"]:,.0f} img/s for the LoCo step of '
                  f'loco_resnet18_small (batch 128 per view).')
+    paper = [(name, results['models'][name], want) for name, want in PAPER_SAVINGS.items() if name in results['models']]
+    if paper:
+        def saving(entry, mode):
+            runs = {(r['mode'], r['decoder'], r['recompute']): r['peak_saved_bytes'] for r in entry['runs']}
+            return runs[('e2e', 'mlp', False)] / runs[(mode, 'conv', False)]
+        text += ('\n\nMemory saving with the paper\'s conv decoders, measured here (paper): ' + '; '.join(
+            f'{name} GIM {saving(entry, "gim"):.2f}x ({want["gim"]}x), LoCo {saving(entry, "loco"):.2f}x '
+            f'({want["loco"]}x)' for name, entry, want in paper) + '.')
     out.with_suffix('.md').write_text(text + '\n')
+    if readme:
+        replace_block('schedule', text)
     print(text)
 
 

@@ -5,7 +5,8 @@ For one model, :func:`check_model` runs the protocol of the "any timm backbone" 
 * the default stages (:func:`loco_timm.split_stages`): how many, each feature's shape and layout;
 * composition: the stages applied in order equal ``forward_features`` (eval mode; exact, or allclose);
 * one LoCo step (train mode) gives a gradient to every parameter ``forward_features`` uses;
-* ``step(units=[top unit])`` leaves the first stage without gradient.
+* ``step(units=[top unit])`` leaves the first stage's own parameters without gradient (a parameter a stage of the
+  top unit reads too, such as a position bias shared by all blocks, may learn from it).
 
 :func:`smallest_models` picks the smallest model (parameter count, built on the meta device) of every family
 (timm module) of the installed timm.
@@ -18,7 +19,7 @@ import warnings
 
 import torch
 
-__all__ = ['smallest_models', 'check_model', 'input_size_for']
+__all__ = ['smallest_models', 'param_count', 'check_model', 'input_size_for']
 
 SIDE = 128
 
@@ -31,15 +32,33 @@ def smallest_models(families: list[str] | None = None) -> dict[str, str | None]:
         best = None
         for name in timm.list_models(module=family):
             try:
-                with warnings.catch_warnings(), torch.device('meta'):
-                    warnings.simplefilter('ignore')
-                    count = sum(p.numel() for p in timm.create_model(name).parameters())
-            except Exception:  # noqa: BLE001 - a model that does not build on meta is skipped
+                count = param_count(name)
+            except Exception:  # noqa: BLE001 - a model that does not build is skipped
                 continue
             if best is None or count < best[1]:
                 best = (name, count)
         picks[family] = best[0] if best else None
     return picks
+
+
+def param_count(name: str) -> int:
+    """Parameters of timm model ``name``, built on the meta device (nothing allocated or initialised), or where
+    that fails (older timm reads drop-path rates with ``.item()``) with only its parameters on the meta device, or
+    else on the CPU."""
+    import timm
+    from accelerate import init_empty_weights
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        try:
+            with torch.device('meta'):
+                return sum(p.numel() for p in timm.create_model(name).parameters())
+        except Exception:  # noqa: BLE001 - try again with real tensors for everything but the parameters
+            pass
+        try:
+            with init_empty_weights():
+                return sum(p.numel() for p in timm.create_model(name).parameters())
+        except Exception:  # noqa: BLE001 - some models compute with their parameters while they build
+            return sum(p.numel() for p in timm.create_model(name).parameters())
 
 
 def input_size_for(model: torch.nn.Module, side: int = SIDE) -> tuple[int, int, int]:
@@ -117,7 +136,11 @@ def check_model(name: str, side: int = SIDE, batch: int = 2, seed: int = 0) -> d
             return row
         learner.zero_grad(set_to_none=True)
         learner.step(view1, view2, units=[len(learner.units) - 1])
-        leaked = [names.get(id(p), '?') for p in learner.stages[0].parameters() if p.grad is not None]
+        first, last = learner.units[-1]
+        shared = {id(p) for k in range(first, last + 1) for p in learner.stages[k].parameters()}
+        # the first stage's own parameters (one a later stage also reads, e.g. a shared position bias, may learn)
+        leaked = [names.get(id(p), '?') for p in learner.stages[0].parameters()
+                  if p.grad is not None and id(p) not in shared]
         if leaked and len(learner.units) > 1 and learner.units[-1][0] > 0:
             row['reason'] = f'the top unit gave the first stage gradient: {leaked[:3]}'
             return row

@@ -81,25 +81,37 @@ class ToNCHW(nn.Module):
 
 
 class ProjectionMLP(nn.Module):
-    """SimCLR projection head: Linear -> norm -> ReLU -> Linear.
+    """SimCLR projection head: Linear -> norm -> ReLU -> Linear, or with ``layers > 2`` further hidden
+    Linear -> norm -> ReLU layers before the last Linear (the paper's "2-layer MLP added": ``layers=4``).
 
     Args:
         in_dim: Input width.
         hidden_dim: Hidden width (default: ``in_dim``).
         out_dim: Embedding width.
         norm: ``"batch"`` (SimCLR), ``"layer"`` or ``"none"``; ``"batch"`` uses per-process batch statistics.
+        layers: Linear layers in all (at least 2).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int | None = None, out_dim: int = 128, norm: str = 'batch'):
+    def __init__(self, in_dim: int, hidden_dim: int | None = None, out_dim: int = 128, norm: str = 'batch',
+                 layers: int = 2):
         super().__init__()
+        if layers < 2:
+            raise ValueError(f'mlp_layers={layers}: a projection MLP has at least 2 linear layers')
         hidden_dim = hidden_dim or in_dim
         self.fc1 = nn.Linear(in_dim, hidden_dim, bias=norm == 'none')
         self.norm = _norm1d(norm, hidden_dim)
         self.act = nn.ReLU(inplace=True)
+        if layers > 2:  # absent for the SimCLR head, so its state dict keeps its keys
+            self.hidden = nn.Sequential(*[nn.Sequential(nn.Linear(hidden_dim, hidden_dim, bias=norm == 'none'),
+                                                        _norm1d(norm, hidden_dim), nn.ReLU(inplace=True))
+                                          for _ in range(layers - 2)])
         self.fc2 = nn.Linear(hidden_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.norm(self.fc1(x))))
+        x = self.act(self.norm(self.fc1(x)))
+        if 'hidden' in self._modules:
+            x = self.hidden(x)
+        return self.fc2(x)
 
 
 class LocalDecoder(nn.Module):
@@ -128,12 +140,21 @@ class LocalDecoder(nn.Module):
         return self.pool(self.block(x))
 
 
-def _conv_block(channels: int, norm: str) -> nn.Module:
+def _conv_block(channels: int, norm: str, stride: int = 2) -> nn.Module:
     from timm.models.resnet import Bottleneck
     norm_layer = _norm2d_layer(norm)
     planes = max(channels // 4, 1)
-    shortcut = nn.Sequential(nn.Conv2d(channels, planes * 4, 1, stride=2, bias=False), norm_layer(planes * 4))
-    return Bottleneck(channels, planes, stride=2, downsample=shortcut, norm_layer=norm_layer)
+    shortcut = None if stride == 1 and channels == planes * 4 else nn.Sequential(
+        nn.Conv2d(channels, planes * 4, 1, stride=stride, bias=False), norm_layer(planes * 4))
+    return Bottleneck(channels, planes, stride=stride, downsample=shortcut, norm_layer=norm_layer)
+
+
+def _conv_blocks(channels: int, norm: str, count: int) -> nn.Module:
+    """``count`` bottleneck blocks, the first with stride-2 downsampling (one block: the block itself)."""
+    blocks = [_conv_block(channels, norm, 2)]
+    width = max(channels // 4, 1) * 4
+    blocks += [_conv_block(width, norm, 1) for _ in range(count - 1)]
+    return blocks[0] if count == 1 else nn.Sequential(*blocks)
 
 
 def _token_block(dim: int, num_heads: int) -> nn.Module:
@@ -142,19 +163,22 @@ def _token_block(dim: int, num_heads: int) -> nn.Module:
 
 
 def _branch(kind: str, shape: Sequence[int], layout: str, norm: str, token_pool: str, num_prefix_tokens: int,
-            num_heads: int | None) -> tuple[nn.Module | None, Pool, int]:
+            num_heads: int | None, blocks: int | None = None) -> tuple[nn.Module | None, Pool, int]:
     """(block, pooling, pooled width) for one tensor of a stage feature."""
+    count = (1 if kind == 'conv' else 0) if blocks is None else blocks
     if layout in ('NCHW', 'NHWC'):
         channels = shape[0] if layout == 'NCHW' else shape[-1]
-        if kind == 'conv':
-            block = _conv_block(channels, norm)
+        if count:
+            block = _conv_blocks(channels, norm, count)
             if layout == 'NHWC':
                 block = nn.Sequential(ToNCHW(), block)
             return block, Pool('avg', layout='NCHW'), max(channels // 4, 1) * 4
         return None, Pool('avg', layout=layout), channels
     if layout == 'NLC':
         width = shape[-1]
-        block = _token_block(width, num_heads or max(width // 64, 1)) if kind == 'conv' else None
+        heads = num_heads or max(width // 64, 1)
+        block = None if not count else _token_block(width, heads) if count == 1 else nn.Sequential(
+            *[_token_block(width, heads) for _ in range(count)])
         return block, Pool(token_pool, num_prefix_tokens, layout='NLC'), width
     if layout == 'NC':
         return None, Pool('avg', layout='NC'), shape[0]
@@ -171,6 +195,8 @@ def create_decoder(
         num_prefix_tokens: int = 0,
         num_heads: int | None = None,
         layout: str | Sequence[str] | None = None,
+        blocks: int | None = None,
+        mlp_layers: int = 2,
 ) -> LocalDecoder:
     """Build a decoder for a stage feature of the given per-image shape and layout.
 
@@ -186,6 +212,9 @@ def create_decoder(
         num_heads: Attention heads of the ``"conv"`` analogue for tokens (default: width // 64, at least 1).
         layout: ``"NCHW"``, ``"NHWC"``, ``"NLC"``, ``"NC"`` (a tuple of them for several tensors); None: from the
             shape (3 dims: NCHW, 2: tokens, 1: vector). A vector has no ``"conv"`` block.
+        blocks: Conv (token) blocks before the pooling, overriding ``kind``'s (conv: 1, mlp: 0); the first
+            downsamples by 2, the others keep the size (the paper's decoder-depth ablation: 0, 1, 2).
+        mlp_layers: Linear layers of the projection MLP (2: SimCLR's; 4: the paper's "2-layer MLP added").
 
     Returns:
         The decoder module.
@@ -195,6 +224,8 @@ def create_decoder(
     """
     if kind not in DECODERS:
         raise ValueError(f'unknown decoder {kind!r}: use one of {", ".join(DECODERS)}')
+    if blocks is not None and not (isinstance(blocks, int) and blocks >= 0):
+        raise ValueError(f'decoder_blocks={blocks!r} must be a whole number >= 0 (0: pooling and MLP only)')
     if norm not in NORMS:
         raise ValueError(f'unknown decoder norm {norm!r}: use one of {", ".join(NORMS)}')
     multi = len(feature_shape) > 0 and isinstance(feature_shape[0], (tuple, list))
@@ -206,9 +237,9 @@ def create_decoder(
         if lay is None:
             raise ValueError(f'cannot decode stage outputs of shape {tuple(shape)}: expected (C, H, W), (H, W, C), '
                              f'(N, C) or (C,)')
-        branches.append(_branch(kind, shape, lay, norm, token_pool, num_prefix_tokens, num_heads))
+        branches.append(_branch(kind, shape, lay, norm, token_pool, num_prefix_tokens, num_heads, blocks))
     width = sum(w for _, _, w in branches)
-    mlp = ProjectionMLP(width, hidden_dim, proj_dim, norm)
+    mlp = ProjectionMLP(width, hidden_dim, proj_dim, norm, mlp_layers)
     if multi:
         return LocalDecoder([b for b, _, _ in branches], [p for _, p, _ in branches], mlp)
     return LocalDecoder(branches[0][0], branches[0][1], mlp)

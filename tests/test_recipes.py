@@ -21,6 +21,15 @@ PAPER_READOUT = dict(lr=30.0, momentum=0.0, epochs=100, milestone_epochs=[30, 60
                      lr_grid=None, standardize=False)
 ARMS = {'loco_resnet50.simclr_in1k': ('loco', 'conv'), 'loco_resnet50.e2e_simclr_in1k': ('e2e', 'mlp'),
         'loco_resnet50.gim_simclr_in1k': ('gim', 'conv')}
+# the paper's other encoders: the same recipe; the progressive ResNet-50 at the ablations' 100 epochs
+OTHER_ENCODERS = {f'{arch}.{tag}': (arch, epochs, mode_decoder)
+                  for arch, epochs in (('loco_shufflenet_v2_50', 800), ('loco_presnet50', 100))
+                  for tag, mode_decoder in (('simclr_in1k', ('loco', 'conv')), ('e2e_simclr_in1k', ('e2e', 'mlp')),
+                                            ('gim_simclr_in1k', ('gim', 'conv')))}
+# the paper's linear top-1 (Table 1; supplementary for the progressive ResNet-50)
+PAPER_TOP1 = {'loco_resnet50': dict(loco=69.5, e2e=69.8, gim=64.7),
+              'loco_shufflenet_v2_50': dict(loco=69.3, e2e=69.1, gim=63.5),
+              'loco_presnet50': dict(loco=66.6, e2e=66.8, gim=52.6)}
 
 
 def _values(train: TrainConfig, readout: ReadoutConfig) -> tuple[dict, dict]:
@@ -51,6 +60,21 @@ def test_imagenet_recipe_is_the_papers(tag):
     _assert_equal(r, PAPER_READOUT)
     assert (train.mode, train.decoder) == ARMS[tag] and not train.top_unit and train.units is None
     assert get_hub_config(tag).model['timm_architecture'] == 'resnet50'
+    assert get_hub_config(tag).metrics['linear_top1'] == PAPER_TOP1['loco_resnet50'][train.mode]
+
+
+@pytest.mark.parametrize('tag', OTHER_ENCODERS)
+def test_other_encoders_recipes_are_the_papers(tag):
+    arch, epochs, mode_decoder = OTHER_ENCODERS[tag]
+    recipe = load_recipe(tag)
+    train, readout = from_dict(TrainConfig, recipe['train']), from_dict(ReadoutConfig, recipe['readout'])
+    t, r = _values(train, readout)
+    _assert_equal(t, dict(PAPER_TRAIN, backbone=arch, epochs=epochs))
+    _assert_equal(r, PAPER_READOUT)
+    assert (train.mode, train.decoder) == mode_decoder and not train.top_unit and train.units is None
+    hub = get_hub_config(tag)
+    assert 'timm_architecture' not in hub.model  # plain timm has no such model: exports need `import loco_timm`
+    assert hub.metrics['linear_top1'] == PAPER_TOP1[arch][train.mode]
 
 
 def _image_folder(root):

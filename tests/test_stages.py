@@ -128,9 +128,26 @@ def test_a_model_without_feature_info_is_a_one_line_value_error():
     class Custom(nn.Module):
         def forward_features(self, x):
             return x
-    with pytest.raises(ValueError, match=r'^cannot split Custom: its feature_info names no module') as err:
+    with pytest.raises(ValueError, match=r'^cannot split Custom: it has no feature_info .*upgrade timm') as err:
         split_stages(Custom())
     assert '\n' not in str(err.value)
+
+
+def test_feature_info_naming_only_the_head_is_a_one_line_value_error():
+    """timm 1.0.12's ConViT lists one level, its head (reduction 0), which forward_features never calls."""
+    class HeadOnly(nn.Module):
+        feature_info = [dict(module='head', num_chs=4, reduction=0)]
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+
+        def forward_features(self, x):
+            return self.conv(x)
+
+    with pytest.raises(ValueError, match=r'^cannot split HeadOnly: its feature_info names no module that '
+                                         r'forward_features calls$'):
+        split_stages(HeadOnly())
 
 
 def test_an_untraceable_forward_is_a_value_error_naming_model_and_reason():

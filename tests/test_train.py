@@ -196,6 +196,16 @@ def test_train_command_trains_families_of_the_generic_splitter(tmp_path, backbon
     assert latest_checkpoint(tmp_path) is not None
 
 
+@pytest.mark.parametrize('backbone', ['loco_shufflenet_v2_50', 'loco_presnet50'])
+def test_train_command_trains_the_papers_other_encoders(tmp_path, backbone):
+    result = _run(_cli('train', *_tiny_cli_args(tmp_path, backbone=backbone, image_size=64, max_steps=2,
+                                                checkpoint_every=2, batch_size=8)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = load_file(str(latest_checkpoint(tmp_path) / 'learner.safetensors'))
+    assert any(k.endswith('conv6.conv.weight' if 'shufflenet' in backbone else 'stages.5.2.conv.1.conv.weight')
+               for k in weights)
+
+
 def test_a_fixed_input_size_backbone_given_another_image_size_is_a_one_line_error(tmp_path):
     result = _run(_cli('train', *_tiny_cli_args(tmp_path, backbone='test_maxvit', image_size=32)))
     assert result.returncode == 2

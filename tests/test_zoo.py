@@ -43,12 +43,13 @@ def test_a_weight_tag_is_a_recipe_for_train_and_readout():
 
 
 def test_timm_lists_the_loco_models_and_their_tags():
-    assert set(timm.list_models('loco_*')) == {'loco_resnet18_small', 'loco_resnet50'}
+    assert set(timm.list_models('loco_*')) == {'loco_resnet18_small', 'loco_resnet50', 'loco_shufflenet_v2_50',
+                                               'loco_presnet50'}
     assert set(timm.list_pretrained('loco_*')) == {c.name for c in list_hub_configs()}
 
 
 def test_an_untagged_name_resolves_to_the_loco_tag_and_carries_the_hub_config():
-    for arch in ('loco_resnet18_small', 'loco_resnet50'):
+    for arch in ('loco_resnet18_small', 'loco_resnet50', 'loco_shufflenet_v2_50', 'loco_presnet50'):
         model = timm.create_model(arch, pretrained=False)
         hub = get_hub_config(f'{arch}.{model.pretrained_cfg["tag"]}')
         assert hub.mode == 'loco'

@@ -68,6 +68,8 @@ def _module_shapes(model: nn.Module) -> tuple[dict[str, tuple], tuple[int, int]]
 
 def _matches(shape: tuple, channels: int, reduction: int, size: tuple) -> bool:
     """A module output is the level's feature map or token sequence (NCHW, NHWC or tokens, up to 8 prefix tokens)."""
+    if not reduction or reduction < 1:  # e.g. a head level (reduction 0)
+        return False
     h, w = size[0] // reduction, size[1] // reduction
     if len(shape) == 3:
         return shape == (channels, h, w) or shape == (h, w, channels)
@@ -131,6 +133,9 @@ def default_levels(model: nn.Module, traced: TracedFeatures) -> tuple[list[dict]
         if traced.ends[f['module']] not in seen:
             seen.add(traced.ends[f['module']])
             levels.append(f)
+    if not levels and not _feature_info(model):
+        raise ValueError(f'cannot split {type(model).__name__}: it has no feature_info (newer timm versions add it '
+                         f'to more models: upgrade timm, or register a stage adapter for it)')
     if not levels:
         raise ValueError(f'cannot split {type(model).__name__}: its feature_info names no module that '
                          f'forward_features calls')
@@ -166,7 +171,21 @@ def _module_at(traced: TracedFeatures, end: int, candidates: list[str]) -> str:
     return min((m for m in candidates if traced.ends[m] == end), key=lambda m: m.count('.'))
 
 
-def split_stages(model: nn.Module, num_stages: int | None = None) -> nn.ModuleList:
+def _cut_first_blocks(model: nn.Module, traced: TracedFeatures, cuts: list[int], blocks: list[int],
+                      count: int) -> list[int]:
+    """``cuts`` plus a cut after the first ``count`` blocks of every stage but the first."""
+    bounds = [-1] + cuts + [len(traced.graph.nodes)]
+    extra = []
+    for i in range(1, len(bounds) - 1):
+        inside = [c for c in blocks if bounds[i] < c < bounds[i + 1]]
+        if len(inside) < count:
+            raise ValueError(f'cannot cut stage {i} of {type(model).__name__} after its first {count} block(s): it has '
+                             f'{len(inside) + 1}; use fewer blocks')
+        extra.append(inside[count - 1])
+    return sorted(cuts + extra)
+
+
+def split_stages(model: nn.Module, num_stages: int | None = None, first_blocks: int = 0) -> nn.ModuleList:
     """Split a timm model's ``forward_features`` into sequential stages.
 
     Args:
@@ -174,6 +193,9 @@ def split_stages(model: nn.Module, num_stages: int | None = None) -> nn.ModuleLi
             model of a family registered with :func:`loco_timm.register_stage_adapter`.
         num_stages: Number of stages K. Default: the model's ``feature_info`` levels with the stem merged into the
             first (ResNet-50: 4), or 4 equal groups of blocks for a model without downsampling levels (ViT).
+        first_blocks: Also cut every stage but the first after its first ``first_blocks`` blocks, so stage k >= 1
+            becomes two: its head blocks and the rest (LoCo's ablation sharing only part of the next stage).
+            Traced models only.
 
     Returns:
         ``nn.ModuleList`` of K stages sharing the model's modules and parameters. Applying them in order equals
@@ -184,6 +206,9 @@ def split_stages(model: nn.Module, num_stages: int | None = None) -> nn.ModuleLi
         ValueError: One line naming the model and why it cannot be split, or the range ``num_stages`` must be in.
     """
     if find_adapter(model) is not None:
+        if first_blocks:
+            raise ValueError(f'first_blocks: {type(model).__name__} is split by a registered adapter, which cuts '
+                             f'only where its atoms end; use the traced splitter (unregister the adapter)')
         return split_atoms(model, num_stages)
     traced = trace_features(model)
     levels, all_levels = default_levels(model, traced)
@@ -205,6 +230,8 @@ def split_stages(model: nn.Module, num_stages: int | None = None) -> nn.ModuleLi
             options = [[c for c in blocks if bounds[i] < c < bounds[i + 1]] for i in range(len(bounds) - 1)]
             best = max(range(len(options)), key=lambda i: len(options[i]))
             cuts = sorted(cuts + [options[best][(len(options[best]) - 1) // 2]])
+    if first_blocks:
+        cuts = _cut_first_blocks(model, traced, cuts, blocks, first_blocks)
     names = list(traced.ends)
     cut_modules = [_module_at(traced, end, [f['module'] for f in all_levels] + names) for end in cuts]
     split = GraphSplit(model, cut_modules, traced)

@@ -18,14 +18,13 @@ mirrors, offline mode and the cache apply) and, where the weights are missing, r
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-from .tags import list_hub_configs
+from ._builder import PretrainedWeightsNotFound, create, tag_cfgs
 
 __all__ = ['SmallImageResNet', 'PretrainedWeightsNotFound', 'ARCHITECTURES']
 
@@ -42,12 +41,8 @@ class SmallImageResNet(ResNet):
             info['reduction'] = stem_stride * (max(info['reduction'] // 4, 1) if info['module'] != 'act1' else 1)
 
 
-class PretrainedWeightsNotFound(RuntimeError):
-    """``pretrained=True`` on a tag whose weights the Hub (or the mirror at ``HF_ENDPOINT``) does not have."""
-
-
 # architecture facts of the pretrained config; the tag's facts come from its hub config
-ARCHITECTURES: dict[str, dict[str, Any]] = {
+RESNETS: dict[str, dict[str, Any]] = {
     'loco_resnet18_small': dict(first_conv='conv1.0', classifier='fc', pool_size=(2, 2), input_size=(1, 28, 28),
                                 num_classes=10, crop_pct=1.0, mean=(0.2860,), std=(0.3530,)),
     'loco_resnet50': dict(first_conv='conv1', classifier='fc', pool_size=(7, 7), input_size=(3, 224, 224),
@@ -55,45 +50,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
-def _cfg(architecture: str, **kwargs: Any) -> dict[str, Any]:
-    return {'url': '', 'interpolation': 'bilinear', 'license': 'apache-2.0', 'paper_ids': 'arxiv:2008.01342',
-            **ARCHITECTURES[architecture], **kwargs}
-
-
-def _tag_cfgs() -> dict[str, dict[str, Any]]:
-    cfgs = {}
-    for hub_config in list_hub_configs():  # tags of other timm architectures are export-only (hf-hub: loading)
-        if hub_config.architecture in ARCHITECTURES:
-            cfgs[hub_config.name] = _cfg(hub_config.architecture, **hub_config.pretrained_cfg())
-    for architecture in ARCHITECTURES:  # an architecture without tags still registers
-        if not any(name.startswith(architecture + '.') for name in cfgs):
-            cfgs[f'{architecture}.untrained'] = _cfg(architecture)
-    return cfgs
-
-
-default_cfgs = generate_default_cfgs(_tag_cfgs())
-
-
-def _missing_weights_message(variant: str, kwargs: dict, err: Exception) -> str:
-    from timm.models._builder import resolve_pretrained_cfg
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-    tag, hub_id = cfg.tag or default_cfgs[variant].default.tag, cfg.hf_hub_id or '(no hf_hub_id)'
-    endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return (f'no pretrained weights for {variant}.{tag} at {hub_id} on {endpoint} ({type(err).__name__}: {reason}). '
-            f'They may not be published: train them (`loco-timm train --config {variant}.{tag}`), export '
-            f'(`loco-timm export RUN --config {variant}.{tag} --out DIR`) and publish (`loco-timm publish DIR '
-            f'--repo-id {hub_id.split("@")[0]}`), or set HF_ENDPOINT to a mirror that has them; '
-            f'pretrained=False builds the model untrained')
-
-
-def _create(model_cls: type, variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-    try:
-        return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
-    except (HfHubHTTPError, EntryNotFoundError, LocalEntryNotFoundError, ConnectionError) as err:
-        raise PretrainedWeightsNotFound(_missing_weights_message(variant, kwargs, err)) from None
+default_cfgs = generate_default_cfgs(tag_cfgs(RESNETS))
 
 
 @register_model
@@ -101,11 +58,16 @@ def loco_resnet18_small(pretrained: bool = False, **kwargs: Any) -> SmallImageRe
     """ResNet-18 for small images (deep stem at stride 2, no max-pool), widths 16-32-64-256, avg+max pooled head."""
     model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2), channels=(16, 32, 64, 256), stem_type='deep',
                       stem_width=8, in_chans=1, num_classes=10, global_pool='catavgmax')
-    return _create(SmallImageResNet, 'loco_resnet18_small', pretrained, **dict(model_args, **kwargs))
+    return create(SmallImageResNet, 'loco_resnet18_small', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def loco_resnet50(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet-50, the paper's encoder (timm's ``resnet50``)."""
     model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3))
-    return _create(ResNet, 'loco_resnet50', pretrained, **dict(model_args, **kwargs))
+    return create(ResNet, 'loco_resnet50', pretrained, **dict(model_args, **kwargs))
+
+
+from . import progressive_resnet, shufflenet_v2  # noqa: E402  (register their models)
+
+ARCHITECTURES: dict[str, dict[str, Any]] = {**RESNETS, **shufflenet_v2.ARCHITECTURES, **progressive_resnet.ARCHITECTURES}

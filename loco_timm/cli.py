@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument('--out', required=True, help='the study folder (runs, results.json, results.md, plots)')
     study.add_argument('--config', default='loco_resnet18_small.simclr_fmnist', help='recipe or weight tag')
     study.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    study.add_argument('--arms', nargs='+', default=None, help='default: all six')
+    study.add_argument('--arms', nargs='+', default=None,
+                       help='arm names, or the groups main (the six arms; the default) and ablations (the paper\'s '
+                            'ablations with the arms they are compared with)')
     study.add_argument('--set', nargs=2, action='append', default=[], metavar=('KEY', 'VALUE'),
                        help='override a train key for every arm (e.g. --set max_steps 20)')
     study.add_argument('--readout-set', nargs=2, action='append', default=[], metavar=('KEY', 'VALUE'),

@@ -24,6 +24,7 @@ CHOICES = {
     'mode': ('loco', 'gim', 'e2e'),
     'decoder': ('conv', 'mlp', None),
     'decoder_norm': ('batch', 'layer', 'none'),
+    'sharing': ('full', 'none', 'upper', 'blocks', 'l2'),
     'dataset': ('fashion_mnist', 'cifar10', 'cifar100', 'stl10', 'imagefolder'),
     'optimizer': ('lars', 'sgd', 'adamw'),
     'mixed_precision': ('no', 'bf16', 'fp16'),
@@ -50,6 +51,11 @@ class TrainConfig:
     proj_dim: int = 128
     decoder_norm: str = 'batch'
     recompute: bool = False  # run a waiting stage's forward again instead of keeping its activations
+    decoder_blocks: typing.Optional[int] = None  # conv blocks before pooling (None: the decoder's own, conv 1, mlp 0)
+    mlp_layers: int = 2  # linear layers of the projection MLP (the paper's "+ 2-layer MLP": 4)
+    sharing: str = 'full'  # LoCo's sharing ablation (loco_timm.sharing): full, none, upper, blocks, l2
+    sharing_blocks: int = 1  # sharing: blocks: first blocks of the next stage a unit includes
+    sharing_l2: float = 1e-3  # sharing: l2: penalty coefficient
     # data
     dataset: str = 'fashion_mnist'
     data_dir: typing.Optional[str] = None

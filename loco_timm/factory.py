@@ -53,7 +53,9 @@ def build_learner(cfg: TrainConfig, in_chans: int, num_classes: int) -> LocalLea
         learner = LocalLearner(backbone, mode=cfg.mode, decoder=cfg.decoder, num_stages=cfg.num_stages,
                                units=cfg.units, top_unit=cfg.top_unit, temperature=cfg.temperature,
                                proj_dim=cfg.proj_dim, decoder_norm=cfg.decoder_norm,
-                               input_size=(in_chans, cfg.image_size, cfg.image_size), recompute=cfg.recompute)
+                               input_size=(in_chans, cfg.image_size, cfg.image_size), recompute=cfg.recompute,
+                               decoder_blocks=cfg.decoder_blocks, mlp_layers=cfg.mlp_layers, sharing=cfg.sharing,
+                               sharing_blocks=cfg.sharing_blocks, sharing_l2=cfg.sharing_l2)
     except ValueError as err:
         raise ConfigError(f'backbone {cfg.backbone}: {err}') from None
     if cfg.sync_bn:

@@ -61,8 +61,11 @@ def input_grads(outs: list, grads: list, inputs: list) -> list:
 class Schedule:
     """Book-keeping of one ``LocalLearner.step``: stage graphs still alive, and where each unit's gradient is."""
 
-    def __init__(self, spans: dict[int, Unit], members: dict[int, list[int]]):
+    def __init__(self, spans: dict[int, Unit], members: dict[int, list[int]],
+                 weights: dict[int, set[int]] | None = None):
         self.spans, self.members = spans, members
+        # stage -> units whose gradient its weights take (default: every unit containing it)
+        self.weights = weights if weights is not None else {k: set(js) for k, js in members.items()}
         self.inputs: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.losses: dict[int, torch.Tensor] = {}
@@ -74,4 +77,6 @@ class Schedule:
 
     def arrive(self, unit: int, stage: int, grad: list) -> None:
         self.at[unit], self.grad[unit] = stage, grad
+        if unit not in self.weights.get(stage, ()):
+            grad = [None] * len(grad)  # it passes through this stage without training its weights
         self.total[stage] = grad if stage not in self.total else _add_grads(self.total[stage], grad)

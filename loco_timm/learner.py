@@ -28,8 +28,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .decoders import DECODERS, NORMS, Pool, count_flops, create_decoder
-from .losses import NTXentLoss
 from .gradients import Schedule, backward_to, input_grads, output_grads, rng_state, set_rng_state
+from .losses import NTXentLoss
+from .sharing import SHARING, SoftSharing, sharing_units, soft_step, weight_units
 from .stages import detach_stage_output, feature_layout, split_stages, stage_feature, stage_tensors
 
 __all__ = ['LocalLearner', 'MODES', 'make_units']
@@ -90,6 +91,13 @@ class LocalLearner(nn.Module):
             when its gradients are due (activation checkpointing of the lower stage of a unit). Gradients, weights
             and BatchNorm statistics are those of the plain schedule (buffers are restored after the second forward,
             random state replayed); it costs one more forward of each such stage.
+        decoder_blocks: Conv (token) blocks in every decoder before its pooling, overriding ``decoder``'s (conv: 1,
+            mlp: 0); the paper's decoder-depth ablation.
+        mlp_layers: Linear layers of every decoder's projection MLP (2; the paper's "+ 2-layer MLP": 4).
+        sharing: LoCo only: how overlapping units share a stage, ``"full"`` (LoCo), ``"none"``, ``"upper"``,
+            ``"blocks"`` or ``"l2"`` (see :mod:`loco_timm.sharing`).
+        sharing_blocks: ``"blocks"``: how many first blocks of the next stage a unit includes.
+        sharing_l2: ``"l2"``: the penalty coefficient.
 
     Attributes:
         encoder: The backbone itself (same parameter objects), for readout and export.
@@ -113,10 +121,22 @@ class LocalLearner(nn.Module):
             decoder_norm: str = 'batch',
             input_size: Sequence[int] | None = None,
             recompute: bool = False,
+            decoder_blocks: int | None = None,
+            mlp_layers: int = 2,
+            sharing: str = 'full',
+            sharing_blocks: int = 1,
+            sharing_l2: float = 1e-3,
     ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f'unknown mode {mode!r}: use one of {", ".join(MODES)}')
+        if sharing not in SHARING:
+            raise ValueError(f'unknown sharing {sharing!r}: use one of {", ".join(SHARING)}')
+        if sharing != 'full' and (mode != 'loco' or units is not None):
+            raise ValueError(f'sharing={sharing!r} changes how LoCo\'s overlapping units share stages: use it with '
+                             f'mode="loco" and without custom units')
+        if sharing == 'l2' and recompute:
+            raise ValueError('sharing="l2" runs each unit on its own copy: recompute does not apply, set it False')
         decoder = decoder or ('mlp' if mode == 'e2e' else 'conv')
         if decoder not in DECODERS:
             raise ValueError(f'unknown decoder {decoder!r}: use one of {", ".join(DECODERS)}')
@@ -126,12 +146,20 @@ class LocalLearner(nn.Module):
             import timm
             backbone = timm.create_model(backbone)
         self.encoder = backbone
-        self.__dict__['_stages'] = split_stages(backbone, num_stages)
-        num_stages = len(self.stages)
-        self.units = _check_units(units, num_stages) if units is not None else make_units(mode, num_stages, top_unit)
-        self.config = dict(mode=mode, decoder=decoder, num_stages=num_stages, units=[list(u) for u in self.units],
+        first_blocks = sharing_blocks if sharing == 'blocks' else 0
+        self.__dict__['_stages'] = split_stages(backbone, num_stages, first_blocks=first_blocks)
+        levels = num_stages = len(self.stages)
+        if sharing == 'blocks':
+            levels = (num_stages + 1) // 2
+        self.units = (_check_units(units, num_stages) if units is not None else
+                      make_units(mode, num_stages, top_unit) if sharing == 'full' else
+                      sharing_units(sharing, levels, top_unit))
+        self.sharing = sharing
+        self.config = dict(mode=mode, decoder=decoder, num_stages=levels, units=[list(u) for u in self.units],
                            top_unit=top_unit, temperature=temperature, proj_dim=proj_dim, hidden_dim=hidden_dim,
-                           decoder_norm=decoder_norm, recompute=recompute)
+                           decoder_norm=decoder_norm, recompute=recompute, decoder_blocks=decoder_blocks,
+                           mlp_layers=mlp_layers, sharing=sharing, sharing_blocks=sharing_blocks,
+                           sharing_l2=sharing_l2)
         self.recompute = recompute
         self.input_size = tuple(input_size or self._default_input_size())
         self.stage_shapes = self._infer_stage_shapes()
@@ -144,9 +172,14 @@ class LocalLearner(nn.Module):
         heads = getattr(getattr(first_block, 'attn', None), 'num_heads', None)
         self.decoders = nn.ModuleList([
             create_decoder(decoder, self.stage_shapes[last], proj_dim, hidden_dim, decoder_norm, token_pool,
-                           getattr(backbone, 'num_prefix_tokens', 0), heads, self.layouts[last])
+                           getattr(backbone, 'num_prefix_tokens', 0), heads, self.layouts[last], decoder_blocks,
+                           mlp_layers)
             for _, last in self.units])
         self.loss = NTXentLoss(temperature)
+        if sharing == 'l2':  # a copy of each stage that is the top of one unit and the bottom of another
+            starts = {first for first, _ in self.units}
+            shared = [last for first, last in self.units if last != first and last in starts]
+            self.sharing_copies = SoftSharing(backbone, num_stages, shared, sharing_l2)
 
     @property
     def stages(self) -> nn.ModuleList:
@@ -252,13 +285,15 @@ class LocalLearner(nn.Module):
         """
         active = self._check_step_args(view1, view2, units)
         backward = backward or (lambda loss: loss.backward())
+        if self.sharing == 'l2':
+            return soft_step(self, view1, view2, active, backward)
         batch = view1.shape[0]
         spans = {j: self.units[j] for j in active}
         top = max(last for _, last in spans.values())
         bottom = min(first for first, _ in spans.values())
         needs_input_grad = {k for first, last in spans.values() for k in range(first + 1, last + 1)}
         members = {k: [j for j, (first, last) in spans.items() if first <= k <= last] for k in range(top + 1)}
-        state = Schedule(spans, members)
+        state = Schedule(spans, members, weight_units(self.sharing, spans, members))
 
         h = torch.cat([view1, view2])
         for k in range(top + 1):

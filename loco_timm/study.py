@@ -18,12 +18,61 @@ from typing import Any
 
 from .config import ReadoutConfig, TrainConfig, from_dict, load_recipe
 
-__all__ = ['ARMS', 'run_study', 'summarize', 'CLAIMS']
+__all__ = ['ARMS', 'ABLATIONS', 'arm_overrides', 'expand_arms', 'run_study', 'summarize', 'CLAIMS']
 
 ARMS = {  # name: (mode, decoder)
     'e2e_mlp': ('e2e', 'mlp'), 'e2e_conv': ('e2e', 'conv'), 'gim_mlp': ('gim', 'mlp'), 'gim_conv': ('gim', 'conv'),
     'loco_conv': ('loco', 'conv'), 'loco_mlp': ('loco', 'mlp'),
 }
+# The paper's ablations (ResNet-50, ImageNet, 100 epochs, linear top-1; ../shared/PAPER.md): name -> (train keys,
+# the arm it is compared with, the paper's row, the paper's value for it, the paper's value for that arm)
+ABLATIONS = {
+    'loco_upper': (dict(mode='loco', decoder='conv', sharing='upper'), 'loco_conv', 'upper-layer gradient only',
+                   65.3, 66.2),
+    'loco_l2_1e-4': (dict(mode='loco', decoder='conv', sharing='l2', sharing_l2=1e-4), 'loco_conv',
+                     'L2 soft sharing 1e-4', 65.5, 66.2),
+    'loco_l2_1e-3': (dict(mode='loco', decoder='conv', sharing='l2', sharing_l2=1e-3), 'loco_conv',
+                     'L2 soft sharing 1e-3', 66.0, 66.2),
+    'loco_l2_1e-2': (dict(mode='loco', decoder='conv', sharing='l2', sharing_l2=1e-2), 'loco_conv',
+                     'L2 soft sharing 1e-2', 65.9, 66.2),
+    'loco_blocks1': (dict(mode='loco', decoder='conv', sharing='blocks', sharing_blocks=1), 'loco_conv',
+                     'sharing the first block of the next stage', 64.8, 66.2),
+    'loco_mlp4': (dict(mode='loco', decoder='conv', mlp_layers=4), 'loco_conv', 'LoCo + 2 more MLP layers', 67.5,
+                  66.2),
+    'gim_conv2': (dict(mode='gim', decoder='conv', decoder_blocks=2), 'gim_conv', 'local + 2 conv blocks', 65.8,
+                  65.1),
+    'gim_mlp4': (dict(mode='gim', decoder='mlp', mlp_layers=4), 'gim_mlp', 'local + 2-layer MLP', 62.3, 60.9),
+    'e2e_mlp4': (dict(mode='e2e', decoder='mlp', mlp_layers=4), 'e2e_mlp', 'SimCLR + 2-layer MLP', 67.1, 65.7),
+}
+# no sharing (65.1 vs 66.2) is GIM with LoCo's decoders: the main arms' pair LoCo - GIM
+
+
+def arm_overrides(name: str) -> dict:
+    """The train keys an arm sets."""
+    if name in ARMS:
+        return dict(mode=ARMS[name][0], decoder=ARMS[name][1])
+    return dict(ABLATIONS[name][0])
+
+
+def expand_arms(arms: list[str] | None) -> list[str]:
+    """Arm names, with the groups ``main`` (the six arms, the default) and ``ablations`` (every ablation arm and
+    the arms they are compared with) expanded, in order and without repeats.
+
+    Raises:
+        ValueError: For a name that is no arm or group.
+    """
+    names = []
+    for name in arms or ['main']:
+        if name == 'main':
+            names += list(ARMS)
+        elif name == 'ablations':
+            names += [ABLATIONS[a][1] for a in ABLATIONS] + list(ABLATIONS)
+        elif name in ARMS or name in ABLATIONS:
+            names.append(name)
+        else:
+            raise ValueError(f'unknown arm {name}: valid arms are {", ".join(list(ARMS) + list(ABLATIONS))} and the '
+                             f'groups main, ablations')
+    return list(dict.fromkeys(names))
 PAIRS = {'LoCo - E2E': ('loco_conv', 'e2e_mlp'), 'LoCo - GIM': ('loco_conv', 'gim_conv'),
          'GIM: conv - mlp decoder': ('gim_conv', 'gim_mlp'), 'E2E: conv - mlp decoder': ('e2e_conv', 'e2e_mlp')}
 CLAIMS = ('LoCo (conv) is within 0.5 pt of E2E (mlp) at the last stage',
@@ -44,7 +93,7 @@ def _fmt(values: list[float]) -> str:
 def summarize(runs: list[dict]) -> dict[str, Any]:
     """Per arm: last-stage linear/kNN and per-stage linear, mean and std over seeds; paired differences; claims."""
     arms: dict[str, dict] = {}
-    for name in ARMS:
+    for name in list(ARMS) + list(ABLATIONS):
         mine = sorted((r for r in runs if r['arm'] == name), key=lambda r: r['seed'])
         if not mine:
             continue
@@ -72,23 +121,43 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
                   readout=[min(r['readout_seconds'] for r in timed), max(r['readout_seconds'] for r in timed)],
                   hours=sum(r['train_seconds'] + r['readout_seconds'] for r in timed) / 3600, runs=len(timed)) \
         if timed else None
-    return dict(arms=arms, pairs=pairs, claims=claims, timing=timing)
+    ablations = {}
+    for name, (_, reference, label, paper, paper_reference) in ABLATIONS.items():
+        if name in arms and reference in arms:
+            common = sorted(set(arms[name]['seeds']) & set(arms[reference]['seeds']))
+            diff = [arms[name]['linear'][arms[name]['seeds'].index(s)] -
+                    arms[reference]['linear'][arms[reference]['seeds'].index(s)] for s in common]
+            if diff:
+                ablations[name] = dict(reference=reference, label=label, seeds=common, diff=diff,
+                                       paper_diff=round(paper - paper_reference, 2))
+    return dict(arms=arms, pairs=pairs, claims=claims, timing=timing, ablations=ablations)
 
 
-def results_markdown(summary: dict, seeds: int) -> str:
+def results_markdown(summary: dict, seeds: int, arms: int = len(ARMS)) -> str:
     runs = sum(len(arm['seeds']) for arm in summary['arms'].values())
-    planned = len(ARMS) * max(seeds, 3)
-    lines = [f'{runs} of {planned} runs ({len(ARMS)} arms x {max(seeds, 3)} seeds)' +
+    planned = arms * max(seeds, 3)
+    lines = [f'{runs} of {planned} runs ({arms} arms x {max(seeds, 3)} seeds)' +
              (': **partial**, means over the seeds run so far.' if runs < planned else '.'), '',
              '| arm | mode | decoder | seeds | last-stage linear top-1 | last-stage kNN top-1 | linear top-1 per stage '
              '(mean) |', '|---|---|---|---|---|---|---|']
     for name, arm in summary['arms'].items():
-        mode, decoder = ARMS[name]
+        mode, decoder = arm_overrides(name)['mode'], arm_overrides(name)['decoder']
         lines.append(f'| {name} | {mode} | {decoder} | {", ".join(map(str, arm["seeds"]))} | {_fmt(arm["linear"])} | '
                      f'{_fmt(arm["knn"])} | {", ".join(f"{v:.2f}" for v in arm["per_stage"])} |')
     lines += ['', '| paired difference (same seed) | per seed | mean +- std |', '|---|---|---|']
     for label, pair in summary['pairs'].items():
         lines.append(f'| {label} | {", ".join(f"{d:+.2f}" for d in pair["diff"])} | {_fmt(pair["diff"])} |')
+    if summary.get('ablations'):
+        lines += ['', 'Ablations: each arm minus the arm it changes, paired per seed (last-stage linear top-1), next to '
+                      'the same difference in the paper (ResNet-50, ImageNet, 100 epochs):', '',
+                  '| ablation (the paper\'s row) | difference | per seed | mean +- std | paper | same sign |',
+                  '|---|---|---|---|---|---|']
+        for name, row in summary['ablations'].items():
+            mean = statistics.fmean(row['diff'])
+            same = (mean > 0) == (row['paper_diff'] > 0)
+            lines.append(f'| {row["label"]} | {name} - {row["reference"]} | '
+                         f'{", ".join(f"{d:+.2f}" for d in row["diff"])} | {_fmt(row["diff"])} | '
+                         f'{row["paper_diff"]:+.1f} | {"yes" if same else "**no**"} |')
     lines += ['', 'Claims of the paper, checked on these runs (last-stage linear top-1, mean of the paired per-seed '
               'differences above):', '']
     for claim in CLAIMS:
@@ -109,7 +178,7 @@ def _plots(runs: list[dict], summary: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = {'e2e': 'tab:blue', 'gim': 'tab:orange', 'loco': 'tab:green'}
     for name, arm in summary['arms'].items():
-        mode, decoder = ARMS[name]
+        mode, decoder = arm_overrides(name)['mode'], arm_overrides(name)['decoder']
         per_seed = [r['linear'] for r in runs if r['arm'] == name]
         stds = [_mean_std([values[k] for values in per_seed])[1] for k in range(len(arm['per_stage']))]
         ax.errorbar(range(1, len(arm['per_stage']) + 1), arm['per_stage'], yerr=stds, marker='o', capsize=3,
@@ -130,8 +199,10 @@ def _plots(runs: list[dict], summary: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / 'readout.png', dpi=120)
     plt.close(fig)
-    fig, axes = plt.subplots(1, len(ARMS), figsize=(3 * len(ARMS), 3), sharey=True)
-    for ax, name in zip(axes, ARMS):
+    names = list(summary['arms'])
+    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, name in zip(axes, names):
         for run in (r for r in runs if r['arm'] == name):
             for unit, curve in run.get('losses', {}).items():
                 first = run['seed'] == min(r['seed'] for r in runs if r['arm'] == name)
@@ -170,17 +241,15 @@ def run_study(out: str | Path, config: str, seeds: list[int], arms: list[str] | 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe(config)
-    arms = arms or list(ARMS)
-    unknown = sorted(set(arms) - set(ARMS))
-    if unknown:
-        raise ValueError(f'unknown arm(s) {", ".join(unknown)}: valid arms are {", ".join(ARMS)}')
+    arms = expand_arms(arms)
     readout_cfg = from_dict(ReadoutConfig, dict(recipe.get('readout') or {}, **(readout_overrides or {})))
     for name in arms:
-        mode, decoder = ARMS[name]
+        keys = arm_overrides(name)
+        mode, decoder = keys['mode'], keys['decoder']
         for seed in seeds:
             run_dir = out / name / f'seed-{seed}'
-            cfg = from_dict(TrainConfig, dict(recipe['train'], **(train_overrides or {}), mode=mode, decoder=decoder,
-                                               seed=seed, out_dir=str(run_dir)))
+            cfg = from_dict(TrainConfig, dict(recipe['train'], **(train_overrides or {}), **keys, seed=seed,
+                                               out_dir=str(run_dir)))
             done = run_dir / 'readout.json'
             latest = latest_checkpoint(run_dir)
             finished = done.is_file() and latest is not None and json.loads(done.read_text())['checkpoint'] == str(
@@ -191,14 +260,14 @@ def run_study(out: str | Path, config: str, seeds: list[int], arms: list[str] | 
             log(f'{name} seed {seed}: training ({mode}, {decoder} decoder) in {run_dir}')
             train(cfg, resume=latest is not None)
             readout(run_dir, readout_cfg, log=log, reference_cache=out / 'references')
-            _write_results(out, config, seeds, recipe, train_overrides, readout_overrides)
-    return _write_results(out, config, seeds, recipe, train_overrides, readout_overrides)
+            _write_results(out, config, seeds, recipe, train_overrides, readout_overrides, len(arms))
+    return _write_results(out, config, seeds, recipe, train_overrides, readout_overrides, len(arms))
 
 
 def _write_results(out: Path, config: str, seeds: list[int], recipe: dict, train_overrides: dict | None,
-                   readout_overrides: dict | None) -> dict:
+                   readout_overrides: dict | None, arms: int = len(ARMS)) -> dict:
     runs = []
-    for name in ARMS:
+    for name in list(ARMS) + list(ABLATIONS):
         for run_dir in sorted((out / name).glob('seed-*')):
             if not (run_dir / 'readout.json').is_file():
                 continue
@@ -214,7 +283,7 @@ def _write_results(out: Path, config: str, seeds: list[int], recipe: dict, train
     results = dict(config=config, recipe=recipe, train_overrides=train_overrides or {},
                    readout_overrides=readout_overrides or {}, seeds=seeds, summary=summary, runs=runs)
     (out / 'results.json').write_text(json.dumps(results, indent=1))
-    (out / 'results.md').write_text(results_markdown(summary, len(seeds)) + '\n')
+    (out / 'results.md').write_text(results_markdown(summary, len(seeds), arms) + '\n')
     if runs:
         _plots(runs, summary, out)
     return results

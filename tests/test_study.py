@@ -69,3 +69,45 @@ def test_study_trains_every_arm_and_seed_once_and_resumes(tmp_path):
     again = cli(*args, timeout=900)
     assert again.returncode == 0 and again.stdout.count('done, skipped') == 6
     assert json.loads((tmp_path / 'results.json').read_text())['summary'] == results['summary']
+
+
+def test_ablation_arms_are_paired_with_the_arm_they_change_next_to_the_papers_difference():
+    runs = [_run('loco_conv', 0, [50, 80.0]), _run('loco_conv', 1, [50, 82.0]),
+            _run('loco_upper', 0, [50, 79.0]), _run('loco_upper', 1, [50, 82.5]),
+            _run('loco_mlp4', 0, [50, 81.0])]
+    summary = summarize(runs)
+    upper = summary['ablations']['loco_upper']
+    assert upper['reference'] == 'loco_conv' and upper['diff'] == pytest.approx([-1.0, 0.5])
+    assert upper['paper_diff'] == pytest.approx(65.3 - 66.2)
+    assert summary['ablations']['loco_mlp4']['seeds'] == [0]
+    text = results_markdown(summary, 2, arms=3)
+    assert '| upper-layer gradient only | loco_upper - loco_conv | -1.00, +0.50 | -0.25 +- 1.06 | -0.9 | yes |' in text
+    assert '| LoCo + 2 more MLP layers | loco_mlp4 - loco_conv | +1.00 | 1.00 (1 seed) | +1.3 | yes |' in text
+    assert text.startswith('5 of 9 runs (3 arms x 3 seeds)')
+
+
+def test_arm_groups_expand_to_the_arms_and_their_references():
+    from loco_timm.study import ABLATIONS, ARMS, expand_arms
+    assert expand_arms(None) == list(ARMS)
+    ablations = expand_arms(['ablations'])
+    assert set(ablations) == set(ABLATIONS) | {'loco_conv', 'gim_conv', 'gim_mlp', 'e2e_mlp'}
+    assert ablations.index('loco_conv') < ablations.index('loco_upper')  # references first
+    with pytest.raises(ValueError, match='unknown arm loco_sideways: valid arms are .* and the groups main, ablations'):
+        expand_arms(['loco_sideways'])
+
+
+@pytest.mark.slow
+def test_study_runs_the_ablation_arms_through_train_and_readout(tmp_path):
+    args = ['study', '--out', tmp_path, '--arms', 'loco_conv', 'loco_upper', 'loco_blocks1', 'loco_l2_1e-3',
+            'loco_mlp4', '--seeds', '0', '--set', 'subset', '64', '--set', 'batch_size', '16', '--set', 'max_steps',
+            '2', '--set', 'trackers', 'none', '--readout-set', 'epochs', '1', '--readout-set', 'train_subset', '128',
+            '--readout-set', 'test_subset', '64', '--readout-set', 'knn_k', '10']
+    result = cli(*args, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / 'results.json').read_text())
+    runs = {r['arm']: r for r in results['runs']}
+    assert len(runs['loco_blocks1']['linear']) == 7 and len(runs['loco_upper']['linear']) == 4  # blocks: 2K-1 stages
+    assert set(results['summary']['ablations']) == {'loco_upper', 'loco_blocks1', 'loco_l2_1e-3', 'loco_mlp4'}
+    assert 'L2 soft sharing 1e-3 | loco_l2_1e-3 - loco_conv' in (tmp_path / 'results.md').read_text()
+    bad = cli('study', '--out', tmp_path, '--arms', 'loco_sideways', timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count('\n') == 0 and 'unknown arm loco_sideways' in bad.stderr

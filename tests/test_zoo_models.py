@@ -129,9 +129,9 @@ def test_split_into_the_papers_stages(name, stages):
 def test_one_step_in_each_mode_trains_every_parameter(name, mode):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=0)
-    learner = LocalLearner(model, mode, decoder='conv' if mode != 'e2e' else 'mlp', input_size=(3, 64, 64))
+    learner = LocalLearner(model, mode, decoder="conv" if mode != "e2e" else "mlp", input_size=(3, 32, 32))
     learner.train()
-    losses = learner.step(torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64))
+    losses = learner.step(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
     assert len(losses) == {'loco': len(learner.stages) - 1, 'gim': len(learner.stages), 'e2e': 1}[mode]
     assert all(torch.isfinite(v) for v in losses.values())
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]

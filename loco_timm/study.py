@@ -2,9 +2,11 @@
 
 Six arms share one recipe (the main job's tag: backbone, budget, optimiser, augmentations, readout) and differ only
 in mode and decoder: E2E SimCLR with the mlp decoder and with the conv decoder (the paper's control), GIM with mlp and
-conv decoders, LoCo with conv and mlp decoders; each for several seeds. Every run is trained and read out like the
+conv decoders, LoCo with conv and mlp decoders; each for several seeds. The paper's ablations are further arms
+(``ABLATIONS``: sharing strategies and decoder depths), each compared with the arm it changes. Every run is trained and read out like the
 main job, in ``OUT/<arm>/seed-<s>``; finished runs are skipped and interrupted ones resumed, so a study may span
-sessions. After every run the command rewrites ``OUT/results.json`` (all runs), ``OUT/results.md`` (mean +- std over
+sessions, and runs recorded in ``OUT/results.json`` (committed) count as finished, so it may span machines. After
+every run the command rewrites ``OUT/results.json`` (all runs), ``OUT/results.md`` (mean +- std over
 seeds, paired per-seed differences, the paper's claims checked), ``OUT/readout.png`` (per-stage linear top-1) and
 ``OUT/losses.png`` (per-unit training losses). The reference rows (raw pixels; the random-init encoder, the same for
 every arm of a seed) are read out once and kept in ``OUT/references``.
@@ -243,6 +245,7 @@ def run_study(out: str | Path, config: str, seeds: list[int], arms: list[str] | 
     recipe = load_recipe(config)
     arms = expand_arms(arms)
     readout_cfg = from_dict(ReadoutConfig, dict(recipe.get('readout') or {}, **(readout_overrides or {})))
+    recorded = _recorded_runs(out, recipe, train_overrides, readout_overrides)
     for name in arms:
         keys = arm_overrides(name)
         mode, decoder = keys['mode'], keys['decoder']
@@ -257,6 +260,9 @@ def run_study(out: str | Path, config: str, seeds: list[int], arms: list[str] | 
             if finished:
                 log(f'{name} seed {seed}: done, skipped')
                 continue
+            if (name, seed) in recorded:  # run on another machine: its folder is not here, its result is
+                log(f'{name} seed {seed}: recorded in {out / "results.json"}, skipped')
+                continue
             log(f'{name} seed {seed}: training ({mode}, {decoder} decoder) in {run_dir}')
             train(cfg, resume=latest is not None)
             readout(run_dir, readout_cfg, log=log, reference_cache=out / 'references')
@@ -264,8 +270,35 @@ def run_study(out: str | Path, config: str, seeds: list[int], arms: list[str] | 
     return _write_results(out, config, seeds, recipe, train_overrides, readout_overrides, len(arms))
 
 
+def _same_settings(results: dict, recipe: dict, train_overrides: dict | None, readout_overrides: dict | None) -> bool:
+    def plain(value):
+        return json.loads(json.dumps(value))
+    old, new = results.get('recipe') or {}, plain(recipe)
+    return (all(old.get(k) == new.get(k) for k in ('train', 'readout')) and
+            results.get('train_overrides', {}) == plain(train_overrides or {}) and
+            results.get('readout_overrides', {}) == plain(readout_overrides or {}))
+
+
+def _recorded_runs(out: Path, recipe: dict, train_overrides: dict | None,
+                   readout_overrides: dict | None) -> dict[tuple[str, int], dict]:
+    """(arm, seed) -> run of the study's ``results.json`` (committed, so a study spans machines).
+
+    Raises:
+        ValueError: If the file records runs of another recipe or other overrides.
+    """
+    path = out / 'results.json'
+    if not path.is_file():
+        return {}
+    results = json.loads(path.read_text())
+    if results.get('runs') and not _same_settings(results, recipe, train_overrides, readout_overrides):
+        raise ValueError(f'{path} records runs of another recipe or other --set / --readout-set values: use the '
+                         f'same ones, or another --out')
+    return {(r['arm'], r['seed']): r for r in results.get('runs', [])}
+
+
 def _write_results(out: Path, config: str, seeds: list[int], recipe: dict, train_overrides: dict | None,
                    readout_overrides: dict | None, arms: int = len(ARMS)) -> dict:
+    recorded = _recorded_runs(out, recipe, train_overrides, readout_overrides)
     runs = []
     for name in list(ARMS) + list(ABLATIONS):
         for run_dir in sorted((out / name).glob('seed-*')):
@@ -279,6 +312,9 @@ def _write_results(out: Path, config: str, seeds: list[int], recipe: dict, train
                              train_seconds=summary['wall_seconds'], readout_seconds=result.get('seconds'),
                              steps=summary['steps'],
                              losses=_loss_curves(run_dir)))
+    here = {(r['arm'], r['seed']) for r in runs}
+    runs += [r for key, r in recorded.items() if key not in here]  # runs whose folders are on another machine
+    runs.sort(key=lambda r: ((list(ARMS) + list(ABLATIONS)).index(r['arm']), r['seed']))
     summary = summarize(runs)
     results = dict(config=config, recipe=recipe, train_overrides=train_overrides or {},
                    readout_overrides=readout_overrides or {}, seeds=seeds, summary=summary, runs=runs)

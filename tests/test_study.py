@@ -111,3 +111,27 @@ def test_study_runs_the_ablation_arms_through_train_and_readout(tmp_path):
     assert 'L2 soft sharing 1e-3 | loco_l2_1e-3 - loco_conv' in (tmp_path / 'results.md').read_text()
     bad = cli('study', '--out', tmp_path, '--arms', 'loco_sideways', timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count('\n') == 0 and 'unknown arm loco_sideways' in bad.stderr
+
+
+def test_runs_recorded_in_a_committed_results_file_count_as_finished(tmp_path):
+    """A study spans machines: the run folders are not committed, results.json is."""
+    import copy
+    from loco_timm.config import load_recipe
+    from loco_timm.study import run_study
+    recipe = load_recipe('loco_resnet18_small.simclr_fmnist')
+    recorded = [dict(_run('loco_conv', 0, [50, 80.0]), steps=3), dict(_run('e2e_mlp', 0, [50, 81.0]), steps=3)]
+    results = dict(config='loco_resnet18_small.simclr_fmnist', recipe=recipe, train_overrides={'max_steps': 3},
+                   readout_overrides={}, seeds=[0], runs=recorded)
+    (tmp_path / 'results.json').write_text(json.dumps(results))
+    seen = []
+    out = run_study(tmp_path, 'loco_resnet18_small.simclr_fmnist', [0], ['loco_conv', 'e2e_mlp'], {'max_steps': 3},
+                    {}, log=seen.append)
+    assert seen == [f'loco_conv seed 0: recorded in {tmp_path / "results.json"}, skipped',
+                    f'e2e_mlp seed 0: recorded in {tmp_path / "results.json"}, skipped']
+    assert [(r['arm'], r['seed']) for r in out['runs']] == [('e2e_mlp', 0), ('loco_conv', 0)]
+    assert out['summary']['pairs']['LoCo - E2E']['diff'] == pytest.approx([-1.0])
+    other = copy.deepcopy(results)
+    other['recipe']['train']['epochs'] = 10
+    (tmp_path / 'results.json').write_text(json.dumps(other))
+    with pytest.raises(ValueError, match='records runs of another recipe or other --set'):
+        run_study(tmp_path, 'loco_resnet18_small.simclr_fmnist', [0], ['loco_conv'], {'max_steps': 3}, {})

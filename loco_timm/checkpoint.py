@@ -5,28 +5,32 @@ A checkpoint is a folder ``<out_dir>/checkpoints/step-XXXXXXXX`` holding
 * ``learner.safetensors``: the learner's state dict (encoder and decoders, BatchNorm buffers included);
 * Accelerate's ``save_state`` files: optimizer state, gradient scaler and every process's RNG states (loaded back
   with ``weights_only=True``);
-* ``progress.json``: the global step, the recipe and the loco-timm version.
+* ``progress.json``: the global step, the recipe and the loco-timm version;
+* ``manifest.json``, written last: the size and sha256 of every other file, so a checkpoint can be verified.
 
 It is written to ``step-XXXXXXXX.tmp`` and renamed into place once complete; older checkpoints beyond ``keep`` are
-deleted only after that (Accelerate's ``total_limit`` deletes first, so it is not used).
+deleted only after that (Accelerate's ``total_limit`` deletes first, so it is not used), and never the newest
+``keep`` intact ones. :func:`verify_checkpoint` says why a checkpoint is damaged (a truncated or altered file, a
+missing one); resume, readout and export verify before they read.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = ['save_checkpoint', 'latest_checkpoint', 'list_checkpoints', 'load_weights', 'read_progress',
-           'resolve_checkpoint']
+           'resolve_checkpoint', 'verify_checkpoint', 'latest_intact_checkpoint']
 
 _NAME = re.compile(r'^step-(\d{8})$')
-WEIGHTS, PROGRESS = 'learner.safetensors', 'progress.json'
+WEIGHTS, PROGRESS, MANIFEST = 'learner.safetensors', 'progress.json', 'manifest.json'
 
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
@@ -41,6 +45,63 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(out_dir)
     return found[-1] if found else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as handle:
+        for block in iter(lambda: handle.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict:
+    files = sorted(p for p in folder.rglob('*') if p.is_file() and p.name != MANIFEST)
+    return dict(format=1, files={p.relative_to(folder).as_posix(): dict(size=p.stat().st_size, sha256=_sha256(p))
+                                 for p in files})
+
+
+def verify_checkpoint(checkpoint: str | os.PathLike) -> str | None:
+    """None when the checkpoint is intact, else why not (one line). A checkpoint written before manifests existed
+    is checked by reading its progress and weights."""
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        return f'{folder} is not a folder'
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        if not (folder / PROGRESS).is_file() or not (folder / WEIGHTS).is_file():
+            return f'{MANIFEST}, {PROGRESS} or {WEIGHTS} is missing (an incomplete checkpoint)'
+        try:  # an older checkpoint without a manifest
+            json.loads((folder / PROGRESS).read_text())['step']
+            load_file(str(folder / WEIGHTS))
+        except Exception as err:  # noqa: BLE001 - any failure to read means damaged
+            return f'unreadable ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ""})'
+        return None
+    try:
+        files = json.loads(manifest.read_text())['files']
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        return f'{MANIFEST} is unreadable ({type(err).__name__})'
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f'{name} is missing'
+        size = path.stat().st_size
+        if size != want['size']:
+            return f'{name} has {size} bytes, its manifest says {want["size"]} (truncated or replaced)'
+        if _sha256(path) != want['sha256']:
+            return f'{name} differs from its manifest (sha256): the file was altered or damaged'
+    return None
+
+
+def latest_intact_checkpoint(out_dir: str | os.PathLike, log: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint that verifies, saying in one line (through ``log``) why each newer one is skipped."""
+    for checkpoint in reversed(list_checkpoints(out_dir)):
+        reason = verify_checkpoint(checkpoint)
+        if reason is None:
+            return checkpoint
+        if log is not None:
+            log(f'skipping damaged checkpoint {checkpoint}: {reason}')
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -60,7 +121,7 @@ def save_checkpoint(accelerator: Any, learner: torch.nn.Module, out_dir: str | o
     root = Path(out_dir) / 'checkpoints'
     final = root / f'step-{step:08d}'
     tmp = root / f'{final.name}.tmp'
-    if final in list_checkpoints(out_dir):  # e.g. a finished run resumed: that step is saved already
+    if final in list_checkpoints(out_dir) and verify_checkpoint(final) is None:  # e.g. a finished run resumed
         return final
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -68,20 +129,37 @@ def save_checkpoint(accelerator: Any, learner: torch.nn.Module, out_dir: str | o
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's files are written before the manifest covers them
     if accelerator.is_main_process:
         state = {k: v.detach().cpu().contiguous() for k, v in learner.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         (tmp / PROGRESS).write_text(json.dumps(dict(progress, step=step), indent=2))
-        for f in tmp.iterdir():
+        for f in (p for p in tmp.rglob('*') if p.is_file()):
             with open(f, 'rb') as handle:
                 os.fsync(handle.fileno())
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete folder of that name (no progress.json)
+        with open(tmp / MANIFEST, 'w') as handle:
+            handle.write(json.dumps(_manifest(tmp), indent=1))
+            handle.flush()
+            os.fsync(handle.fileno())
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete or damaged folder of that name
         os.replace(tmp, final)
         _fsync_dir(root)
-        for old in list_checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(out_dir, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def _prune(out_dir: str | os.PathLike, keep: int) -> None:
+    """Delete the checkpoints older than the ``keep``-th newest intact one (never an intact one among the newest
+    ``keep``, whatever happened to the files since)."""
+    found, intact = list_checkpoints(out_dir), 0
+    for i in range(len(found) - 1, -1, -1):
+        if verify_checkpoint(found[i]) is None:
+            intact += 1
+            if intact == keep:
+                for old in found[:i]:
+                    shutil.rmtree(old, ignore_errors=True)
+                return
 
 
 def read_progress(checkpoint: str | os.PathLike) -> dict:
@@ -104,12 +182,24 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder from either itself or a run folder (then its latest complete checkpoint)."""
+    """A verified checkpoint folder from either itself or a run folder (then its latest checkpoint).
+
+    Raises:
+        FileNotFoundError: No checkpoint there.
+        ValueError: The checkpoint is damaged: one line naming the file, the reason and the intact checkpoints.
+    """
     path = Path(path)
-    if (path / PROGRESS).is_file() and (path / WEIGHTS).is_file():
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(f'no complete checkpoint in {path}: give a run folder (with checkpoints/step-*) or '
-                                f'a checkpoint folder written by `loco-timm train`')
-    return latest
+    if path.is_dir() and (_NAME.match(path.name) or any((path / f).is_file() for f in (PROGRESS, MANIFEST))):
+        checkpoint, run = path, path.parent.parent if path.parent.name == 'checkpoints' else path.parent
+    else:
+        checkpoint, run = latest_checkpoint(path), path
+        if checkpoint is None:
+            raise FileNotFoundError(f'no complete checkpoint in {path}: give a run folder (with checkpoints/step-*) '
+                                    f'or a checkpoint folder written by `loco-timm train`')
+    reason = verify_checkpoint(checkpoint)
+    if reason is not None:
+        intact = [c.name for c in list_checkpoints(run) if c != checkpoint and verify_checkpoint(c) is None]
+        raise ValueError(f'checkpoint {checkpoint} is damaged: {reason}; intact checkpoints in '
+                         f'{run / "checkpoints"}: {", ".join(intact) if intact else "none"} (give one of them as '
+                         f'{run / "checkpoints"}/NAME)')
+    return checkpoint

@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f'loco-timm {args.command}: error: {err}', file=sys.stderr)
         return 2
     except RuntimeError as err:
+        if type(err).__name__ == 'Preempted':
+            from .runlock import PREEMPTED_EXIT
+            print(f'loco-timm {args.command}: {err}', file=sys.stderr)
+            return PREEMPTED_EXIT
         if type(err).__name__ not in ('NonFiniteLossError', 'PublishError') and 'unreadable image' not in str(err):
             raise
         print(f'loco-timm {args.command}: error: {err}', file=sys.stderr)

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .files import plain_permissions
+
 __all__ = ['FASHION_MNIST_FILES', 'DEBIAN_FASHION_MNIST', 'find_fashion_mnist', 'fashion_mnist', 'cache_dir',
            'NORMALIZATION', 'build_dataset', 'ImageTensorDataset', 'ImageFolderDataset', 'EpochSampler']
 
@@ -63,6 +65,7 @@ def _unpack(source: Path, root: Path) -> None:
         fd, tmp = tempfile.mkstemp(dir=raw, prefix=f'.{name}.')
         with os.fdopen(fd, 'wb') as out, (open(plain, 'rb') if plain.is_file() else gzip.open(packed, 'rb')) as src:
             shutil.copyfileobj(src, out)
+        plain_permissions(tmp)  # mkstemp creates 0600
         os.replace(tmp, target)
 
 

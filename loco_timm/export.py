@@ -18,6 +18,7 @@ import torch
 
 from .card import model_card
 from .checkpoint import read_progress, resolve_checkpoint
+from .files import plain_permissions
 from .config import ConfigError, TrainConfig, from_dict
 from .tags import HubConfig, get_hub_config
 
@@ -141,6 +142,7 @@ def export(checkpoint: str | Path, config: str | Path, out: str | Path, readout_
     summary_path = checkpoint.parent.parent / 'train_summary.json'
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     (tmp / 'README.md').write_text(model_card(hub, results, summary))
+    plain_permissions(tmp)  # libraries write some files at 0600
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)

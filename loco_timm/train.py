@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from . import zoo  # noqa: F401  (registers loco_* models)
 from .augment import SimCLRAugment
-from .checkpoint import latest_checkpoint, load_weights, read_progress, save_checkpoint
+from .checkpoint import latest_checkpoint, latest_intact_checkpoint, load_weights, read_progress, save_checkpoint
+from .runlock import Preempted, Preemption, lock_run
 from .config import ConfigError, TrainConfig
 from .data import NORMALIZATION, EpochSampler, build_dataset
 from .factory import build_learner
@@ -87,23 +88,38 @@ def train(cfg: TrainConfig, resume: bool = False,
         Summary: steps, wall time, throughput, last per-unit losses, final checkpoint.
 
     Raises:
-        ConfigError: Bad recipe or data. NonFiniteLossError: a loss became NaN/inf (the last checkpoint is kept).
+        ConfigError: Bad recipe or data, or the run folder is in use by another trainer. NonFiniteLossError: a loss
+            became NaN/inf (the last checkpoint is kept). Preempted: SIGTERM or SIGINT arrived; the step was finished
+            and a checkpoint written (every process raises it after the same step).
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+    from accelerate.utils import DataLoaderConfiguration
 
     out_dir = Path(cfg.out_dir)
     _check_out_dir(out_dir)
-    checkpoint = latest_checkpoint(out_dir)
-    if checkpoint is not None and not resume:
-        raise ConfigError(f'{out_dir} already holds checkpoints ({checkpoint.name}): pass --resume to continue that '
-                          f'run, or choose a new --out-dir')
     trackers = 'tensorboard' if cfg.trackers == 'tensorboard' and _has_tensorboard() else None
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers, project_dir=str(out_dir),
                               dataloader_config=DataLoaderConfiguration(split_batches=True),
                               step_scheduler_with_optimizer=False)
+    lock = lock_run(accelerator, out_dir)
+    try:
+        with Preemption() as preemption:
+            return _train(cfg, resume, after_backward, accelerator, out_dir, preemption)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalLearner], None] | None,
+           accelerator, out_dir: Path, preemption: Preemption) -> dict:
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is not None and not resume:
+        raise ConfigError(f'{out_dir} already holds checkpoints ({checkpoint.name}): pass --resume to continue that '
+                          f'run, or choose a new --out-dir')
     world = accelerator.num_processes
     if cfg.batch_size % world:
         raise ConfigError(f'batch_size={cfg.batch_size} is not divisible by the {world} processes: use a multiple '
@@ -138,6 +154,11 @@ def train(cfg: TrainConfig, resume: bool = False,
                     classes=dataset.classes, version=_version())
     if resume:
         if checkpoint is not None:
+            checkpoint = latest_intact_checkpoint(out_dir, log=accelerator.print)
+            if checkpoint is None:
+                raise ConfigError(f'no intact checkpoint in {out_dir / "checkpoints"} to resume from (the lines above '
+                                  f'say why each is damaged); nothing was deleted: restore a checkpoint from a copy, '
+                                  f'or start again in another --out-dir')
             saved = read_progress(checkpoint)
             _check_resume(cfg, saved['config'])
             load_weights(learner, checkpoint / 'learner.safetensors')
@@ -162,6 +183,9 @@ def train(cfg: TrainConfig, resume: bool = False,
     start = time.perf_counter()
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
+        # set directly: with several processes, the loader skip_first_batches returns for a mid-epoch resume does
+        # not pass set_epoch on to the sampler, which then replayed epoch 0's order
+        sampler.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         batches.set_epoch(epoch)
         tick = time.perf_counter()
@@ -200,6 +224,12 @@ def train(cfg: TrainConfig, resume: bool = False,
                         log_file.write(json.dumps(dict(last, step=step, lr=lr)) + '\n')
                 bar.set_postfix({k.split('/')[-1]: f'{v:.3f}' for k, v in last.items()}, refresh=False)
             bar.update(1)
+            if preemption.requested(accelerator.device, world) and step < total_steps:
+                saved = save_checkpoint(accelerator, learner, out_dir, step, progress, cfg.keep_checkpoints)
+                bar.close()
+                accelerator.end_training()
+                raise Preempted(f'stopped by {preemption.signal_name} after step {step} of {total_steps}: '
+                                f'checkpoint {saved} written; continue with --resume')
             if step % cfg.checkpoint_every == 0 and step < total_steps:
                 save_checkpoint(accelerator, learner, out_dir, step, progress, cfg.keep_checkpoints)
             if step >= total_steps:

@@ -254,3 +254,19 @@ def test_a_second_trainer_on_a_folder_in_use_stops_and_a_killed_trainers_lock_is
     assert third.returncode == 0, third.stderr[-3000:]
     assert f'took over the lock of process {first.pid}' in third.stdout + third.stderr
     assert (run / '.lock').read_text() == ''  # released
+
+
+def test_the_same_command_on_the_same_machine_and_thread_count_gives_identical_results(finished, tmp_path):
+    """What the README promises to reproduce: bit-identical weights and readout for the same command, machine and
+    thread count (OMP_NUM_THREADS); nothing across machines or thread counts."""
+    again = tmp_path / 'again'
+    result = cli('train', '--out-dir', again, *TRAIN, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for a, b in zip(list_checkpoints(finished), list_checkpoints(again), strict=True):
+        assert (a / 'learner.safetensors').read_bytes() == (b / 'learner.safetensors').read_bytes()
+    readouts = []
+    for run in (_copy(finished, tmp_path / 'first'), again):
+        result = cli('readout', run, '--config', FMNIST, *TINY_READOUT)
+        assert result.returncode == 0, result.stderr[-2000:]
+        readouts.append(json.loads((run / 'readout.json').read_text())['rows'])
+    assert readouts[0] == readouts[1]

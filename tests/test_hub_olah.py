@@ -96,10 +96,17 @@ def _load_logits(tmp_path, olah, cache, name, imports, x, offline=False):
     return load_file(str(out))['logits'], result.stdout
 
 
-def test_plugin_loads_the_registry_tag_from_the_hub_mirror_then_offline_from_the_cache(olah, tmp_path):
-    run = train_and_read_out(tmp_path / 'run')
-    hub = get_hub_config(FMNIST)
-    _git_repo(export(run, FMNIST, tmp_path / 'export', log=lambda *_: None), olah['models'] / hub.repo_id)
+@pytest.fixture(scope='module')
+def published(olah, tmp_path_factory):
+    """The main job's tag trained briefly, read out, exported and served by olah; returns the run folder."""
+    root = tmp_path_factory.mktemp('published')
+    run = train_and_read_out(root / 'run')
+    _git_repo(export(run, FMNIST, root / 'export', log=lambda *_: None), olah['models'] / get_hub_config(FMNIST).repo_id)
+    return run
+
+
+def test_plugin_loads_the_registry_tag_from_the_hub_mirror_then_offline_from_the_cache(olah, published, tmp_path):
+    run, hub = published, get_hub_config(FMNIST)
     x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     expected = reference_logits(run, x)
     cache = tmp_path / 'cache'
@@ -136,3 +143,55 @@ def test_a_tag_missing_from_the_mirror_raises_the_clear_error(olah, tmp_path):
                            'loco_resnet18_small.gim_simclr_fmnist at loco-timm/loco_resnet18_small.gim_simclr_fmnist '
                            f'on {olah["endpoint"]}')
     assert 'During handling of the above exception' not in result.stderr
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'flip'])
+def test_damaged_weights_in_the_hub_cache_are_one_clear_line(olah, published, tmp_path, damage):
+    hub = get_hub_config(FMNIST)
+    cache = tmp_path / 'cache'
+    _load_logits(tmp_path, olah, cache, FMNIST, 'import loco_timm', torch.zeros(1, 1, 28, 28))
+    cached = next(cache.glob(f'models--{hub.repo_id.replace("/", "--")}/snapshots/*/model.safetensors'))
+    blob = cached.resolve()
+    data = bytearray(blob.read_bytes())
+    if damage == 'truncate':
+        data = data[:len(data) // 2]
+    else:
+        data[-100] ^= 0xFF  # same size, one tensor value changed: only the hash can tell
+    os.chmod(blob, 0o644)
+    blob.write_bytes(bytes(data))
+    code = f'import timm, loco_timm\ntimm.create_model({FMNIST!r}, pretrained=True)\n'
+    for offline in (False, True):
+        result = _fresh_process(code, tmp_path, olah['endpoint'], cache, offline)
+        assert result.returncode == 1
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f'loco_timm.zoo.PretrainedWeightsNotFound: the cached weights of loco_resnet18_small '
+                               f'at {cached} are damaged'), result.stderr[-2000:]
+        assert '--force-download' in last and 'During handling of the above exception' not in result.stderr
+
+
+class _Trap:
+    """Unpickling this creates a marker file: proof that a file was (or was not) unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).touch, ())
+
+
+def test_a_repository_with_only_pickled_weights_is_refused_without_unpickling(olah, tmp_path):
+    import pickle
+    repo = tmp_path / 'pickled'
+    repo.mkdir()
+    marker = tmp_path / 'unpickled'
+    (repo / 'pytorch_model.bin').write_bytes(pickle.dumps({'fc.weight': _Trap(str(marker))}))
+    (repo / 'config.json').write_text('{"architecture": "loco_resnet18_small"}')
+    _git_repo(repo, olah['models'] / 'test-org' / 'pickled')
+    code = ('import timm, loco_timm\ntimm.create_model("loco_resnet18_small", pretrained=True, '
+            'pretrained_cfg_overlay=dict(hf_hub_id="test-org/pickled"))\n')
+    result = _fresh_process(code, tmp_path, olah['endpoint'], tmp_path / 'cache')
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('loco_timm.zoo.PretrainedWeightsNotFound: test-org/pickled offers only pickled weights '
+                           '(pytorch_model.bin)'), result.stderr[-2000:]
+    assert not marker.exists() and not list((tmp_path / 'cache').rglob('pytorch_model.bin'))

@@ -2,7 +2,9 @@
 with a clear error where the Hub lacks the weights."""
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 from typing import Any
 
 from timm.models import build_model_with_cfg
@@ -51,10 +53,72 @@ def _missing_weights_message(variant: str, kwargs: dict, err: Exception) -> str:
             f'pretrained=False builds the model untrained')
 
 
-def create(model_cls: type, variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    """``timm.models.build_model_with_cfg``, with :class:`PretrainedWeightsNotFound` where the weights are missing."""
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+def _damaged(path: str) -> str | None:
+    """Why a cached Hub file is damaged, or None: its bytes against the hash its cache blob is named by (sha256 for
+    LFS files, git's blob sha1 otherwise), then a full safetensors read."""
+    from safetensors.torch import load_file
+    blob = Path(os.path.realpath(path))
+    data_hash = hashlib.sha256() if len(blob.name) == 64 else hashlib.sha1(f'blob {blob.stat().st_size}\0'.encode())
+    with open(blob, 'rb') as handle:
+        for block in iter(lambda: handle.read(1 << 20), b''):
+            data_hash.update(block)
+    if len(blob.name) in (40, 64) and data_hash.hexdigest() != blob.name:
+        return f'its {blob.stat().st_size} bytes do not hash to the {blob.name[:12]}... the cache names it by'
     try:
+        load_file(str(blob))
+    except Exception as err:  # noqa: BLE001 - any read failure means damaged
+        return f'{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ""}'
+    return None
+
+
+def _offers_pickle(repo: str, revision: str | None) -> bool:
+    from huggingface_hub import file_exists
+    try:
+        return any(file_exists(repo, name, revision=revision) for name in ('pytorch_model.bin', 'model.pt'))
+    except Exception:  # noqa: BLE001 - offline or unreachable: nothing to say about it
+        return False
+
+
+def _hub_weights(variant: str, repo_id: str) -> str:
+    """The verified local path of ``model.safetensors`` of ``repo_id`` (``REPO`` or ``REPO@REVISION``), downloaded
+    or from the cache; pickled weights are never fetched.
+
+    Raises:
+        PretrainedWeightsNotFound: The cached file is damaged, or the repository offers only pickled weights.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+    repo, _, revision = repo_id.partition('@')
+    try:
+        path = hf_hub_download(repo, 'model.safetensors', revision=revision or None)
+    except (EntryNotFoundError, RepositoryNotFoundError):  # some mirrors answer a missing file as a missing repo
+        if _offers_pickle(repo, revision or None):
+            raise PretrainedWeightsNotFound(
+                f'{repo} offers only pickled weights (pytorch_model.bin) for {variant}, which loco-timm does not load '
+                f'(unpickling can run code from the file): publish model.safetensors (`loco-timm export`, then '
+                f'`loco-timm publish`)') from None
+        raise
+    reason = _damaged(path)
+    if reason is not None:
+        raise PretrainedWeightsNotFound(
+            f'the cached weights of {variant} at {path} are damaged ({reason}): fetch them again with `hf download '
+            f'{repo} model.safetensors --force-download` (or delete {os.path.realpath(path)}), then load again')
+    return path
+
+
+def create(model_cls: type, variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """``timm.models.build_model_with_cfg``, with :class:`PretrainedWeightsNotFound` where the weights are missing,
+    damaged in the Hugging Face cache, or offered only as pickles. Hub weights are fetched and verified here and
+    handed to timm as a local file."""
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    from timm.models._builder import resolve_pretrained_cfg
+    try:
+        if pretrained:
+            overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+            cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                         pretrained_cfg_overlay=overlay)
+            if cfg.hf_hub_id and not (cfg.file or cfg.state_dict):
+                kwargs['pretrained_cfg_overlay'] = dict(overlay, file=_hub_weights(variant, cfg.hf_hub_id))
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
     except (HfHubHTTPError, EntryNotFoundError, LocalEntryNotFoundError, ConnectionError) as err:
         raise PretrainedWeightsNotFound(_missing_weights_message(variant, kwargs, err)) from None

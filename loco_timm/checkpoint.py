@@ -21,24 +21,26 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = ['save_checkpoint', 'latest_checkpoint', 'list_checkpoints', 'load_weights', 'read_progress',
-           'resolve_checkpoint', 'verify_checkpoint', 'latest_intact_checkpoint']
+           'resolve_checkpoint', 'verify_checkpoint']
 
 _NAME = re.compile(r'^step-(\d{8})$')
 WEIGHTS, PROGRESS, MANIFEST = 'learner.safetensors', 'progress.json', 'manifest.json'
 
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under ``out_dir/checkpoints``, oldest first (temporary folders are ignored)."""
+    """Checkpoints under ``out_dir/checkpoints``, oldest first: every ``step-XXXXXXXX`` folder (the atomic rename
+    puts only complete ones there, so one that lacks a file is damaged and :func:`verify_checkpoint` says so;
+    temporary ``.tmp`` folders are ignored)."""
     root = Path(out_dir) / 'checkpoints'
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / PROGRESS).is_file() and (p / WEIGHTS).is_file()]
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and p.is_dir()]
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
@@ -90,17 +92,6 @@ def verify_checkpoint(checkpoint: str | os.PathLike) -> str | None:
             return f'{name} has {size} bytes, its manifest says {want["size"]} (truncated or replaced)'
         if _sha256(path) != want['sha256']:
             return f'{name} differs from its manifest (sha256): the file was altered or damaged'
-    return None
-
-
-def latest_intact_checkpoint(out_dir: str | os.PathLike, log: Callable[[str], None] | None = None) -> Path | None:
-    """The newest checkpoint that verifies, saying in one line (through ``log``) why each newer one is skipped."""
-    for checkpoint in reversed(list_checkpoints(out_dir)):
-        reason = verify_checkpoint(checkpoint)
-        if reason is None:
-            return checkpoint
-        if log is not None:
-            log(f'skipping damaged checkpoint {checkpoint}: {reason}')
     return None
 
 

@@ -119,7 +119,12 @@ def export(checkpoint: str | Path, config: str | Path, out: str | Path, readout_
     if not results_path.is_file() or not head_path.is_file():
         raise FileNotFoundError(f'no readout of {checkpoint} in {readout_dir}: run `loco-timm readout {checkpoint}` '
                                 f'first (the exported classifier is its linear head)')
-    results = json.loads(results_path.read_text())
+    try:
+        results = json.loads(results_path.read_text())
+        head = load_file(str(head_path))
+    except Exception as err:  # noqa: BLE001 - a damaged readout file: say which and how to redo it
+        raise ValueError(f'{results_path.name} or {head_path.name} in {readout_dir} is damaged '
+                         f'({type(err).__name__}): run `loco-timm readout {checkpoint}` again') from None
     if Path(results.get('checkpoint', '')).resolve() != checkpoint.resolve():
         raise ValueError(f'{results_path} evaluates {results.get("checkpoint")}, not {checkpoint}: run '
                          f'`loco-timm readout {checkpoint}` again')
@@ -128,7 +133,7 @@ def export(checkpoint: str | Path, config: str | Path, out: str | Path, readout_
         raise FileExistsError(f'{out} exists and is not empty: choose a new --out folder')
     learner_state = load_file(str(checkpoint / 'learner.safetensors'))
     encoder_state = {k[len('encoder.'):]: v for k, v in learner_state.items() if k.startswith('encoder.')}
-    model = build_export_model(hub, encoder_state, load_file(str(head_path)))
+    model = build_export_model(hub, encoder_state, head)
 
     tmp = out.parent / f'.{out.name}.tmp'
     shutil.rmtree(tmp, ignore_errors=True)

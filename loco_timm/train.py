@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from . import zoo  # noqa: F401  (registers loco_* models)
 from .augment import SimCLRAugment
-from .checkpoint import latest_checkpoint, latest_intact_checkpoint, load_weights, read_progress, save_checkpoint
+from .checkpoint import (latest_checkpoint, list_checkpoints, load_weights, read_progress, save_checkpoint,
+                         verify_checkpoint)
 from .runlock import Preempted, Preemption, lock_run
 from .config import ConfigError, TrainConfig
 from .data import NORMALIZATION, EpochSampler, build_dataset
@@ -154,22 +155,13 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
                     classes=dataset.classes, version=_version())
     if resume:
         if checkpoint is not None:
-            checkpoint = latest_intact_checkpoint(out_dir, log=accelerator.print)
-            if checkpoint is None:
-                raise ConfigError(f'no intact checkpoint in {out_dir / "checkpoints"} to resume from (the lines above '
-                                  f'say why each is damaged); nothing was deleted: restore a checkpoint from a copy, '
-                                  f'or start again in another --out-dir')
-            saved = read_progress(checkpoint)
-            _check_resume(cfg, saved['config'])
-            load_weights(learner, checkpoint / 'learner.safetensors')
-            accelerator.load_state(str(checkpoint))
-            step = saved['step']
+            checkpoint, step = _load_newest_intact(cfg, out_dir, learner, accelerator)
             accelerator.print(f'resumed from {checkpoint} at step {step}')
         else:
             accelerator.print(f'no checkpoint in {out_dir}: starting from step 0')
         losses = out_dir / 'losses.jsonl'
         if accelerator.is_main_process and losses.is_file():  # drop the rows logged after the checkpoint
-            kept = [line for line in losses.read_text().splitlines() if json.loads(line)['step'] <= step]
+            kept = [line for line in losses.read_text().splitlines() if _logged_step(line) <= step]
             trimmed = losses.with_name(f'.{losses.name}.tmp')  # atomically: a kill now keeps the old curves
             trimmed.write_text(''.join(f'{line}\n' for line in kept))
             os.replace(trimmed, losses)
@@ -247,6 +239,37 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
     accelerator.print(f'trained {step} steps in {wall:.0f} s; checkpoint {final}')
     accelerator.end_training()
     return summary
+
+
+def _load_newest_intact(cfg: TrainConfig, out_dir: Path, learner: LocalLearner, accelerator) -> tuple[Path, int]:
+    """Load the newest checkpoint that verifies and loads, saying in one line why each newer one is skipped.
+
+    Raises:
+        ConfigError: None is intact (nothing is deleted), or the recipe differs from the checkpoint's.
+    """
+    for checkpoint in reversed(list_checkpoints(out_dir)):
+        reason = verify_checkpoint(checkpoint)
+        if reason is None:
+            saved = read_progress(checkpoint)
+            _check_resume(cfg, saved['config'])  # a different recipe is the user's error, not damage
+            try:
+                load_weights(learner, checkpoint / 'learner.safetensors')
+                accelerator.load_state(str(checkpoint))
+                return checkpoint, saved['step']
+            except Exception as err:  # noqa: BLE001 - a file that verifies but does not load is damaged too
+                reason = f'it does not load ({type(err).__name__}: {str(err).strip()[:200]})'.replace('\n', ' ')
+        accelerator.print(f'skipping damaged checkpoint {checkpoint}: {reason}')
+    raise ConfigError(f'no intact checkpoint in {out_dir / "checkpoints"} to resume from (the lines above say why '
+                      f'each is damaged); nothing was deleted: restore a checkpoint from a copy, or start again in '
+                      f'another --out-dir')
+
+
+def _logged_step(line: str) -> float:
+    """The step of a losses.jsonl row; a damaged row counts as after any checkpoint (it is dropped on resume)."""
+    try:
+        return json.loads(line)['step']
+    except (ValueError, KeyError, TypeError):
+        return float('inf')
 
 
 def _as_json(cfg: TrainConfig) -> dict:

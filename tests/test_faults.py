@@ -270,3 +270,36 @@ def test_the_same_command_on_the_same_machine_and_thread_count_gives_identical_r
         assert result.returncode == 0, result.stderr[-2000:]
         readouts.append(json.loads((run / 'readout.json').read_text())['rows'])
     assert readouts[0] == readouts[1]
+
+
+def test_damage_the_manifest_cannot_see_is_still_skipped_on_resume(finished, tmp_path):
+    """A newest checkpoint without its manifest and with a truncated optimizer state (it cannot be verified by hash)
+    fails to load, is skipped with one line, and the run resumes from the older one to the same end."""
+    run = _copy(finished, tmp_path)
+    newest = list_checkpoints(run)[-1]
+    (newest / MANIFEST).unlink()
+    _truncate(newest / 'optimizer.bin', 200)
+    (run / 'losses.jsonl').write_text((run / 'losses.jsonl').read_text() + '{"step": 7, "loss/un')  # torn last row
+    result = cli('train', '--out-dir', run, *TRAIN, '--resume', timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'skipping damaged checkpoint {newest}: it does not load' in result.stdout
+    original = load_file(str(list_checkpoints(finished)[-1] / 'learner.safetensors'))
+    again = load_file(str(list_checkpoints(run)[-1] / 'learner.safetensors'))
+    assert all((again[k] == original[k]).all() for k in original)
+
+
+def test_a_checkpoint_missing_its_progress_file_is_named_not_passed_over(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    newest = list_checkpoints(run)[-1]
+    (newest / 'progress.json').unlink()
+    result = cli('readout', run, '--config', FMNIST, *TINY_READOUT)
+    assert result.returncode == 2 and f'checkpoint {newest} is damaged: progress.json is missing' in result.stderr
+
+
+def test_a_damaged_readout_head_is_named_by_export(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    assert cli('readout', run, '--config', FMNIST, *TINY_READOUT).returncode == 0
+    _truncate(run / 'readout_head.safetensors', 20)
+    result = cli('export', run, '--config', FMNIST, '--out', tmp_path / 'export')
+    assert result.returncode == 2 and '\n' not in result.stderr.strip()
+    assert 'readout_head.safetensors in' in result.stderr and 'run `loco-timm readout' in result.stderr

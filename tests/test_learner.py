@@ -5,7 +5,7 @@ import timm
 import torch
 
 from loco_timm import LocalLearner, make_units
-from reference import ref_nt_xent, resnet_stage_fns, resnet_stage_params
+from reference import assert_close, grads, ref_nt_xent, ref_unit_loss, resnet_stage_fns, resnet_stage_params, views
 
 T = 0.1
 DTYPE = torch.float64  # gradient comparisons in float64: differences are then rounding noise far below 1e-9
@@ -17,34 +17,11 @@ def _learner(mode, name='test_resnet', **kwargs):
     return LocalLearner(model, mode=mode, input_size=(3, 32, 32), temperature=T, **kwargs).to(DTYPE)
 
 
-def _views(batch=4, size=32, seed=1, dtype=DTYPE):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(batch, 3, size, size, generator=g, dtype=dtype) for _ in range(2))
-
-
-def _grads(params):
-    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-
-
-def _assert_close(actual, expected):
-    for a, e in zip(actual, expected, strict=True):
-        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
-
-
 def _ref_unit_grads(learner, view1, view2, unit_index):
     """Reference: detach at the unit's input, forward its stages, decoder, NT-Xent; autograd.grad."""
     model = learner.encoder
     fns, stage_params = resnet_stage_fns(model), resnet_stage_params(model)
-    first, last = learner.units[unit_index]
-    h = torch.cat([view1, view2])
-    with torch.no_grad():
-        for fn in fns[:first]:
-            h = fn(h)
-    h = h.detach()
-    for fn in fns[first:last + 1]:
-        h = fn(h)
-    z = learner.decoders[unit_index](h)
-    loss = ref_nt_xent(z[:len(view1)], z[len(view1):], T)
+    loss = ref_unit_loss(learner, unit_index, fns, view1, view2, T)
     params = [p for ps in stage_params for p in ps] + list(learner.decoders[unit_index].parameters())
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return loss, [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
@@ -91,7 +68,7 @@ def test_summary_reports_decoder_params_and_flops():
 @pytest.mark.parametrize('mode', ['loco', 'gim', 'e2e'])
 def test_single_unit_gradients_equal_the_autograd_reference(mode):
     learner = _learner(mode)
-    view1, view2 = _views()
+    view1, view2 = views()
     stage_params = resnet_stage_params(learner.encoder)
     for j, (first, last) in enumerate(learner.units):
         learner.zero_grad(set_to_none=True)
@@ -100,7 +77,7 @@ def test_single_unit_gradients_equal_the_autograd_reference(mode):
         assert list(losses) == [j]
         torch.testing.assert_close(losses[j], ref_loss.detach(), rtol=1e-9, atol=1e-12)
         params = [p for ps in stage_params for p in ps] + list(learner.decoders[j].parameters())
-        _assert_close(_grads(params), ref)
+        assert_close(grads(params), ref)
         for k, ps in enumerate(stage_params):  # exactly the unit's stages receive gradient
             nonzero = any(p.grad is not None and p.grad.abs().sum() > 0 for p in ps)
             assert nonzero == (first <= k <= last), (j, k)
@@ -110,7 +87,7 @@ def test_single_unit_gradients_equal_the_autograd_reference(mode):
 
 def test_loco_lower_stage_gets_only_the_gradient_through_its_upper_stage():
     learner = _learner('loco')
-    view1, view2 = _views()
+    view1, view2 = views()
     model = learner.encoder
     fns, stage_params = resnet_stage_fns(model), resnet_stage_params(model)
     learner.step(view1, view2, units=[1])  # unit (1, 2)
@@ -121,30 +98,30 @@ def test_loco_lower_stage_gets_only_the_gradient_through_its_upper_stage():
     loss = ref_nt_xent(z[:4], z[4:], T)
     grad_h2 = torch.autograd.grad(loss, h2, retain_graph=True)[0]
     expected = torch.autograd.grad(h2, stage_params[1], grad_h2)
-    _assert_close(_grads(stage_params[1]), expected)
+    assert_close(grads(stage_params[1]), expected)
     assert all(p.grad is None for p in stage_params[0])
 
 
 @pytest.mark.parametrize('mode', ['loco', 'gim'])
 def test_sum_of_single_unit_gradients_equals_all_units(mode):
     learner = _learner(mode, top_unit=True) if mode == 'loco' else _learner(mode)
-    view1, view2 = _views()
+    view1, view2 = views()
     params = list(learner.parameters())
     total = [torch.zeros_like(p) for p in params]
     for j in range(len(learner.units)):
         learner.zero_grad(set_to_none=True)
         learner.step(view1, view2, units=[j])
-        total = [t + g for t, g in zip(total, _grads(params))]
+        total = [t + g for t, g in zip(total, grads(params))]
     learner.zero_grad(set_to_none=True)
     losses = learner.step(view1, view2)
     assert sorted(losses) == list(range(len(learner.units)))
-    _assert_close(_grads(params), total)
+    assert_close(grads(params), total)
 
 
 @pytest.mark.parametrize('name', ['test_resnet', 'test_convnext', 'test_vit', 'test_efficientnet'])
 def test_e2e_equals_plain_simclr_backprop(name):
     learner = _learner('e2e', name=name)
-    view1, view2 = _views()
+    view1, view2 = views()
     model, decoder = learner.encoder, learner.decoders[0]
     z = decoder(model.forward_features(torch.cat([view1, view2])))
     params = [p for p in learner.parameters()]
@@ -154,16 +131,16 @@ def test_e2e_equals_plain_simclr_backprop(name):
     learner.zero_grad(set_to_none=True)
     losses = learner.step(view1, view2)
     torch.testing.assert_close(losses[0], loss.detach(), rtol=1e-9, atol=1e-12)
-    _assert_close(_grads(params), ref)
+    assert_close(grads(params), ref)
 
 
 def test_custom_units_share_more_stages():
     learner = _learner('loco', units=[(0, 2), (1, 3)])
-    view1, view2 = _views()
+    view1, view2 = views()
     learner.step(view1, view2, units=[1])
     stage_params = resnet_stage_params(learner.encoder)
     _, ref = _ref_unit_grads(learner, view1, view2, 1)
-    _assert_close(_grads([p for ps in stage_params for p in ps]), ref[:sum(len(ps) for ps in stage_params)])
+    assert_close(grads([p for ps in stage_params for p in ps]), ref[:sum(len(ps) for ps in stage_params)])
 
 
 def test_backward_callable_is_called_once_per_unit_with_its_loss():
@@ -173,19 +150,19 @@ def test_backward_callable_is_called_once_per_unit_with_its_loss():
     def backward(loss):
         seen.append(loss.detach().clone())
         (loss * 2).backward()  # e.g. a loss scaler
-    view1, view2 = _views()
+    view1, view2 = views()
     losses = learner.step(view1, view2, backward=backward)
     assert [s.item() for s in seen] == [losses[j].item() for j in range(3)]
     params = list(learner.parameters())
-    doubled = _grads(params)
+    doubled = grads(params)
     learner.zero_grad(set_to_none=True)
     learner.step(view1, view2)
-    _assert_close(doubled, [2 * g for g in _grads(params)])
+    assert_close(doubled, [2 * g for g in grads(params)])
 
 
 def test_step_under_bf16_autocast_runs_stages_in_bf16():
     learner = _learner('loco').float()
-    view1, view2 = _views(dtype=torch.float32)
+    view1, view2 = views(dtype=torch.float32)
     dtypes = []
     hook = learner.stages[1].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -201,7 +178,7 @@ def _forwards_per_stage(learner):
     calls = [0] * len(learner.stages)
     for k, stage in enumerate(learner.stages):
         stage.register_forward_hook(lambda m, i, o, k=k: calls.__setitem__(k, calls[k] + 1))
-    learner.step(*_views())
+    learner.step(*views())
     return calls
 
 
@@ -243,7 +220,7 @@ def test_bad_views_are_a_value_error(views, match):
 
 def test_unknown_unit_index_is_a_value_error():
     with pytest.raises(ValueError, match=r'units=\[3\] must be indices'):
-        _learner('loco').step(*_views(), units=[3])
+        _learner('loco').step(*views(), units=[3])
 
 
 @pytest.mark.parametrize('mode,kwargs', [('loco', {}), ('loco', dict(top_unit=True)), ('gim', {}), ('e2e', {}),
@@ -253,17 +230,17 @@ def test_recompute_gives_the_same_gradients_weights_and_batchnorm_statistics(mod
     for recompute in (False, True):
         learner = _learner(mode, recompute=recompute, **kwargs)
         optimizer = torch.optim.SGD(learner.parameters(), lr=0.5)
-        grads = None
+        first = None
         for seed in (1, 2):  # two steps: the second starts from updated weights and statistics
             optimizer.zero_grad()
-            learner.step(*_views(seed=seed))
-            grads = grads or _grads(list(learner.parameters()))
+            learner.step(*views(seed=seed))
+            first = first or grads(list(learner.parameters()))
             optimizer.step()
-        results.append((grads, [p.detach().clone() for p in learner.parameters()],
+        results.append((first, [p.detach().clone() for p in learner.parameters()],
                         [b.clone() for b in learner.buffers()]))
-    (grads, params, buffers), (grads_r, params_r, buffers_r) = results
-    _assert_close(grads_r, grads)
-    _assert_close(params_r, params)
+    (first, params, buffers), (first_r, params_r, buffers_r) = results
+    assert_close(first_r, first)
+    assert_close(params_r, params)
     for a, e in zip(buffers_r, buffers, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
     assert any(b.dtype == torch.int64 and b.item() == 2 for b in buffers_r)  # num_batches_tracked: once per step

@@ -8,7 +8,7 @@ from torch import nn
 from loco_timm import LocalLearner
 from loco_timm.config import TrainConfig
 from loco_timm.factory import build_learner
-from reference import ref_nt_xent, resnet_stage_fns, resnet_stage_params
+from reference import assert_close, grads, ref_nt_xent, ref_unit_loss, resnet_stage_fns, resnet_stage_params, views
 
 T = 0.1
 DTYPE = torch.float64
@@ -23,33 +23,6 @@ def _learner(**kwargs):
     torch.manual_seed(0)
     return LocalLearner(_resnet(), 'loco', input_size=(3, 32, 32), temperature=T, **kwargs).to(DTYPE)
 
-
-def _views(batch=4, size=32):
-    g = torch.Generator().manual_seed(1)
-    return tuple(torch.randn(batch, 3, size, size, generator=g, dtype=DTYPE) for _ in range(2))
-
-
-def _grads(params):
-    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-
-
-def _assert_close(actual, expected):
-    for a, e in zip(actual, expected, strict=True):
-        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
-
-
-def _unit_loss(learner, j, fns, view1, view2):
-    """Reference loss of unit j over hand-written stage functions: input detached, forward, decoder, NT-Xent."""
-    first, last = learner.units[j]
-    h = torch.cat([view1, view2])
-    with torch.no_grad():
-        for fn in fns[:first]:
-            h = fn(h)
-    h = h.detach()
-    for fn in fns[first:last + 1]:
-        h = fn(h)
-    z = learner.decoders[j](h)
-    return ref_nt_xent(z[:len(view1)], z[len(view1):], T)
 
 
 def _reference(learner, params, losses_and_params):
@@ -73,13 +46,13 @@ def test_decoder_depth_switches_build_the_papers_decoders():
     assert set(_learner().decoders[0].mlp.state_dict()) == {  # the default head keeps its checkpoint keys
         'fc1.weight', 'norm.weight', 'norm.bias', 'norm.running_mean', 'norm.running_var', 'norm.num_batches_tracked',
         'fc2.weight', 'fc2.bias'}
-    view1, view2 = _views()
+    view1, view2 = views()
     losses = learner.step(view1, view2)
     assert all(torch.isfinite(v) for v in losses.values())
 
 
 def test_no_sharing_is_gim_with_the_same_decoders():
-    view1, view2 = _views()
+    view1, view2 = views()
     none = _learner(sharing='none')
     torch.manual_seed(0)
     gim = LocalLearner(_resnet(), 'gim', input_size=(3, 32, 32), temperature=T).to(DTYPE)
@@ -87,14 +60,14 @@ def test_no_sharing_is_gim_with_the_same_decoders():
     gim.load_state_dict(none.state_dict())
     none.step(view1, view2)
     gim.step(view1, view2)
-    _assert_close(_grads(list(none.parameters())), _grads(list(gim.parameters())))
+    assert_close(grads(list(none.parameters())), grads(list(gim.parameters())))
 
 
 def test_upper_layer_gradient_only():
     """A shared stage's weights take only the unit above's gradient; the lower unit's loss still reaches the stage
     below it through the shared stage."""
     learner = _learner(sharing='upper')
-    view1, view2 = _views()
+    view1, view2 = views()
     model = learner.encoder
     fns, stage_params = resnet_stage_fns(model), resnet_stage_params(model)
     starts = {first for first, _ in learner.units}
@@ -103,14 +76,14 @@ def test_upper_layer_gradient_only():
         trained = list(stage_params[first]) + list(learner.decoders[j].parameters())
         if last not in starts:  # the top stage of the last unit is in no other unit: it learns from this one
             trained += stage_params[last]
-        terms.append((_unit_loss(learner, j, fns, view1, view2), trained))
+        terms.append((ref_unit_loss(learner, j, fns, view1, view2, T), trained))
     params = [p for ps in stage_params for p in ps] + list(learner.decoders.parameters())
     expected = _reference(learner, params, terms)
     learner.step(view1, view2)
-    _assert_close(_grads(params), expected)
+    assert_close(grads(params), expected)
     full = _learner()
     full.step(view1, view2)
-    ours, theirs = _grads(stage_params[1]), _grads(resnet_stage_params(full.encoder)[1])
+    ours, theirs = grads(stage_params[1]), grads(resnet_stage_params(full.encoder)[1])
     assert all(g.abs().sum() > 0 for g in ours)
     assert not all(torch.allclose(a, b) for a, b in zip(ours, theirs))  # full sharing adds the lower unit's part
 
@@ -124,12 +97,12 @@ def test_sharing_the_first_blocks_of_the_next_stage(blocks):
     fns = [stem_res2]
     for layer in (model.layer2, model.layer3, model.layer4):
         fns += [layer[:blocks], layer[blocks:]]
-    view1, view2 = _views()
+    view1, view2 = views()
     params = list(learner.parameters())
-    terms = [(_unit_loss(learner, j, fns, view1, view2), params) for j in range(len(learner.units))]
+    terms = [(ref_unit_loss(learner, j, fns, view1, view2, T), params) for j in range(len(learner.units))]
     expected = _reference(learner, params, terms)
     learner.step(view1, view2)
-    _assert_close(_grads(params), expected)
+    assert_close(grads(params), expected)
     with torch.no_grad():  # the decoders of the lower units read the first block's output
         h = fns[0](torch.cat([view1, view2]))
         assert learner.stage_shapes[1] == tuple(model.layer2[:blocks](h).shape[1:])
@@ -145,7 +118,7 @@ def test_l2_soft_sharing_gives_each_unit_its_own_copy_and_a_penalty():
     with torch.no_grad():  # let copies and originals differ, as after some training
         for _, b in soft.encoder_copy.named_parameters():
             b.add_(0.01 * torch.randn_like(b))
-    view1, view2 = _views()
+    view1, view2 = views()
     model, copy_model = learner.encoder, soft.encoder_copy
     fns, copy_fns = resnet_stage_fns(model), resnet_stage_fns(copy_model)
     stage_params, copy_params = resnet_stage_params(model), resnet_stage_params(copy_model)
@@ -166,7 +139,7 @@ def test_l2_soft_sharing_gives_each_unit_its_own_copy_and_a_penalty():
     terms.append((penalty, [p for m in (1, 2) for p in stage_params[m] + copy_params[m]]))
     expected = _reference(learner, params, terms)
     learner.step(view1, view2)
-    _assert_close(_grads(params), expected)
+    assert_close(grads(params), expected)
     x = torch.randn(2, 3, 32, 32, dtype=DTYPE)
     learner.eval()
     with torch.no_grad():  # the encoder (readout, export) is the originals

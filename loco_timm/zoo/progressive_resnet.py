@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, ConvNormAct
+from timm.layers import ConvNormAct
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 
 from ._builder import create, tag_cfgs
+from ._staged import StagedNet
 
 try:
     from timm.layers import register_notrace_module
@@ -103,7 +103,7 @@ class ProgressiveBlock(nn.Module):
         return self.act(self.conv(self.resize(self.pre(x))) + shortcut)
 
 
-class ProgressiveResNet(nn.Module):
+class ProgressiveResNet(StagedNet):
     """A ResNet whose stages shrink their maps by bilinear resizing to the given sizes.
 
     Args:
@@ -141,64 +141,7 @@ class ProgressiveResNet(nn.Module):
             # reduction: input / map size, rounded (the sizes are no powers of two)
             self.feature_info.append(dict(num_chs=width, reduction=round(224 / size), module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.num_features = self.head_hidden_size = in_chs
-        self.head = ClassifierHead(in_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r'^conv1', blocks=r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
-                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """The stages' outputs (timm's ``forward_intermediates`` protocol)."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f'output_fmt {output_fmt!r}: ProgressiveResNet gives NCHW maps only')
-        take, last = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        x = self.maxpool(self.conv1(x))
-        for i, stage in enumerate(self.stages[:last + 1] if stop_early else self.stages):
-            x = stage(x)
-            if i in take:
-                intermediates.append(x)
-        return intermediates if intermediates_only else (x, intermediates)
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the stages after the last one ``indices`` asks for."""
-        take, last = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:last + 1]
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.conv1(x))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            from timm.models import checkpoint_seq
-            return checkpoint_seq(self.stages, x)
-        return self.stages(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        self._init_head(in_chs, num_classes, global_pool, drop_rate)
 
 
 # architecture facts of the pretrained config; the tag's facts come from its hub config

@@ -23,12 +23,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.layers import ClassifierHead, ConvNormAct
+from timm.layers import ConvNormAct
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 
 from ._builder import create, tag_cfgs
+from ._staged import StagedNet
 
 __all__ = ['ShuffleUnit', 'ShuffleNetV2']
 
@@ -75,7 +75,7 @@ class ShuffleUnit(nn.Module):
         return channel_shuffle(out, 2)
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(StagedNet):
     """ShuffleNet v2 with a conv1 + max-pool stem, stages of :class:`ShuffleUnit`, a 1x1 conv6 and a linear head.
 
     Args:
@@ -88,6 +88,8 @@ class ShuffleNetV2(nn.Module):
         global_pool: timm pooling type of the head.
         drop_rate: Dropout before the classifier.
     """
+
+    TAIL = 'conv6'
 
     def __init__(self, widths: tuple[int, ...] = (244, 488, 976, 1952), depths: tuple[int, ...] = (3, 4, 6, 3),
                  stem_width: int = 64, num_features: int = 2048, num_classes: int = 1000, in_chans: int = 3,
@@ -111,71 +113,7 @@ class ShuffleNetV2(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.conv6 = ConvNormAct(in_chs, num_features, 1)
         self.feature_info.append(dict(num_chs=num_features, reduction=reduction, module='conv6'))
-        self.num_features = self.head_hidden_size = num_features
-        self.head = ClassifierHead(num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r'^conv1', blocks=r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
-                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """The ``feature_info`` levels' outputs (timm's ``forward_intermediates`` protocol; level 3 is conv6's)."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f'output_fmt {output_fmt!r}: ShuffleNetV2 gives NCHW maps only')
-        take, last = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        x = self.maxpool(self.conv1(x))
-        stages = self.stages[:last + 1] if stop_early else self.stages
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i == len(self.stages) - 1:
-                x = self.conv6(x)
-            if i in take:
-                intermediates.append(x)
-        return intermediates if intermediates_only else (x, intermediates)
-
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> list[int]:
-        """Drop the layers after the last level ``indices`` asks for."""
-        take, last = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:last + 1]
-        if last < len(self.feature_info) - 1:
-            self.conv6 = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.conv1(x))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            from timm.models import checkpoint_seq
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
-        return self.conv6(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        self._init_head(num_features, num_classes, global_pool, drop_rate)
 
 
 # architecture facts of the pretrained config; the tag's facts come from its hub config

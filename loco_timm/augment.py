@@ -14,7 +14,9 @@ slot among :data:`NUM_UNIFORMS` uniforms, so adding an operation never changes t
 Pipeline (in this order):
 
 1. RandomResizedCrop to ``size`` and horizontal flip, as one ``affine_grid`` + bilinear ``grid_sample``
-   (no antialiasing when the crop is shrunk, unlike torchvision's RandomResizedCrop).
+   (no antialiasing when the crop is shrunk, unlike torchvision's RandomResizedCrop). For decoded image files
+   (ImageFolder) the loader cuts the crop from the whole image instead (:mod:`loco_timm.crops`, same draws) and
+   only the flip is left here (``cropped=True``).
 2. With probability ``jitter_p``, colour jitter in the fixed order brightness, contrast, saturation, hue
    (torchvision draws a random order), clamping to [0, 1] after each; hue rotates the chroma in YIQ space.
    Saturation and hue are no-ops on 1-channel images.
@@ -31,7 +33,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ['NUM_UNIFORMS', 'SimCLRAugment', 'sample_uniforms']
+__all__ = ['NUM_UNIFORMS', 'SimCLRAugment', 'sample_uniforms', 'crop_fractions']
 
 NUM_UNIFORMS = 16
 # Fixed uniform slots; 13-15 are spare.
@@ -81,6 +83,19 @@ def sample_uniforms(indices: torch.Tensor, seed: int, epoch: int, view: int, cou
         generator.manual_seed(_mix(seed, epoch, index, view))
         torch.rand(count, generator=generator, dtype=torch.float64, out=out[row])
     return out
+
+
+def crop_fractions(u: torch.Tensor, height: int, width: int, scale: Sequence[float],
+                   log_ratio: Sequence[float]) -> tuple[torch.Tensor, ...]:
+    """The random resized crop of samples with uniforms ``u`` ``(N, NUM_UNIFORMS)`` on ``height x width`` images:
+    width and height as fractions of the image, and the centre in normalised [-1, 1] coordinates (the crop stays
+    inside the image; a crop wider or taller than the image is clamped to it). Area in ``scale``, aspect ratio
+    (width / height, in pixels) log-uniform in ``exp(log_ratio)``."""
+    area = scale[0] + (scale[1] - scale[0]) * u[:, _AREA]
+    ratio = torch.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[:, _RATIO])
+    w = torch.sqrt(area * ratio * height / width).clamp(max=1.0)
+    h = torch.sqrt(area / ratio * width / height).clamp(max=1.0)
+    return w, h, (2 * u[:, _CX] - 1) * (1 - w), (2 * u[:, _CY] - 1) * (1 - h)
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -158,13 +173,7 @@ class SimCLRAugment(torch.nn.Module):
 
     def _crop_flip(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        area = self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, _AREA]
-        ratio = torch.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * u[:, _RATIO])
-        # Width/height as fractions of the image; the pixel aspect ratio of the crop is `ratio`.
-        w = torch.sqrt(area * ratio * height / width).clamp(max=1.0)
-        h = torch.sqrt(area / ratio * width / height).clamp(max=1.0)
-        cx = (2 * u[:, _CX] - 1) * (1 - w)  # normalised [-1, 1] centre keeping the crop inside the image
-        cy = (2 * u[:, _CY] - 1) * (1 - h)
+        w, h, cx, cy = crop_fractions(u, height, width, self.scale, self.log_ratio)
         sx = torch.where(u[:, _FLIP] < self.flip_p, -w, w)
         theta = torch.zeros(x.shape[0], 2, 3, dtype=x.dtype, device=x.device)
         theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, h, cy
@@ -208,7 +217,7 @@ class SimCLRAugment(torch.nn.Module):
         return torch.where((u[:, _BLUR] < self.blur_p).view(-1, 1, 1, 1), flat.view_as(x), x)
 
     def forward(self, images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int,
-                view: int) -> torch.Tensor:
+                view: int, cropped: bool = False) -> torch.Tensor:
         """Augment a batch.
 
         Args:
@@ -217,6 +226,8 @@ class SimCLRAugment(torch.nn.Module):
             seed: run seed.
             epoch: epoch number.
             view: view number.
+            cropped: The images are this view's random resized crops already, cut from the whole decoded image by
+                the loader with the same draws (:mod:`loco_timm.crops`): only the flip of step 1 remains.
 
         Returns:
             float32 ``(N, C, size, size)`` normalised with mean/std, on ``images.device``.
@@ -226,7 +237,12 @@ class SimCLRAugment(torch.nn.Module):
         x = self._to_float(images)
         # Drawn in float64 on the CPU; float32 on the device (MPS has no float64).
         u = sample_uniforms(indices, seed, epoch, view, NUM_UNIFORMS).to(x.device, torch.float32)
-        x = self._crop_flip(x, u)
+        if cropped:
+            if x.shape[-2:] != (self.size, self.size):
+                raise ValueError(f'cropped views must be {self.size}x{self.size}, got {tuple(x.shape[-2:])}')
+            x = torch.where((u[:, _FLIP] < self.flip_p).view(-1, 1, 1, 1), x.flip(-1), x)
+        else:
+            x = self._crop_flip(x, u)
         if self.jitter_p > 0 and any(j > 0 for j in self.jitter):
             x = self._color_jitter(x, u)
         if x.shape[1] == 3 and self.grayscale_p > 0:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .crops import KEY_STRIDE, ViewCropSpec, split_key, view_crops
 from .files import plain_permissions
 
 __all__ = ['FASHION_MNIST_FILES', 'DEBIAN_FASHION_MNIST', 'find_fashion_mnist', 'fashion_mnist', 'cache_dir',
@@ -115,6 +116,8 @@ SPLITS = ('pretrain', 'train', 'test')
 class ImageTensorDataset(Dataset):
     """Images held in memory as a uint8 (N, C, H, W) tensor; items are ``(image, label, index)``."""
 
+    crops = None  # augmented whole, batched on the device
+
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], name: str):
         self.images, self.labels, self.classes, self.name = images, labels, list(classes), name
 
@@ -132,19 +135,21 @@ class ImageTensorDataset(Dataset):
 class ImageFolderDataset(Dataset):
     """An ImageNet-style folder (``root/<class>/<image>``) decoded on the fly.
 
-    Each image is converted to RGB, resized so its shorter side is ``load_size`` and centre-cropped to a square,
-    so that batches stack and the random resized crop runs batched on the device. Unreadable files are not skipped:
-    the error names the file (skipping would change batch sizes between processes and the contrastive loss).
+    For evaluation each image is converted to RGB, resized so its shorter side is ``load_size`` and centre-cropped
+    to a square. For pre-training (``crops`` given) an item is keyed by ``epoch * KEY_STRIDE + index`` and gives the
+    views' random resized crops of the whole image, ``(views, 3, size, size)`` (:mod:`loco_timm.crops`). Unreadable
+    files are not skipped: the error names the file (skipping would change batch sizes between processes and the
+    contrastive loss).
     """
 
-    def __init__(self, root: Path, load_size: int, name: str = 'imagefolder'):
+    def __init__(self, root: Path, load_size: int, name: str = 'imagefolder', crops: ViewCropSpec | None = None):
         from torchvision.datasets import ImageFolder
         try:
             self.folder = ImageFolder(str(root), loader=lambda path: path)
         except (FileNotFoundError, RuntimeError) as err:
             raise FileNotFoundError(f'no images found in {root} ({err}): an ImageFolder needs '
                                     f'{root}/<class name>/<image files>') from None
-        self.load_size, self.name = load_size, name
+        self.load_size, self.name, self.crops = load_size, name, crops
         self.classes = list(self.folder.classes)
         self.labels = torch.tensor(self.folder.targets)
 
@@ -153,9 +158,10 @@ class ImageFolderDataset(Dataset):
 
     channels = 3
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int):
         from PIL import Image
         from torchvision.transforms import v2
+        epoch, index = split_key(key) if self.crops is not None else (0, key)
         path, label = self.folder.samples[index]
         try:
             with Image.open(path) as img:
@@ -164,6 +170,8 @@ class ImageFolderDataset(Dataset):
             raise RuntimeError(f'unreadable image {path} ({err.__class__.__name__}: {err}): remove or replace '
                                f'the file, then run again') from None
         img = v2.functional.pil_to_tensor(img)
+        if self.crops is not None:
+            return view_crops(img, index, epoch, self.crops), label, index
         img = v2.functional.resize(img, self.load_size, antialias=True)
         return v2.functional.center_crop(img, self.load_size), label, index
 
@@ -184,7 +192,8 @@ def _torchvision_dataset(cls, root: Path, download: bool, **kwargs):
 
 
 def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLike | None = None,
-                  image_size: int = 224, subset: int | None = None, download: bool = True) -> Dataset:
+                  image_size: int = 224, subset: int | None = None, download: bool = True,
+                  crops: ViewCropSpec | None = None) -> Dataset:
     """A dataset of ``(uint8 image (C, H, W), label, index)`` items.
 
     Args:
@@ -195,6 +204,9 @@ def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLik
         image_size: Training crop size; ImageFolder images are loaded at 8/7 of it.
         subset: Keep only the first ``subset`` items.
         download: Use torchvision's downloader when files are missing (where a network exists).
+        crops: ImageFolder pre-training: cut the views' random resized crops from the whole image in the loader
+            (items keyed by :class:`EpochSampler` with ``keys=True``); ignored by the in-memory datasets, which
+            crop batched on the device.
 
     Raises:
         ValueError: Unknown name or split. FileNotFoundError: missing or empty data.
@@ -222,7 +234,7 @@ def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLik
             raise FileNotFoundError(f'data_dir {data_dir!r} is not a folder: imagefolder needs data_dir with '
                                     f'train/<class>/<images> and val/<class>/<images>')
         ds = ImageFolderDataset(Path(data_dir) / ('val' if split == 'test' else 'train'),
-                                max(image_size * 8 // 7, image_size))
+                                max(image_size * 8 // 7, image_size), crops=crops if split == 'pretrain' else None)
     else:
         raise ValueError(f'unknown dataset {name!r}: use one of {", ".join(NORMALIZATION)}')
     if len(ds) == 0:
@@ -238,7 +250,7 @@ class _Subset(Dataset):
     def __init__(self, base: Dataset, n: int):
         self.base, self.n = base, n
         self.classes, self.channels, self.name = base.classes, base.channels, base.name
-        self.labels = base.labels[:n]
+        self.labels, self.crops = base.labels[:n], getattr(base, 'crops', None)
 
     def __len__(self) -> int:
         return self.n
@@ -248,19 +260,20 @@ class _Subset(Dataset):
 
 
 class EpochSampler(Sampler[int]):
-    """A permutation of the dataset that depends only on ``(seed, epoch)``: the same on every process and resume."""
+    """A permutation of the dataset that depends only on ``(seed, epoch)``: the same on every process and resume.
+    With ``keys=True`` it yields ``epoch * KEY_STRIDE + index`` (for datasets that crop in the loader)."""
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True):
-        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, keys: bool = False):
+        self.size, self.seed, self.shuffle, self.epoch, self.keys = size, seed, shuffle, 0, keys
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.size))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=g).tolist())
+        order = range(self.size) if not self.shuffle else torch.randperm(
+            self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)).tolist()
+        offset = self.epoch * KEY_STRIDE if self.keys else 0
+        return iter([offset + i for i in order])
 
     def __len__(self) -> int:
         return self.size

@@ -25,6 +25,7 @@ from .checkpoint import (latest_checkpoint, list_checkpoints, load_weights, read
                          verify_checkpoint)
 from .runlock import Preempted, Preemption, lock_run
 from .config import ConfigError, TrainConfig
+from .crops import ViewCropSpec
 from .data import NORMALIZATION, EpochSampler, build_dataset
 from .factory import build_learner
 from .learner import LocalLearner
@@ -129,10 +130,12 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
         raise ConfigError('sync_bn needs CUDA devices: leave it off on CPU (BatchNorm statistics stay per process)')
     set_seed(cfg.seed)
 
-    dataset = build_dataset(cfg.dataset, 'pretrain', cfg.data_dir, cfg.image_size, cfg.subset)
+    crops = ViewCropSpec(cfg.image_size, tuple(cfg.crop_scale), seed=cfg.seed)
+    dataset = build_dataset(cfg.dataset, 'pretrain', cfg.data_dir, cfg.image_size, cfg.subset, crops=crops)
+    cropped = dataset.crops is not None  # the loader cut the views from the whole image (loco_timm.crops)
     if len(dataset) < cfg.batch_size:
         raise ConfigError(f'batch_size={cfg.batch_size} is larger than the dataset ({len(dataset)} images)')
-    sampler = EpochSampler(len(dataset), cfg.seed)
+    sampler = EpochSampler(len(dataset), cfg.seed, keys=cropped)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.num_workers, pin_memory=accelerator.device.type == 'cuda')
     mean, std = NORMALIZATION[cfg.dataset]
@@ -183,8 +186,9 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
         tick = time.perf_counter()
         for images, _, index in batches:
             with torch.no_grad():
-                view1 = augment(images, index, cfg.seed, epoch, 0).contiguous(memory_format=memory_format)
-                view2 = augment(images, index, cfg.seed, epoch, 1).contiguous(memory_format=memory_format)
+                view1, view2 = (augment(images[:, v] if cropped else images, index, cfg.seed, epoch, v,
+                                        cropped=cropped).contiguous(memory_format=memory_format)
+                                for v in (0, 1))
             torch.manual_seed(cfg.seed * 1_000_003 + step * 997 + accelerator.process_index)  # dropout, drop-path
             ready = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)

@@ -25,6 +25,7 @@ CHOICES = {
     'decoder': ('conv', 'mlp', None),
     'decoder_norm': ('batch', 'layer', 'none'),
     'sharing': ('full', 'none', 'upper', 'blocks', 'l2'),
+    'feature_dtype': ('float32', 'float16'),
     'dataset': ('fashion_mnist', 'cifar10', 'cifar100', 'stl10', 'imagefolder'),
     'optimizer': ('lars', 'sgd', 'adamw'),
     'mixed_precision': ('no', 'bf16', 'fp16'),
@@ -120,6 +121,7 @@ class ReadoutConfig:
     milestones: list = field(default_factory=lambda: [0.3, 0.6, 0.9])
     knn_k: int = 200
     knn_temperature: float = 0.1
+    feature_dtype: str = 'float32'  # how the cached features are held: float16 halves the memory (ImageNet scale)
     references: bool = True
     train_subset: typing.Optional[int] = None
     test_subset: typing.Optional[int] = None

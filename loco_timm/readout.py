@@ -41,12 +41,14 @@ CACHE_VERSION = 1  # bump when the readout's maths change, so cached reference r
 
 @torch.no_grad()
 def extract_features(learner: LocalLearner | None, dataset, augment: SimCLRAugment, batch_size: int = 512,
-                     device: str | torch.device = 'cpu') -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Pooled features of every stage (or the flattened pixels when ``learner`` is None) and the labels."""
+                     device: str | torch.device = 'cpu', dtype: torch.dtype = torch.float32,
+                     log=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Pooled features of every stage (or the flattened pixels when ``learner`` is None) and the labels, held on
+    the CPU in ``dtype``, written batch by batch into tensors allocated once (``log`` gets their size first)."""
     from torch.utils.data import DataLoader
     if learner is not None:
         learner.eval()
-    features, labels = None, []
+    features, labels, start = None, torch.empty(len(dataset), dtype=torch.long), 0
     for images, targets, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         x = augment.plain(images.to(device))
         if learner is None:
@@ -55,10 +57,38 @@ def extract_features(learner: LocalLearner | None, dataset, augment: SimCLRAugme
             outs = learner(x)
             per_stage = [learner.pool(k, o) for k, o in enumerate(outs[:-1])]
             per_stage.append(learner.encoder.forward_head(outs[-1], pre_logits=True))
-        per_stage = [f.float().cpu() for f in per_stage]
-        features = [[f] for f in per_stage] if features is None else [a + [f] for a, f in zip(features, per_stage)]
-        labels.append(targets)
-    return [torch.cat(f) for f in features], torch.cat(labels)
+        if features is None:
+            dims = [f.shape[1] for f in per_stage]
+            if log is not None:
+                size = len(dataset) * sum(dims) * torch.finfo(dtype).bits / 8
+                log(f'features of {len(dataset):,} images x {sum(dims):,} dims ({"+".join(map(str, dims))}) in '
+                    f'{str(dtype).split(".")[-1]}: {size / 2 ** 30:.2f} GiB of memory')
+            features = [torch.empty(len(dataset), d, dtype=dtype) for d in dims]
+        for store, f in zip(features, per_stage):
+            store[start:start + len(f)] = f.float().cpu()
+        labels[start:start + len(targets)] = targets
+        start += len(targets)
+    return features, labels
+
+
+def _standardisation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std + 1e-6 of float32 features, or of lower-precision ones accumulated in float64 over
+    chunks (no float32 copy of all of them)."""
+    if x.dtype == torch.float32:
+        return x.mean(0), x.std(0) + 1e-6
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    squares = torch.zeros(x.shape[1], dtype=torch.float64)
+    for chunk in x.split(65536):
+        chunk = chunk.double()
+        total += chunk.sum(0)
+        squares += chunk.square().sum(0)
+    mean = total / len(x)
+    var = (squares - len(x) * mean.square()).clamp(min=0) / max(len(x) - 1, 1)
+    return mean.float(), var.sqrt().float() + 1e-6
+
+
+def _predict(head: nn.Linear, x: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    return torch.cat([head(part.float()).argmax(1) for part in x.split(chunk)])
 
 
 def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, cfg: ReadoutConfig) -> nn.Linear:
@@ -66,10 +96,9 @@ def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
     ``cfg.standardize`` is False); the returned layer takes the raw features (standardisation folded into its
     weights)."""
     if cfg.standardize:
-        mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+        mean, std = _standardisation(train_x)
     else:
         mean, std = torch.zeros(train_x.shape[1]), torch.ones(train_x.shape[1])
-    xs = (train_x - mean) / std
     generator = torch.Generator().manual_seed(cfg.seed)
     linear = nn.Linear(train_x.shape[1], num_classes)
     with torch.random.fork_rng(devices=[]):
@@ -79,10 +108,10 @@ def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
     milestones = sorted({max(int(round(m * cfg.epochs)), 1) for m in cfg.milestones})
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     for _ in range(cfg.epochs):
-        order = torch.randperm(len(xs), generator=generator)
-        for start in range(0, len(xs), cfg.batch_size):
+        order = torch.randperm(len(train_x), generator=generator)
+        for start in range(0, len(train_x), cfg.batch_size):  # standardised batch by batch: no copy of them all
             batch = order[start:start + cfg.batch_size]
-            loss = F.cross_entropy(linear(xs[batch]), train_y[batch])
+            loss = F.cross_entropy(linear((train_x[batch].float() - mean) / std), train_y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -98,11 +127,13 @@ def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> float:
     """Top-1 of a weighted kNN classifier on cosine similarity."""
-    bank, k = F.normalize(train_x, dim=1), min(k, len(train_x))
+    bank, k = torch.empty_like(train_x), min(k, len(train_x))
+    for start in range(0, len(train_x), 65536):  # normalised in chunks, held in the features' dtype
+        bank[start:start + 65536] = F.normalize(train_x[start:start + 65536].float(), dim=1)
     correct = 0
     for start in range(0, len(test_x), chunk):
-        query = F.normalize(test_x[start:start + chunk], dim=1)
-        sims, idx = (query @ bank.T).topk(k, dim=1)
+        query = F.normalize(test_x[start:start + chunk].float(), dim=1).to(bank.dtype)
+        sims, idx = (query @ bank.T).float().topk(k, dim=1)
         votes = torch.zeros(len(query), num_classes).scatter_add_(1, train_y[idx], (sims / temperature).exp())
         correct += (votes.argmax(1) == test_y[start:start + chunk]).sum().item()
     return correct / len(test_x)
@@ -120,7 +151,7 @@ def select_lr(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, cf
     for lr in cfg.lr_grid:
         head = train_linear(train_x[fit], train_y[fit], num_classes, dataclasses.replace(cfg, lr=float(lr)))
         with torch.no_grad():
-            scores.append((head(train_x[val]).argmax(1) == train_y[val]).float().mean().item())
+            scores.append((_predict(head, train_x[val]) == train_y[val]).float().mean().item())
     return float(cfg.lr_grid[scores.index(max(scores))])
 
 
@@ -135,7 +166,7 @@ def evaluate_features(train: tuple[list, torch.Tensor], test: tuple[list, torch.
         rows['lr'].append(lr)
         head = train_linear(train_x, train[1], num_classes, dataclasses.replace(cfg, lr=lr))
         with torch.no_grad():
-            rows['linear'].append(round(100 * (head(test_x).argmax(1) == test[1]).float().mean().item(), 2))
+            rows['linear'].append(round(100 * (_predict(head, test_x) == test[1]).float().mean().item(), 2))
         rows['knn'].append(round(100 * knn_accuracy(train_x, train[1], test_x, test[1], num_classes, cfg.knn_k,
                                                     cfg.knn_temperature), 2))
     return rows, head
@@ -213,7 +244,10 @@ def readout(checkpoint: str | Path, cfg: ReadoutConfig | None = None, out_dir: s
                 continue
         if encoder is not None:
             encoder.to(device)
-        feats = {split: extract_features(encoder, ds, augment, device=device) for split, ds in splits.items()}
+        dtype = getattr(torch, cfg.feature_dtype)
+        feats = {split: extract_features(encoder, ds, augment, device=device, dtype=dtype,
+                                         log=lambda text, s=split, n=name: log(f'{n:12s} {s}: {text}'))
+                 for split, ds in splits.items()}
         rows, head = evaluate_features(feats['train'], feats['test'], num_classes, cfg)
         results['rows'][name] = rows
         if cached is not None:

@@ -135,11 +135,18 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
     return dict(arms=arms, pairs=pairs, claims=claims, timing=timing, ablations=ablations)
 
 
-def results_markdown(summary: dict, seeds: int, arms: int = len(ARMS)) -> str:
-    runs = sum(len(arm['seeds']) for arm in summary['arms'].values())
-    planned = arms * max(seeds, 3)
-    lines = [f'{runs} of {planned} runs ({arms} arms x {max(seeds, 3)} seeds)' +
-             (': **partial**, means over the seeds run so far.' if runs < planned else '.'), '',
+def results_markdown(summary: dict, seeds: int) -> str:
+    runs = sum(len(arm['seeds']) for name, arm in summary['arms'].items() if name in ARMS)
+    planned = len(ARMS) * max(seeds, 3)
+    ablation = {name: arm for name, arm in summary['arms'].items() if name in ABLATIONS}
+    header = (f'{runs} of {planned} runs of the main arms ({len(ARMS)} arms x {max(seeds, 3)} seeds)' +
+              (': **partial**, means over the seeds run so far.' if runs < planned else '.'))
+    if ablation:
+        done = sum(len(arm['seeds']) for arm in ablation.values())
+        header += (f' Ablation arms: {done} runs of {len(ablation)} of the {len(ABLATIONS)} arms so far (2 seeds each '
+                   f'planned: **partial**).' if done < 2 * len(ABLATIONS) else
+                   f' Ablation arms: {done} runs ({len(ABLATIONS)} arms).')
+    lines = [header, '',
              '| arm | mode | decoder | seeds | last-stage linear top-1 | last-stage kNN top-1 | linear top-1 per stage '
              '(mean) |', '|---|---|---|---|---|---|---|']
     for name, arm in summary['arms'].items():
@@ -266,8 +273,8 @@ def run_study(out: str | Path, config: str, seeds: list[int], arms: list[str] | 
             log(f'{name} seed {seed}: training ({mode}, {decoder} decoder) in {run_dir}')
             train(cfg, resume=latest is not None)
             readout(run_dir, readout_cfg, log=log, reference_cache=out / 'references')
-            _write_results(out, config, seeds, recipe, train_overrides, readout_overrides, len(arms))
-    return _write_results(out, config, seeds, recipe, train_overrides, readout_overrides, len(arms))
+            _write_results(out, config, seeds, recipe, train_overrides, readout_overrides)
+    return _write_results(out, config, seeds, recipe, train_overrides, readout_overrides)
 
 
 def _same_settings(results: dict, recipe: dict, train_overrides: dict | None, readout_overrides: dict | None) -> bool:
@@ -297,7 +304,7 @@ def _recorded_runs(out: Path, recipe: dict, train_overrides: dict | None,
 
 
 def _write_results(out: Path, config: str, seeds: list[int], recipe: dict, train_overrides: dict | None,
-                   readout_overrides: dict | None, arms: int = len(ARMS)) -> dict:
+                   readout_overrides: dict | None) -> dict:
     recorded = _recorded_runs(out, recipe, train_overrides, readout_overrides)
     runs = []
     for name in list(ARMS) + list(ABLATIONS):
@@ -319,7 +326,7 @@ def _write_results(out: Path, config: str, seeds: list[int], recipe: dict, train
     results = dict(config=config, recipe=recipe, train_overrides=train_overrides or {},
                    readout_overrides=readout_overrides or {}, seeds=seeds, summary=summary, runs=runs)
     (out / 'results.json').write_text(json.dumps(results, indent=1))
-    (out / 'results.md').write_text(results_markdown(summary, len(seeds), arms) + '\n')
+    (out / 'results.md').write_text(results_markdown(summary, len(seeds)) + '\n')
     if runs:
         _plots(runs, summary, out)
     return results

@@ -118,3 +118,59 @@ def test_reference_rows_are_computed_once_and_reused_only_with_the_same_key(tmp_
     assert hits == ['pixels'] and len(list(cache.iterdir())) == 3
     _, hits = run('epochs', ReadoutConfig(epochs=3, train_subset=200, test_subset=100, knn_k=10))
     assert hits == [] and len(list(cache.iterdir())) == 5
+
+
+def _in_memory_linear(x, y, num_classes, cfg):
+    """The readout as it was before streaming: every feature standardised at once, then the same SGD."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    xs = (x - mean) / std
+    generator = torch.Generator().manual_seed(cfg.seed)
+    linear = torch.nn.Linear(x.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        linear.reset_parameters()
+    optimizer = torch.optim.SGD(linear.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, sorted({max(int(round(m * cfg.epochs)), 1) for m in cfg.milestones}), gamma=0.1)
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(xs), generator=generator)
+        for start in range(0, len(xs), cfg.batch_size):
+            batch = order[start:start + cfg.batch_size]
+            loss = torch.nn.functional.cross_entropy(linear(xs[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+    return linear.weight.detach() / std, mean
+
+
+def test_streamed_float32_readout_equals_the_in_memory_one_and_float16_stays_close():
+    x, y = _blobs(n=900, dim=16, scale=1.0)
+    cfg = ReadoutConfig(epochs=4, lr=0.1, batch_size=64)
+    head = train_linear(x, y, 3, cfg)
+    weight, _ = _in_memory_linear(x, y, 3, cfg)
+    assert torch.equal(head.weight, weight)  # bit for bit
+    half = train_linear(x.half(), y, 3, cfg)
+    accuracy = [(h(x).argmax(1) == y).float().mean().item() for h in (head, half)]
+    assert abs(accuracy[0] - accuracy[1]) < 0.01
+    bank = torch.nn.functional.normalize(x, dim=1)  # kNN as before: one normalisation of all, one query matrix
+    sims, idx = (bank[:300] @ bank.T).topk(50, dim=1)
+    votes = torch.zeros(300, 3).scatter_add_(1, y[idx], (sims / 0.1).exp())
+    assert knn_accuracy(x, y, x[:300], y[:300], 3, k=50) == (votes.argmax(1) == y[:300]).sum().item() / 300
+    assert abs(knn_accuracy(x, y, x[:300], y[:300], 3, k=50) -
+               knn_accuracy(x.half(), y, x[:300].half(), y[:300], 3, k=50)) < 0.02
+
+
+def test_features_are_written_into_one_allocation_per_stage_whose_size_is_said_first():
+    from torch.utils.data import TensorDataset
+    from loco_timm.augment import SimCLRAugment
+    from loco_timm.readout import extract_features
+    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    dataset = TensorDataset(images, torch.arange(10) % 2, torch.arange(10))
+    said = []
+    feats, labels = extract_features(None, dataset, SimCLRAugment(8), batch_size=4, dtype=torch.float16,
+                                     log=said.append)
+    assert said == ['features of 10 images x 64 dims (64) in float16: 0.00 GiB of memory']
+    assert feats[0].dtype == torch.float16 and feats[0].shape == (10, 64) and labels.tolist() == [0, 1] * 5
+    expected = SimCLRAugment(8).plain(images).flatten(1).half()
+    assert torch.equal(feats[0], expected)

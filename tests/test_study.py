@@ -80,10 +80,11 @@ def test_ablation_arms_are_paired_with_the_arm_they_change_next_to_the_papers_di
     assert upper['reference'] == 'loco_conv' and upper['diff'] == pytest.approx([-1.0, 0.5])
     assert upper['paper_diff'] == pytest.approx(65.3 - 66.2)
     assert summary['ablations']['loco_mlp4']['seeds'] == [0]
-    text = results_markdown(summary, 2, arms=3)
+    text = results_markdown(summary, 2)
     assert '| upper-layer gradient only | loco_upper - loco_conv | -1.00, +0.50 | -0.25 +- 1.06 | -0.9 | yes |' in text
     assert '| LoCo + 2 more MLP layers | loco_mlp4 - loco_conv | +1.00 | 1.00 (1 seed) | +1.3 | yes |' in text
-    assert text.startswith('5 of 9 runs (3 arms x 3 seeds)')
+    assert text.startswith('2 of 18 runs of the main arms (6 arms x 3 seeds): **partial**, means over the seeds run '
+                           'so far. Ablation arms: 3 runs of 2 of the 9 arms so far (2 seeds each planned: **partial**).')
 
 
 def test_arm_groups_expand_to_the_arms_and_their_references():

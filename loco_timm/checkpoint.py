@@ -81,16 +81,19 @@ def verify_checkpoint(checkpoint: str | os.PathLike) -> str | None:
         return None
     try:
         files = json.loads(manifest.read_text())['files']
-    except (ValueError, KeyError, TypeError, OSError) as err:
+        files = {str(name): (int(want['size']), str(want['sha256'])) for name, want in files.items()}
+        if any(Path(name).is_absolute() or '..' in Path(name).parts for name in files):
+            raise ValueError('a file outside the checkpoint')
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
         return f'{MANIFEST} is unreadable ({type(err).__name__})'
-    for name, want in files.items():
+    for name, (size_wanted, sha_wanted) in files.items():
         path = folder / name
         if not path.is_file():
             return f'{name} is missing'
         size = path.stat().st_size
-        if size != want['size']:
-            return f'{name} has {size} bytes, its manifest says {want["size"]} (truncated or replaced)'
-        if _sha256(path) != want['sha256']:
+        if size != size_wanted:
+            return f'{name} has {size} bytes, its manifest says {size_wanted} (truncated or replaced)'
+        if _sha256(path) != sha_wanted:
             return f'{name} differs from its manifest (sha256): the file was altered or damaged'
     return None
 

@@ -84,6 +84,8 @@ def verify_checkpoint(checkpoint: str | os.PathLike) -> str | None:
         files = {str(name): (int(want['size']), str(want['sha256'])) for name, want in files.items()}
         if any(Path(name).is_absolute() or '..' in Path(name).parts for name in files):
             raise ValueError('a file outside the checkpoint')
+        if not {WEIGHTS, PROGRESS} <= set(files):
+            raise KeyError('learner weights or progress not listed')
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
         return f'{MANIFEST} is unreadable ({type(err).__name__})'
     for name, (size_wanted, sha_wanted) in files.items():
@@ -110,12 +112,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(accelerator: Any, learner: torch.nn.Module, out_dir: str | os.PathLike, step: int,
-                    progress: dict, keep: int = 2) -> Path:
-    """Write a checkpoint atomically (call on every process) and prune old ones; returns its folder."""
+                    progress: dict, keep: int = 2, exists_ok: bool = False) -> Path:
+    """Write a checkpoint atomically (call on every process) and prune old ones; returns its folder.
+
+    ``exists_ok``: keep an existing checkpoint of this step instead (the one a finished run was resumed from);
+    otherwise one of the same step (e.g. damaged, skipped by the resume) is replaced."""
     root = Path(out_dir) / 'checkpoints'
     final = root / f'step-{step:08d}'
     tmp = root / f'{final.name}.tmp'
-    if final in list_checkpoints(out_dir) and verify_checkpoint(final) is None:  # e.g. a finished run resumed
+    if exists_ok and final in list_checkpoints(out_dir):
         return final
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -293,7 +293,10 @@ class LocalLearner(nn.Module):
         bottom = min(first for first, _ in spans.values())
         needs_input_grad = {k for first, last in spans.values() for k in range(first + 1, last + 1)}
         members = {k: [j for j, (first, last) in spans.items() if first <= k <= last] for k in range(top + 1)}
-        state = Schedule(spans, members, weight_units(self.sharing, spans, members))
+        every = dict(enumerate(self.units))  # who owns a stage's weights does not depend on which units run
+        owners = weight_units(self.sharing, every, {k: [j for j, (f, l) in every.items() if f <= k <= l]
+                                                    for k in range(top + 1)})
+        state = Schedule(spans, members, owners)
 
         h = torch.cat([view1, view2])
         for k in range(top + 1):
@@ -341,7 +344,8 @@ class LocalLearner(nn.Module):
         params = [p for p in self.stages[m].parameters() if p.requires_grad]
         leaves = [t for t in inputs if t.requires_grad]
         continuing = [j for j in arrived if state.spans[j][0] < m]
-        if not waiting and len(state.members[m]) == 1 and continuing:  # one unit: weights and input in one pass
+        single = len(state.members[m]) == 1 and continuing and continuing[0] in state.weights[m]
+        if not waiting and single:  # one unit, which trains the stage: weights and input in one pass
             backward_to(outs, state.total.pop(m), params + leaves)
             state.arrive(continuing[0], m - 1, [t.grad if t.requires_grad else None for t in inputs])
             del state.outputs[m], state.inputs[m]

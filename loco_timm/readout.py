@@ -62,7 +62,8 @@ def extract_features(learner: LocalLearner | None, dataset, augment: SimCLRAugme
             if log is not None:
                 size = len(dataset) * sum(dims) * torch.finfo(dtype).bits / 8
                 log(f'features of {len(dataset):,} images x {sum(dims):,} dims ({"+".join(map(str, dims))}) in '
-                    f'{str(dtype).split(".")[-1]}: {size / 2 ** 30:.2f} GiB of memory')
+                    f'{str(dtype).split(".")[-1]}: {size / 2 ** 30:.2f} GiB of memory (the learning-rate search and '
+                    f'kNN each hold one more copy of a stage\'s at a time)')
             features = [torch.empty(len(dataset), d, dtype=dtype) for d in dims]
         for store, f in zip(features, per_stage):
             store[start:start + len(f)] = f.float().cpu()

@@ -8,6 +8,7 @@
   asks :meth:`Preemption.requested` after every step, which every process answers the same (the flags are combined
   with an all-reduce), so all of them write the checkpoint of the same step and raise :class:`Preempted`, which
   ``loco-timm train`` turns into one line and exit status 75 (``EX_TEMPFAIL``: run it again with ``--resume``).
+  A second SIGINT (Ctrl-C twice) stops at once, for a trainer stuck in a collective or in data loading.
 """
 from __future__ import annotations
 
@@ -49,17 +50,26 @@ class RunLock:
         Raises:
             ConfigError: Another live process holds it (one line naming it).
         """
+        import errno
         import fcntl
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        holder = self._holder(fd)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise ConfigError(f'cannot open the run lock {self.path} ({err.strerror}): make it writable, or choose '
+                              f'another --out-dir') from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as err:
+            holder = self._holder(fd)
             os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ConfigError(f'cannot lock {self.path} ({err.strerror}): the file system of --out-dir does not '
+                                  f'support flock; choose a local folder') from None
             who = (f'process {holder.get("pid")} on {holder.get("host")}, started {holder.get("started")}'
                    if holder else 'another process')
             raise ConfigError(f'{self.path.parent} is in use by another trainer ({who}): wait for it to finish or '
                               f'stop it, or choose another --out-dir') from None
+        holder = self._holder(fd)  # read once the lock is ours: whatever it names no longer holds it
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
                                       started=time.strftime('%Y-%m-%d %H:%M:%S'))).encode(), 0)
@@ -130,8 +140,14 @@ class Preemption:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:  # Ctrl-C twice: stop now (repeated SIGTERMs, as
+            # launchers forward them, still wait for the step)
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
         self.signum = signum
 
     @property

@@ -13,7 +13,8 @@ coefficients 1e-4 / 1e-3 / 1e-2, sharing the first 1 or 2 blocks of the next sta
   own, so it is trained whole. Shared: only those first blocks.
 * ``"l2"``: unit k = S_k plus its *own copy* of S_k+1 wherever S_k+1 is also in a higher unit (identical at
   initialisation; the copy runs on S_k's output, so the forward is not shared); every step adds the gradient of
-  ``sharing_l2 * sum ||copy - original||^2`` over the copies' parameters to both sides. The paper does not give the
+  ``sharing_l2 * sum ||copy - original||^2`` over the copies' parameters to both sides (backpropagated like a
+  loss). The paper does not give the
   penalty's exact form; this is the plain squared L2 distance. The encoder (what ``forward``, readout and export
   use) holds the originals, which the upper units train; the copies live in ``learner.sharing_copies``.
 """
@@ -76,30 +77,25 @@ class SoftSharing(nn.Module):
         self.__dict__['copies'] = {m: stages[m] for m in shared}
         self.coef = coef
 
-    def pairs(self, originals: nn.ModuleList) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        """(original, copy) parameter pairs of every copied stage."""
+    def pairs(self, originals: nn.ModuleList, stages: set[int] | None = None) -> list[tuple[nn.Parameter, ...]]:
+        """(original, copy) parameter pairs of every copied stage (of ``stages`` only, if given)."""
         pairs = []
         for m, stage_copy in self.copies.items():
+            if stages is not None and m not in stages:
+                continue
             mine, theirs = list(originals[m].named_parameters()), list(stage_copy.named_parameters())
             if [n for n, _ in mine] != [n for n, _ in theirs]:
                 raise RuntimeError(f'stage {m} and its copy list different parameters')
             pairs += [(a, b) for (_, a), (_, b) in zip(mine, theirs)]
         return pairs
 
-    def penalty(self, originals: nn.ModuleList) -> torch.Tensor:
-        """``coef * sum ||copy - original||^2`` (for logging; :meth:`add_penalty_grads` applies its gradient)."""
-        return self.coef * sum(((a - b) ** 2).sum() for a, b in self.pairs(originals))
-
-    @torch.no_grad()
-    def add_penalty_grads(self, originals: nn.ModuleList, stages: set[int] | None = None) -> None:
-        """Add the penalty's gradient, ``2 coef (original - copy)`` and its negative, to both sides' ``.grad``."""
-        for m, stage_copy in self.copies.items():
-            if stages is not None and m not in stages:
-                continue
-            for (_, a), (_, b) in zip(originals[m].named_parameters(), stage_copy.named_parameters()):
-                g = 2 * self.coef * (a - b)
-                a.grad = g.clone() if a.grad is None else a.grad.add_(g)
-                b.grad = -g if b.grad is None else b.grad.sub_(g)
+    def penalty(self, originals: nn.ModuleList, stages: set[int] | None = None) -> torch.Tensor:
+        """``coef * sum ||copy - original||^2`` over the copied stages (of ``stages`` only, if given). The step
+        backpropagates it like a unit's loss, so a loss scaler (fp16) scales it too."""
+        pairs = self.pairs(originals, stages)
+        if not pairs:
+            return torch.zeros(())
+        return self.coef * sum(((a - b) ** 2).sum() for a, b in pairs)
 
 
 def soft_step(learner, view1: torch.Tensor, view2: torch.Tensor, active: list[int], backward) -> dict:
@@ -137,5 +133,7 @@ def soft_step(learner, view1: torch.Tensor, view2: torch.Tensor, active: list[in
             done = detach_stage_output(upper)
         del out, upper, z, loss
     touched = {learner.units[j][1] for j in active} | {learner.units[j][0] for j in active}
-    learner.sharing_copies.add_penalty_grads(learner.stages, touched)
+    penalty = learner.sharing_copies.penalty(learner.stages, touched)
+    if penalty.requires_grad and learner.sharing_copies.coef > 0:
+        backward(penalty)  # through the trainer's backward, so that loss scaling applies to it as to the losses
     return losses

@@ -3,9 +3,12 @@
 One function, :func:`train`, in Accelerate's order: accelerator, seed, data, model, optimizer and schedule,
 ``prepare``, resume, loop, save, summary. The learner is not wrapped in DDP (it runs several backward passes per
 step); after :meth:`LocalLearner.step` the gradients and the per-unit losses of all processes are averaged with one
-all-reduce. Batches are split across processes (``split_batches``), so a run's global batches, their augmentations
-(drawn from seed, epoch and sample index) and therefore its result do not depend on the number of processes,
-machines or workers.
+all-reduce. Batches are split across processes (``split_batches``), so a run's global batches and their
+augmentations (drawn from seed, epoch and sample index) do not depend on the number of processes, machines or
+workers; the result does where batch statistics or randomness are per process (BatchNorm without ``sync_bn``,
+dropout and drop-path seeded per process), and otherwise up to float reduction order. The main process holds a lock
+on the run folder; SIGTERM/SIGINT stop every process after the same step with a checkpoint
+(:mod:`loco_timm.runlock`).
 """
 from __future__ import annotations
 
@@ -47,9 +50,9 @@ class NonFiniteLossError(RuntimeError):
 def _check_out_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / '.write-test'
+        probe = path / f'.write-test-{os.getpid()}'  # one per process: they start together
         probe.write_text('')
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as err:
         raise ConfigError(f'out_dir {path} is not writable ({err.strerror}): choose another --out-dir') from None
 
@@ -169,6 +172,7 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
             trimmed.write_text(''.join(f'{line}\n' for line in kept))
             os.replace(trimmed, losses)
 
+    start_step = step
     accelerator.init_trackers('loco', config={k: str(v) for k, v in _as_json(cfg).items()})
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc=cfg.mode,
                dynamic_ncols=True)
@@ -232,14 +236,15 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
                 break
             tick = time.perf_counter()
     bar.close()
-    final = save_checkpoint(accelerator, learner, out_dir, step, progress, cfg.keep_checkpoints)
+    final = save_checkpoint(accelerator, learner, out_dir, step, progress, cfg.keep_checkpoints,
+                            exists_ok=step == start_step)  # a finished run resumed: its checkpoint is this one
     wall = time.perf_counter() - start
     summary = dict(steps=step, wall_seconds=round(wall, 1), checkpoint=str(final), last_losses=last,
                    img_per_s=round(images_seen / wall, 1) if wall else None,
                    loader_img_per_s=round(images_seen / data_time, 1) if data_time else None,
                    model_img_per_s=round(images_seen / step_time, 1) if step_time else None, processes=world)
-    if accelerator.is_main_process:
-        (out_dir / 'train_summary.json').write_text(json.dumps(summary, indent=2))
+    if accelerator.is_main_process and (step > start_step or not (out_dir / 'train_summary.json').is_file()):
+        (out_dir / 'train_summary.json').write_text(json.dumps(summary, indent=2))  # not for a finished run re-read
     accelerator.print(f'trained {step} steps in {wall:.0f} s; checkpoint {final}')
     accelerator.end_training()
     return summary
@@ -259,10 +264,14 @@ def _load_newest_intact(cfg: TrainConfig, out_dir: Path, learner: LocalLearner, 
             try:
                 load_weights(learner, checkpoint / 'learner.safetensors')
                 accelerator.load_state(str(checkpoint))
-                return checkpoint, saved['step']
             except Exception as err:  # noqa: BLE001 - a file that verifies but does not load is damaged too
                 reason = f'it does not load ({type(err).__name__}: {str(err).strip()[:200]})'.replace('\n', ' ')
-        accelerator.print(f'skipping damaged checkpoint {checkpoint}: {reason}')
+        loaded = torch.tensor([1 if reason is None else 0], device=accelerator.device)
+        if accelerator.num_processes > 1:  # every process resumes from the same checkpoint or none does
+            dist.all_reduce(loaded, op=dist.ReduceOp.MIN)
+        if loaded.item():
+            return checkpoint, saved['step']
+        accelerator.print(f'skipping damaged checkpoint {checkpoint}: {reason or "it did not load on every process"}')
     raise ConfigError(f'no intact checkpoint in {out_dir / "checkpoints"} to resume from (the lines above say why '
                       f'each is damaged); nothing was deleted: restore a checkpoint from a copy, or start again in '
                       f'another --out-dir')

@@ -283,6 +283,7 @@ def test_damage_the_manifest_cannot_see_is_still_skipped_on_resume(finished, tmp
     result = cli('train', '--out-dir', run, *TRAIN, '--resume', timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'skipping damaged checkpoint {newest}: it does not load' in result.stdout
+    assert verify_checkpoint(newest) is None and (newest / MANIFEST).is_file()  # rewritten when step 6 came again
     original = load_file(str(list_checkpoints(finished)[-1] / 'learner.safetensors'))
     again = load_file(str(list_checkpoints(run)[-1] / 'learner.safetensors'))
     assert all((again[k] == original[k]).all() for k in original)

@@ -170,7 +170,8 @@ def test_features_are_written_into_one_allocation_per_stage_whose_size_is_said_f
     said = []
     feats, labels = extract_features(None, dataset, SimCLRAugment(8), batch_size=4, dtype=torch.float16,
                                      log=said.append)
-    assert said == ['features of 10 images x 64 dims (64) in float16: 0.00 GiB of memory']
+    assert said == ['features of 10 images x 64 dims (64) in float16: 0.00 GiB of memory (the learning-rate search '
+                    "and kNN each hold one more copy of a stage's at a time)"]
     assert feats[0].dtype == torch.float16 and feats[0].shape == (10, 64) and labels.tolist() == [0, 1] * 5
     expected = SimCLRAugment(8).plain(images).flatten(1).half()
     assert torch.equal(feats[0], expected)

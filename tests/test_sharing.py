@@ -167,3 +167,27 @@ def test_switches_are_recipe_keys():
     learner = build_learner(cfg, in_chans=3, num_classes=0)
     assert learner.config['sharing'] == 'l2' and learner.sharing_copies.coef == 1e-4
     assert learner.config['decoder_blocks'] == 2 and learner.config['mlp_layers'] == 4
+
+
+def test_upper_sharing_keeps_its_owners_when_only_some_units_run():
+    """Stage 1 belongs to unit 1 under "upper": unit 0 alone passes its gradient through it but does not train it."""
+    learner = _learner(sharing='upper')
+    learner.step(*views(), units=[0])
+    stage_params = resnet_stage_params(learner.encoder)
+    assert all(p.grad is None or not p.grad.any() for p in stage_params[1])
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stage_params[0])
+
+
+def test_the_l2_penalty_goes_through_the_trainers_backward_like_the_losses():
+    """A loss scaler (fp16) scales every loss it is given; the penalty must be one of them, or unscaling would
+    shrink it by the scale factor."""
+    def run(backward):
+        learner = _learner(sharing='l2', sharing_l2=1e-2)
+        with torch.no_grad():
+            for _, b in learner.sharing_copies.encoder_copy.named_parameters():
+                b.add_(0.01 * torch.randn(b.shape, generator=torch.Generator().manual_seed(b.numel()), dtype=DTYPE))
+        learner.step(*views(), backward=backward)
+        return grads(list(learner.parameters()))
+    plain = run(None)
+    doubled = run(lambda loss: (2 * loss).backward())
+    assert_close(doubled, [2 * g for g in plain])

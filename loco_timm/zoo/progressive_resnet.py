@@ -124,8 +124,7 @@ class ProgressiveResNet(StagedNet):
                  mid_widths: tuple[int | None, ...] = (None, None, 144, 256, 512, 1024),
                  groups: tuple[int, ...] = (1, 1, 1, 2, 16, 128), sizes: tuple[int, ...] = (56, 36, 24, 16, 12, 8),
                  depths: tuple[int, ...] = (3, 3, 3, 3, 3, 3), stem_width: int = 32,
-                 num_classes: int = 1000, in_chans: int = 3, global_pool: str = 'avg', drop_rate: float = 0.0,
-                 **kwargs: Any):
+                 num_classes: int = 1000, in_chans: int = 3, global_pool: str = 'avg', drop_rate: float = 0.0):
         super().__init__()
         self.num_classes, self.drop_rate = num_classes, drop_rate
         self.grad_checkpointing = False

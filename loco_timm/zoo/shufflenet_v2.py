@@ -93,7 +93,7 @@ class ShuffleNetV2(StagedNet):
 
     def __init__(self, widths: tuple[int, ...] = (244, 488, 976, 1952), depths: tuple[int, ...] = (3, 4, 6, 3),
                  stem_width: int = 64, num_features: int = 2048, num_classes: int = 1000, in_chans: int = 3,
-                 global_pool: str = 'avg', drop_rate: float = 0.0, **kwargs: Any):
+                 global_pool: str = 'avg', drop_rate: float = 0.0):
         super().__init__()
         self.num_classes, self.drop_rate = num_classes, drop_rate
         self.grad_checkpointing = False

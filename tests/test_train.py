@@ -198,7 +198,7 @@ def test_train_command_trains_families_of_the_generic_splitter(tmp_path, backbon
 
 @pytest.mark.parametrize('backbone', ['loco_shufflenet_v2_50', 'loco_presnet50'])
 def test_train_command_trains_the_papers_other_encoders(tmp_path, backbone):
-    result = _run(_cli('train', *_tiny_cli_args(tmp_path, backbone=backbone, image_size=64, max_steps=2,
+    result = _run(_cli('train', *_tiny_cli_args(tmp_path, backbone=backbone, image_size=32, max_steps=2,
                                                 checkpoint_every=2, batch_size=8)))
     assert result.returncode == 0, result.stderr[-3000:]
     weights = load_file(str(latest_checkpoint(tmp_path) / 'learner.safetensors'))

@@ -15,7 +15,8 @@ import argparse
 import dataclasses
 import sys
 
-from .config import ConfigError, ReadoutConfig, TrainConfig, apply_overrides, from_dict, load_recipe
+from .config import ConfigError, ReadoutConfig, TrainConfig, apply_overrides, from_dict
+from .recipes import load_recipe
 
 __all__ = ['main', 'build_parser', 'train_config_from_args', 'readout_config_from_args']
 

@@ -11,12 +11,11 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ['ConfigError', 'TrainConfig', 'ReadoutConfig', 'load_recipe', 'apply_overrides', 'from_dict',
+__all__ = ['ConfigError', 'TrainConfig', 'ReadoutConfig', 'apply_overrides', 'from_dict',
            'RECIPE_SECTIONS', 'CHOICES']
 
 RECIPE_SECTIONS = ('train', 'readout', 'model', 'hub', 'metrics', 'card')
@@ -195,36 +194,6 @@ def _coerce_floats(cls: type, values: dict) -> dict:
                 except ValueError:
                     pass
     return out
-
-
-def load_recipe(path: str | Path) -> dict:
-    """Read a recipe into its sections, checking the section names.
-
-    Args:
-        path: a YAML file, or a weight tag (``loco_resnet18_small.simclr_fmnist``) naming a file in ``hub_configs/``.
-            A hub config (a file with a ``hub:`` section) fills in ``backbone``, ``model_args`` and ``image_size``.
-    """
-    text = str(path)
-    if not text.endswith(('.yaml', '.yml')) and '/' not in text and not Path(text).exists():
-        from .tags import get_hub_config
-        return get_hub_config(text).recipe()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f'recipe {path} does not exist: give a YAML file (see hub_configs/ for examples)')
-    try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f'recipe {path} is not valid YAML: {str(err).splitlines()[0]}') from None
-    if not isinstance(recipe, dict):
-        raise ConfigError(f'recipe {path} must be a mapping with sections {", ".join(RECIPE_SECTIONS)}')
-    unknown = sorted(set(recipe) - set(RECIPE_SECTIONS))
-    if unknown:
-        raise ConfigError(f'unknown section(s) {", ".join(unknown)} in {path}: valid sections are '
-                          f'{", ".join(RECIPE_SECTIONS)}')
-    if 'hub' in recipe:
-        from .tags import load_hub_config
-        return load_hub_config(path).recipe()
-    return recipe
 
 
 def apply_overrides(values: dict, overrides: dict[str, str], cls: type) -> dict:

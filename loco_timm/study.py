@@ -18,7 +18,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .config import ReadoutConfig, TrainConfig, from_dict, load_recipe
+from .config import ReadoutConfig, TrainConfig, from_dict
+from .recipes import load_recipe
 
 __all__ = ['ARMS', 'ABLATIONS', 'arm_overrides', 'expand_arms', 'run_study', 'summarize', 'CLAIMS']
 

@@ -3,7 +3,8 @@ import pytest
 import yaml
 
 from loco_timm import cli
-from loco_timm.config import ConfigError, ReadoutConfig, TrainConfig, apply_overrides, from_dict, load_recipe
+from loco_timm.config import ConfigError, ReadoutConfig, TrainConfig, apply_overrides, from_dict
+from loco_timm.recipes import load_recipe
 
 
 def test_defaults_are_valid_and_lr_scales_with_batch():

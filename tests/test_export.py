@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 import loco_timm  # noqa: F401
 from loco_timm.checkpoint import resolve_checkpoint
-from loco_timm.config import ConfigError, load_recipe
+from loco_timm.config import ConfigError
+from loco_timm.recipes import load_recipe
 from loco_timm.data import find_fashion_mnist
 from loco_timm.export import EXPORT_FILES, build_export_model, export
 from loco_timm.hub import PublishError, publish

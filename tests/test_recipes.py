@@ -7,7 +7,8 @@ import sys
 import pytest
 from PIL import Image
 
-from loco_timm.config import ReadoutConfig, TrainConfig, from_dict, load_recipe
+from loco_timm.config import ReadoutConfig, TrainConfig, from_dict
+from loco_timm.recipes import load_recipe
 from loco_timm.tags import get_hub_config
 
 # arXiv:2008.01342 (../shared/PAPER.md): batch 4096, LARS lr 4.8 (= 0.3 x 4096/256), cosine, 10 warm-up epochs,

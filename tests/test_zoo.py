@@ -11,7 +11,8 @@ import yaml
 
 import loco_timm  # noqa: F401
 from loco_timm.card import update_cards, zoo_card
-from loco_timm.config import ConfigError, ReadoutConfig, TrainConfig, from_dict, load_recipe
+from loco_timm.config import ConfigError, ReadoutConfig, TrainConfig, from_dict
+from loco_timm.recipes import load_recipe
 from loco_timm.data import NORMALIZATION
 from loco_timm.tags import get_hub_config, hub_config_dir, list_hub_configs, load_hub_config
 

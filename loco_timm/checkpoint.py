@@ -15,7 +15,6 @@ missing one); resume, readout and export verify before they read.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .files import file_digest
 
 __all__ = ['save_checkpoint', 'latest_checkpoint', 'list_checkpoints', 'load_weights', 'read_progress',
            'resolve_checkpoint', 'verify_checkpoint']
@@ -49,17 +50,9 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as handle:
-        for block in iter(lambda: handle.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _manifest(folder: Path) -> dict:
     files = sorted(p for p in folder.rglob('*') if p.is_file() and p.name != MANIFEST)
-    return dict(format=1, files={p.relative_to(folder).as_posix(): dict(size=p.stat().st_size, sha256=_sha256(p))
+    return dict(format=1, files={p.relative_to(folder).as_posix(): dict(size=p.stat().st_size, sha256=file_digest(p))
                                  for p in files})
 
 
@@ -95,7 +88,7 @@ def verify_checkpoint(checkpoint: str | os.PathLike) -> str | None:
         size = path.stat().st_size
         if size != size_wanted:
             return f'{name} has {size} bytes, its manifest says {size_wanted} (truncated or replaced)'
-        if _sha256(path) != sha_wanted:
+        if file_digest(path) != sha_wanted:
             return f'{name} differs from its manifest (sha256): the file was altered or damaged'
     return None
 

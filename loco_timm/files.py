@@ -6,11 +6,13 @@ another user). :func:`plain_permissions` sets what ``open(path, "w")`` would hav
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
-__all__ = ['umask', 'plain_permissions']
+__all__ = ['umask', 'plain_permissions', 'file_digest']
 
 
 def umask() -> int:
@@ -30,3 +32,12 @@ def plain_permissions(path: str | os.PathLike) -> None:
             continue
         mode = 0o777 if p.is_dir() else 0o666 | (stat.S_IMODE(p.stat().st_mode) & 0o111)
         os.chmod(p, mode & ~mask)
+
+
+def file_digest(path: str | os.PathLike, digest: Any = None) -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks, fed into ``digest`` (default: a new sha256)."""
+    digest = digest if digest is not None else hashlib.sha256()
+    with open(path, 'rb') as handle:
+        for block in iter(lambda: handle.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()

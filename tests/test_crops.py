@@ -1,5 +1,6 @@
 """SimCLR's random resized crop cut from the whole decoded image in the loader (ImageFolder pre-training)."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -73,7 +74,7 @@ def test_the_loader_gives_the_same_views_for_any_number_of_workers(tmp_path, wor
     assert images.shape == (4, 2, 3, 24, 24)
     for view, image in zip(images, index.tolist()):
         path = dataset.folder.samples[image][0]
-        full = torch.from_numpy(__import__('numpy').array(Image.open(path).convert('RGB'))).permute(2, 0, 1)
+        full = torch.from_numpy(np.array(Image.open(path).convert('RGB'))).permute(2, 0, 1)
         assert torch.equal(view, view_crops(full.contiguous(), image, 2, spec))
     plain = build_dataset('imagefolder', 'train', data, 24)  # readout and evaluation: resize and centre crop
     assert plain.crops is None and plain[0][0].shape == (3, 27, 27)

@@ -10,6 +10,7 @@ from typing import Any
 from timm.models import build_model_with_cfg
 from torch import nn
 
+from ..files import file_digest
 from ..tags import list_hub_configs
 
 __all__ = ['PretrainedWeightsNotFound', 'tag_cfgs', 'create']
@@ -59,10 +60,7 @@ def _damaged(path: str) -> str | None:
     from safetensors.torch import load_file
     blob = Path(os.path.realpath(path))
     data_hash = hashlib.sha256() if len(blob.name) == 64 else hashlib.sha1(f'blob {blob.stat().st_size}\0'.encode())
-    with open(blob, 'rb') as handle:
-        for block in iter(lambda: handle.read(1 << 20), b''):
-            data_hash.update(block)
-    if len(blob.name) in (40, 64) and data_hash.hexdigest() != blob.name:
+    if len(blob.name) in (40, 64) and file_digest(blob, data_hash) != blob.name:
         return f'its {blob.stat().st_size} bytes do not hash to the {blob.name[:12]}... the cache names it by'
     try:
         load_file(str(blob))

@@ -25,7 +25,6 @@ CHOICES = {
     'decoder_norm': ('batch', 'layer', 'none'),
     'sharing': ('full', 'none', 'upper', 'blocks', 'l2'),
     'feature_dtype': ('float32', 'float16'),
-    'dataset': ('fashion_mnist', 'cifar10', 'cifar100', 'stl10', 'imagefolder'),
     'optimizer': ('lars', 'sgd', 'adamw'),
     'mixed_precision': ('no', 'bf16', 'fp16'),
     'trackers': ('tensorboard', 'none'),
@@ -62,6 +61,8 @@ class TrainConfig:
     subset: typing.Optional[int] = None
     image_size: int = 28
     crop_scale: list = field(default_factory=lambda: [0.2, 1.0])
+    splits: dict = field(default_factory=dict)  # timm sources: split names of pretrain / train / test
+    decode_draft: bool = True  # timm sources: decode JPEGs at the smallest scale no crop upsamples
     num_workers: int = 0
     # optimisation
     batch_size: int = 512
@@ -86,6 +87,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self)
+        _check_dataset(self)
         positive = ('batch_size', 'proj_dim', 'image_size', 'checkpoint_every', 'keep_checkpoints', 'log_every')
         for key in positive:
             if getattr(self, key) < 1:
@@ -160,6 +162,20 @@ def _check(cfg: Any) -> None:
         if f.name in CHOICES and value not in CHOICES[f.name]:
             valid = ', '.join(str(c) for c in CHOICES[f.name] if c is not None)
             raise ConfigError(f'{f.name}={value!r} is not valid: choose one of {valid}')
+
+
+DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'stl10', 'imagefolder')
+
+
+def _check_dataset(cfg: 'TrainConfig') -> None:
+    from .sources import DEFAULT_SPLITS, is_timm_source
+    if cfg.dataset not in DATASETS and not is_timm_source(cfg.dataset):
+        raise ConfigError(f'dataset={cfg.dataset!r} is not valid: choose one of {", ".join(DATASETS)} or a timm '
+                          f'dataset name (torch/<name>, hfds/<name>, hfids/<name>, wds/<name>, tfds/<name>)')
+    unknown = sorted(set(cfg.splits) - set(DEFAULT_SPLITS))
+    if unknown or not all(isinstance(v, str) and v for v in cfg.splits.values()):
+        raise ConfigError(f'splits={cfg.splits!r} is not valid: map {", ".join(DEFAULT_SPLITS)} to split names, '
+                          f'e.g. {{test: val}}')
 
 
 def _type_name(hint: Any) -> str:

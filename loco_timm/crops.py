@@ -20,7 +20,7 @@ import torch
 
 from .augment import NUM_UNIFORMS, crop_fractions, sample_uniforms
 
-__all__ = ['KEY_STRIDE', 'ViewCropSpec', 'crop_box', 'view_crops', 'split_key']
+__all__ = ['KEY_STRIDE', 'ViewCropSpec', 'crop_box', 'view_crops', 'split_key', 'view_uniforms', 'needed_size']
 
 KEY_STRIDE = 1 << 40
 
@@ -50,11 +50,25 @@ def crop_box(height: int, width: int, u: torch.Tensor, spec: ViewCropSpec) -> tu
     return top, left, crop_h, crop_w
 
 
+def view_uniforms(index: int, epoch: int, spec: ViewCropSpec) -> torch.Tensor:
+    """``(views, NUM_UNIFORMS)``: the draws of an item's views."""
+    return torch.cat([sample_uniforms(torch.tensor([index]), spec.seed, epoch, view, NUM_UNIFORMS)
+                      for view in range(spec.views)])
+
+
+def needed_size(height: int, width: int, index: int, epoch: int, spec: ViewCropSpec) -> tuple[int, int]:
+    """``(width, height)`` the image must have so that no view's crop is upsampled: a JPEG decoder may scale the
+    image down to it while decoding (PIL's ``Image.draft``), since every crop is then still at least ``size``
+    pixels wide and high."""
+    u = view_uniforms(index, epoch, spec)
+    w, h = crop_fractions(u, height, width, spec.scale, (math.log(spec.ratio[0]), math.log(spec.ratio[1])))[:2]
+    return (min(width, math.ceil(spec.size / w.min().item())), min(height, math.ceil(spec.size / h.min().item())))
+
+
 def view_crops(image: torch.Tensor, index: int, epoch: int, spec: ViewCropSpec) -> torch.Tensor:
     """uint8 ``(views, C, size, size)``: the views' crops of one decoded uint8 ``(C, H, W)`` image."""
     from torchvision.transforms import v2
-    u = torch.cat([sample_uniforms(torch.tensor([index]), spec.seed, epoch, view, NUM_UNIFORMS)
-                   for view in range(spec.views)])
+    u = view_uniforms(index, epoch, spec)
     height, width = image.shape[-2:]
     return torch.stack([v2.functional.resized_crop(image, *crop_box(height, width, u[v], spec),
                                                    size=[spec.size, spec.size], antialias=True)

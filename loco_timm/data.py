@@ -1,4 +1,5 @@
-"""Datasets: Fashion-MNIST (the embedded default), CIFAR-10/100, STL-10 and ImageFolder, as uint8 image tensors.
+"""Datasets: Fashion-MNIST (the embedded default), CIFAR-10/100 and STL-10 as uint8 image tensors, and every source
+timm reads (:mod:`loco_timm.sources`).
 
 Fashion-MNIST is looked up, in order, in ``data_dir``, ``$LOCO_TIMM_DATA``, and where Debian's package
 ``dataset-fashion-mnist`` installs it (``/usr/share/datasets/fashion-mnist``). Its IDX files (``.gz`` or not) are
@@ -17,11 +18,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .crops import KEY_STRIDE, ViewCropSpec, split_key, view_crops
+from .crops import KEY_STRIDE, ViewCropSpec
 from .files import plain_permissions
+from .sources import build_source, is_stream, is_timm_source
 
 __all__ = ['FASHION_MNIST_FILES', 'DEBIAN_FASHION_MNIST', 'find_fashion_mnist', 'fashion_mnist', 'cache_dir',
-           'NORMALIZATION', 'build_dataset', 'ImageTensorDataset', 'ImageFolderDataset', 'EpochSampler']
+           'NORMALIZATION', 'normalization', 'build_dataset', 'ImageTensorDataset', 'EpochSampler']
 
 FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
                        't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
@@ -132,50 +134,6 @@ class ImageTensorDataset(Dataset):
         return self.images.shape[1]
 
 
-class ImageFolderDataset(Dataset):
-    """An ImageNet-style folder (``root/<class>/<image>``) decoded on the fly.
-
-    For evaluation each image is converted to RGB, resized so its shorter side is ``load_size`` and centre-cropped
-    to a square. For pre-training (``crops`` given) an item is keyed by ``epoch * KEY_STRIDE + index`` and gives the
-    views' random resized crops of the whole image, ``(views, 3, size, size)`` (:mod:`loco_timm.crops`). Unreadable
-    files are not skipped: the error names the file (skipping would change batch sizes between processes and the
-    contrastive loss).
-    """
-
-    def __init__(self, root: Path, load_size: int, name: str = 'imagefolder', crops: ViewCropSpec | None = None):
-        from torchvision.datasets import ImageFolder
-        try:
-            self.folder = ImageFolder(str(root), loader=lambda path: path)
-        except (FileNotFoundError, RuntimeError) as err:
-            raise FileNotFoundError(f'no images found in {root} ({err}): an ImageFolder needs '
-                                    f'{root}/<class name>/<image files>') from None
-        self.load_size, self.name, self.crops = load_size, name, crops
-        self.classes = list(self.folder.classes)
-        self.labels = torch.tensor(self.folder.targets)
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    channels = 3
-
-    def __getitem__(self, key: int):
-        from PIL import Image
-        from torchvision.transforms import v2
-        epoch, index = split_key(key) if self.crops is not None else (0, key)
-        path, label = self.folder.samples[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert('RGB')
-        except Exception as err:
-            raise RuntimeError(f'unreadable image {path} ({err.__class__.__name__}: {err}): remove or replace '
-                               f'the file, then run again') from None
-        img = v2.functional.pil_to_tensor(img)
-        if self.crops is not None:
-            return view_crops(img, index, epoch, self.crops), label, index
-        img = v2.functional.resize(img, self.load_size, antialias=True)
-        return v2.functional.center_crop(img, self.load_size), label, index
-
-
 def _torchvision_dataset(cls, root: Path, download: bool, **kwargs):
     fix = f'put torchvision\'s {cls.__name__} files there (as its downloader lays them out) and pass it as data_dir'
     try:
@@ -191,22 +149,34 @@ def _torchvision_dataset(cls, root: Path, download: bool, **kwargs):
             from None
 
 
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of a dataset (ImageNet's for the sources read through timm)."""
+    return NORMALIZATION.get(name, NORMALIZATION['imagefolder'])
+
+
 def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLike | None = None,
                   image_size: int = 224, subset: int | None = None, download: bool = True,
-                  crops: ViewCropSpec | None = None) -> Dataset:
+                  crops: ViewCropSpec | None = None, splits: dict | None = None, seed: int = 0,
+                  batch_size: int = 1, draft: bool = True) -> Dataset:
     """A dataset of ``(uint8 image (C, H, W), label, index)`` items.
 
     Args:
-        name: ``fashion_mnist``, ``cifar10``, ``cifar100``, ``stl10`` or ``imagefolder``.
+        name: ``fashion_mnist``, ``cifar10``, ``cifar100``, ``stl10``, or a source read through timm
+            (``imagefolder``, ``torch/...``, ``hfds/...``, ``hfids/...``, ``wds/...``, ``tfds/...``;
+            :mod:`loco_timm.sources`).
         split: ``pretrain`` (STL-10: the unlabeled split; else the training split), ``train`` or ``test``
-            (ImageFolder: ``data_dir/train`` and ``data_dir/val``).
-        data_dir: Where the files are (required for imagefolder).
-        image_size: Training crop size; ImageFolder images are loaded at 8/7 of it.
-        subset: Keep only the first ``subset`` items.
+            (timm sources: the split ``splits`` names for it, by default train, train and validation).
+        data_dir: Where the files are (required for imagefolder and wds; timm's ``root`` for the others).
+        image_size: Training crop size; timm sources are loaded at 8/7 of it for evaluation.
+        subset: Keep only the first ``subset`` items (streams: ``subset`` items per epoch).
         download: Use torchvision's downloader when files are missing (where a network exists).
-        crops: ImageFolder pre-training: cut the views' random resized crops from the whole image in the loader
+        crops: timm sources' pre-training: cut the views' random resized crops from the whole image in the loader
             (items keyed by :class:`EpochSampler` with ``keys=True``); ignored by the in-memory datasets, which
             crop batched on the device.
+        splits: timm sources: the split name of each use (``pretrain``, ``train``, ``test``).
+        seed, batch_size: Streams: the shuffle seed and the per-process batch size (timm's readers round each
+            worker's share of an epoch up to whole batches).
+        draft: Decode JPEGs of timm sources at a reduced scale where no crop needs the full resolution.
 
     Raises:
         ValueError: Unknown name or split. FileNotFoundError: missing or empty data.
@@ -214,6 +184,14 @@ def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLik
     if split not in SPLITS:
         raise ValueError(f'unknown split {split!r}: use one of {", ".join(SPLITS)}')
     train = split != 'test'
+    if is_timm_source(name):
+        ds = build_source(name, split, data_dir, image_size, subset, crops, splits, download, seed, batch_size,
+                          draft)
+        if is_stream(name):
+            return ds
+        if len(ds) == 0:
+            raise FileNotFoundError(f'dataset {name} ({split}) in {data_dir} is empty: add images, then run again')
+        return _Subset(ds, subset) if subset is not None and subset < len(ds) else ds
     if name == 'fashion_mnist':
         base = fashion_mnist(train=train, data_dir=data_dir, download=download)
         ds = ImageTensorDataset(base.data.unsqueeze(1), base.targets, base.classes, name)
@@ -229,14 +207,9 @@ def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLik
         stl_split = {'pretrain': 'unlabeled', 'train': 'train', 'test': 'test'}[split]
         base = _torchvision_dataset(STL10, root, download, split=stl_split)
         ds = ImageTensorDataset(torch.from_numpy(base.data), torch.from_numpy(base.labels).long(), base.classes, name)
-    elif name == 'imagefolder':
-        if not data_dir or not Path(data_dir).is_dir():
-            raise FileNotFoundError(f'data_dir {data_dir!r} is not a folder: imagefolder needs data_dir with '
-                                    f'train/<class>/<images> and val/<class>/<images>')
-        ds = ImageFolderDataset(Path(data_dir) / ('val' if split == 'test' else 'train'),
-                                max(image_size * 8 // 7, image_size), crops=crops if split == 'pretrain' else None)
     else:
-        raise ValueError(f'unknown dataset {name!r}: use one of {", ".join(NORMALIZATION)}')
+        raise ValueError(f'unknown dataset {name!r}: use one of {", ".join(NORMALIZATION)} or a timm dataset name '
+                         f'(torch/, hfds/, hfids/, wds/, tfds/)')
     if len(ds) == 0:
         raise FileNotFoundError(f'dataset {name} ({split}) in {data_dir} is empty: add images, then run again')
     if subset is not None and subset < len(ds):
@@ -250,7 +223,7 @@ class _Subset(Dataset):
     def __init__(self, base: Dataset, n: int):
         self.base, self.n = base, n
         self.classes, self.channels, self.name = base.classes, base.channels, base.name
-        self.labels, self.crops = base.labels[:n], getattr(base, 'crops', None)
+        self.crops = getattr(base, 'crops', None)
 
     def __len__(self) -> int:
         return self.n

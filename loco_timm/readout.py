@@ -30,7 +30,7 @@ from torch import nn
 from .augment import SimCLRAugment
 from .checkpoint import load_weights, read_progress, resolve_checkpoint
 from .config import ReadoutConfig, TrainConfig, from_dict
-from .data import NORMALIZATION, build_dataset
+from .data import build_dataset, normalization
 from .factory import build_learner
 from .learner import LocalLearner
 
@@ -42,14 +42,19 @@ CACHE_VERSION = 1  # bump when the readout's maths change, so cached reference r
 @torch.no_grad()
 def extract_features(learner: LocalLearner | None, dataset, augment: SimCLRAugment, batch_size: int = 512,
                      device: str | torch.device = 'cpu', dtype: torch.dtype = torch.float32,
-                     log=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+                     log=None, num_workers: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Pooled features of every stage (or the flattened pixels when ``learner`` is None) and the labels, held on
-    the CPU in ``dtype``, written batch by batch into tensors allocated once (``log`` gets their size first)."""
+    the CPU in ``dtype``, written batch by batch into tensors allocated once (``log`` gets their size first). A
+    stream may give fewer images than its announced length (the tensors are cut to what came), not more."""
     from torch.utils.data import DataLoader
     if learner is not None:
         learner.eval()
     features, labels, start = None, torch.empty(len(dataset), dtype=torch.long), 0
-    for images, targets, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for images, targets, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         pin_memory=torch.device(device).type == 'cuda'):
+        if start + len(targets) > len(labels):
+            raise ValueError(f'{dataset.name} gave more than the {len(labels):,} images it announced: correct '
+                             f'num_samples in its info file')
         x = augment.plain(images.to(device))
         if learner is None:
             per_stage = [x.flatten(1)]
@@ -69,7 +74,9 @@ def extract_features(learner: LocalLearner | None, dataset, augment: SimCLRAugme
             store[start:start + len(f)] = f.float().cpu()
         labels[start:start + len(targets)] = targets
         start += len(targets)
-    return features, labels
+    if features is None:
+        raise ValueError(f'{dataset.name} gave no images: check its split and data_dir')
+    return [f[:start] for f in features], labels[:start]
 
 
 def _standardisation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,12 +226,13 @@ def readout(checkpoint: str | Path, cfg: ReadoutConfig | None = None, out_dir: s
     out_dir = Path(out_dir or checkpoint.parent.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     learner, train_cfg, progress = _learner_from_checkpoint(checkpoint)
-    mean, std = NORMALIZATION[train_cfg.dataset]
+    mean, std = normalization(train_cfg.dataset)
     augment = SimCLRAugment(train_cfg.image_size, mean=mean, std=std)
     data_dir = cfg.data_dir or train_cfg.data_dir
-    splits = {split: build_dataset(train_cfg.dataset, split, data_dir, train_cfg.image_size, subset)
+    splits = {split: build_dataset(train_cfg.dataset, split, data_dir, train_cfg.image_size, subset,
+                                   splits=train_cfg.splits, draft=train_cfg.decode_draft)
               for split, subset in (('train', cfg.train_subset), ('test', cfg.test_subset))}
-    num_classes = len(splits['train'].classes)
+    num_classes = len(splits['train'].classes)  # a stream without class names: from its labels, below
     encoders = {'model': learner}
     if cfg.references:
         encoders['random_init'] = _learner_from_checkpoint(checkpoint, random_init=True)[0]
@@ -247,8 +255,10 @@ def readout(checkpoint: str | Path, cfg: ReadoutConfig | None = None, out_dir: s
             encoder.to(device)
         dtype = getattr(torch, cfg.feature_dtype)
         feats = {split: extract_features(encoder, ds, augment, device=device, dtype=dtype,
-                                         log=lambda text, s=split, n=name: log(f'{n:12s} {s}: {text}'))
+                                         log=lambda text, s=split, n=name: log(f'{n:12s} {s}: {text}'),
+                                         num_workers=train_cfg.num_workers)
                  for split, ds in splits.items()}
+        num_classes = num_classes or int(max(feats['train'][1].max(), feats['test'][1].max())) + 1
         rows, head = evaluate_features(feats['train'], feats['test'], num_classes, cfg)
         results['rows'][name] = rows
         if cached is not None:

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import IterableDataset
 
 from . import zoo  # noqa: F401  (registers loco_* models)
 from .augment import SimCLRAugment
@@ -29,7 +30,7 @@ from .checkpoint import (latest_checkpoint, list_checkpoints, load_weights, read
 from .runlock import Preempted, Preemption, lock_run
 from .config import ConfigError, TrainConfig
 from .crops import ViewCropSpec
-from .data import NORMALIZATION, EpochSampler, build_dataset
+from .data import EpochSampler, build_dataset, normalization
 from .factory import build_learner
 from .learner import LocalLearner
 from .optim import build_optimizer, build_scheduler, steps_for
@@ -39,8 +40,35 @@ __all__ = ['train', 'NonFiniteLossError', 'RESUME_KEYS', 'main']
 # recipe keys that must match to resume a run
 RESUME_KEYS = ('backbone', 'model_args', 'mode', 'decoder', 'num_stages', 'units', 'top_unit', 'temperature',
                'proj_dim', 'decoder_norm', 'decoder_blocks', 'mlp_layers', 'sharing', 'sharing_blocks', 'sharing_l2',
-               'dataset', 'subset', 'image_size', 'crop_scale', 'batch_size', 'optimizer',
+               'dataset', 'splits', 'subset', 'image_size', 'crop_scale', 'batch_size', 'optimizer',
                'base_lr', 'weight_decay', 'momentum', 'warmup_epochs', 'seed', 'epochs', 'max_steps')
+
+
+class _StreamLoader:
+    """Per-process batches of a streamed source: a new loader per epoch whose workers' shuffles are seeded by
+    ``(seed, epoch, process)``, so an epoch's stream is the same in a resumed run; a mid-epoch resume reads and drops
+    the epoch's first ``skip`` batches. Yields exactly ``steps`` batches per epoch, on ``device``."""
+
+    def __init__(self, dataset, batch_size: int, num_workers: int, pin: bool, seed: int, rank: int, device):
+        self.dataset, self.batch_size, self.num_workers, self.pin = dataset, batch_size, num_workers, pin
+        self.seed, self.rank, self.device = seed, rank, device
+        dataset.source.set_loader_cfg(num_workers=num_workers)
+
+    def epoch(self, epoch: int, skip: int, steps: int):
+        from torch.utils.data import DataLoader
+        self.dataset.set_epoch(epoch)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1009 + self.rank)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                            pin_memory=self.pin, drop_last=True, generator=generator)
+        count = 0
+        for count, batch in enumerate(loader, 1):
+            if count > skip:
+                yield [t.to(self.device, non_blocking=self.pin) for t in batch]
+            if count == steps:
+                return
+        raise ConfigError(f'the stream of {self.dataset.name} gave {count} batches of {self.batch_size} in epoch '
+                          f'{epoch}, fewer than the {steps} an epoch needs: give its info file the right '
+                          f'num_samples, or set subset')
 
 
 class NonFiniteLossError(RuntimeError):
@@ -71,9 +99,10 @@ def _average(tensors: list[torch.Tensor], world: int) -> None:
 
 
 def _check_resume(cfg: TrainConfig, saved: dict) -> None:
-    current = {k: getattr(cfg, k) for k in RESUME_KEYS}
-    diffs = [f'{k}={current[k]!r} (checkpoint: {saved.get(k)!r})' for k in RESUME_KEYS
-             if json.loads(json.dumps(current[k])) != saved.get(k)]
+    current = {k: json.loads(json.dumps(getattr(cfg, k))) for k in RESUME_KEYS}
+    default = _as_json(TrainConfig())  # a key newer than the checkpoint had its default then
+    diffs = [f'{k}={current[k]!r} (checkpoint: {saved.get(k, default[k])!r})' for k in RESUME_KEYS
+             if current[k] != saved.get(k, default[k])]
     if diffs:
         raise ConfigError(f'cannot resume: the recipe differs from the checkpoint\'s in {"; ".join(diffs)}: use the '
                           f'same recipe, or a new --out-dir to start afresh')
@@ -134,14 +163,27 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
     set_seed(cfg.seed)
 
     crops = ViewCropSpec(cfg.image_size, tuple(cfg.crop_scale), seed=cfg.seed)
-    dataset = build_dataset(cfg.dataset, 'pretrain', cfg.data_dir, cfg.image_size, cfg.subset, crops=crops)
+    try:
+        dataset = build_dataset(cfg.dataset, 'pretrain', cfg.data_dir, cfg.image_size, cfg.subset, crops=crops,
+                                splits=cfg.splits, seed=cfg.seed, batch_size=cfg.batch_size // world,
+                                draft=cfg.decode_draft)
+    except (FileNotFoundError, ImportError) as err:
+        raise ConfigError(str(err)) from None
     cropped = dataset.crops is not None  # the loader cut the views from the whole image (loco_timm.crops)
     if len(dataset) < cfg.batch_size:
         raise ConfigError(f'batch_size={cfg.batch_size} is larger than the dataset ({len(dataset)} images)')
-    sampler = EpochSampler(len(dataset), cfg.seed, keys=cropped)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.num_workers, pin_memory=accelerator.device.type == 'cuda')
-    mean, std = NORMALIZATION[cfg.dataset]
+    stream = isinstance(dataset, IterableDataset)  # each process reads its own shards (loco_timm.sources)
+    pin = accelerator.device.type == 'cuda'
+    if stream:
+        sampler = None
+        loader = _StreamLoader(dataset, cfg.batch_size // world, cfg.num_workers, pin, cfg.seed,
+                               accelerator.process_index, accelerator.device)
+    else:
+        sampler = EpochSampler(len(dataset), cfg.seed, keys=cropped)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=cfg.num_workers, pin_memory=pin,
+                            persistent_workers=cfg.num_workers > 0)
+    mean, std = normalization(cfg.dataset)
     augment = SimCLRAugment(cfg.image_size, scale=cfg.crop_scale, mean=mean, std=std)
 
     learner = build_learner(cfg, dataset.channels, len(dataset.classes)).to(accelerator.device)
@@ -154,7 +196,10 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
     total_steps = cfg.max_steps or steps_for(cfg.epochs, steps_per_epoch)
     scheduler = build_scheduler(optimizer, total_steps, int(round(cfg.warmup_epochs * steps_per_epoch)))
 
-    optimizer, loader = accelerator.prepare(optimizer, loader)
+    if stream:
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        optimizer, loader = accelerator.prepare(optimizer, loader)
 
     step = 0
     progress = dict(config=_as_json(cfg), num_classes=len(dataset.classes), in_chans=dataset.channels,
@@ -184,9 +229,12 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
         epoch, skip = divmod(step, steps_per_epoch)
         # set directly: with several processes, the loader skip_first_batches returns for a mid-epoch resume does
         # not pass set_epoch on to the sampler, which then replayed epoch 0's order
-        sampler.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        batches.set_epoch(epoch)
+        if stream:
+            batches = loader.epoch(epoch, skip, steps_per_epoch)
+        else:
+            sampler.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            batches.set_epoch(epoch)
         tick = time.perf_counter()
         for images, _, index in batches:
             with torch.no_grad():

@@ -82,14 +82,14 @@ def test_cli_unwritable_out_dir(tmp_path, capsys):
 def test_cli_missing_imagefolder(tmp_path, capsys):
     line = _cli_error(capsys, 'train', '--dataset', 'imagefolder', '--data-dir', str(tmp_path / 'nope'),
                       '--out-dir', str(tmp_path / 'run'), '--trackers', 'none')
-    assert "data_dir '" in line and 'is not a folder: imagefolder needs data_dir with train/<class>' in line
+    assert "data_dir '" in line and 'does not exist: imagefolder needs data_dir holding <split>/<class>' in line
 
 
 def test_cli_empty_imagefolder(tmp_path, capsys):
     (tmp_path / 'data' / 'train').mkdir(parents=True)
     line = _cli_error(capsys, 'train', '--dataset', 'imagefolder', '--data-dir', str(tmp_path / 'data'),
                       '--out-dir', str(tmp_path / 'run'), '--trackers', 'none')
-    assert 'no images found in' in line
+    assert 'could not be read in' in line and 'Found 0 images' in line
 
 
 def test_cli_unknown_backbone(tmp_path, capsys):

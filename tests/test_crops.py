@@ -73,7 +73,7 @@ def test_the_loader_gives_the_same_views_for_any_number_of_workers(tmp_path, wor
     images, _, index = batches[0]
     assert images.shape == (4, 2, 3, 24, 24)
     for view, image in zip(images, index.tolist()):
-        path = dataset.folder.samples[image][0]
+        path = dataset.reader.samples[image][0]
         full = torch.from_numpy(np.array(Image.open(path).convert('RGB'))).permute(2, 0, 1)
         assert torch.equal(view, view_crops(full.contiguous(), image, 2, spec))
     plain = build_dataset('imagefolder', 'train', data, 24)  # readout and evaluation: resize and centre crop

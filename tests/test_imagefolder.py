@@ -26,6 +26,6 @@ def test_unreadable_image_fails_naming_the_file(tmp_path):
     bad = root / 'train' / 'class0' / 'broken.jpg'
     bad.write_bytes(b'not an image')
     ds = build_dataset('imagefolder', 'train', root, image_size=28)
-    index = [p for p, _ in ds.folder.samples].index(str(bad))
+    index = [p for p, _ in ds.reader.samples].index(str(bad))
     with pytest.raises(RuntimeError, match=f'unreadable image {bad} .*remove or replace the file'):
         ds[index]

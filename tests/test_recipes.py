@@ -7,6 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
+from formats import hf_parquet, wds_shards
 from loco_timm.config import ReadoutConfig, TrainConfig, from_dict
 from loco_timm.recipes import load_recipe
 from loco_timm.tags import get_hub_config
@@ -88,11 +89,23 @@ def _image_folder(root):
     return root
 
 
+def _source(kind, root):
+    """The dataset flags of a folder, a Hugging Face dataset (parquet) or WebDataset shards."""
+    if kind == 'folder':
+        return ['--data-dir', _image_folder(root)]
+    if kind == 'hfds':
+        return ['--dataset', f'hfds/{hf_parquet(root)}', '--data-dir', root / 'cache']
+    return ['--dataset', 'wds/tiny', '--data-dir', wds_shards(root), '--splits', '{test: validation}']
+
+
 @pytest.mark.slow
-def test_imagenet_recipe_dry_runs_with_only_size_overrides(tmp_path):
-    data, run = _image_folder(tmp_path / 'data'), tmp_path / 'run'
+@pytest.mark.parametrize('source', ['folder', 'hfds', 'wds'])
+def test_imagenet_recipe_dry_runs_with_only_size_overrides(tmp_path, source):
+    if source != 'folder':
+        pytest.importorskip('datasets' if source == 'hfds' else 'webdataset')
+    data, run = _source(source, tmp_path / 'data'), tmp_path / 'run'
     env = {**os.environ, 'OMP_NUM_THREADS': '2'}
-    overrides = ['--data-dir', data, '--out-dir', run, '--batch-size', '4', '--image-size', '32', '--max-steps', '2',
+    overrides = [*data, '--out-dir', run, '--batch-size', '4', '--image-size', '32', '--max-steps', '2',
                  '--trackers', 'none']
     tag = 'loco_resnet50.simclr_in1k'
     result = subprocess.run([sys.executable, '-m', 'loco_timm.cli', 'train', '--config', tag, *map(str, overrides)],
@@ -102,12 +115,16 @@ def test_imagenet_recipe_dry_runs_with_only_size_overrides(tmp_path):
     trained = from_dict(TrainConfig, progress['config'])
     assert progress['step'] == 2 and (trained.batch_size, trained.image_size) == (4, 32)
     t, _ = _values(trained, ReadoutConfig())
-    _assert_equal(t, PAPER_TRAIN, skip=('batch_size', 'image_size', 'lr'))  # all else is still the paper's
+    _assert_equal(t, PAPER_TRAIN, skip=('batch_size', 'image_size', 'lr', 'dataset'))  # all else is the paper's
     assert trained.base_lr * 4096 / 256 == pytest.approx(4.8)
     assert (trained.mixed_precision, trained.sync_bn) == ('bf16', True)
+    only_model = ['--references', 'false'] if source != 'folder' else []  # the reference rows: once is enough
     readout = subprocess.run([sys.executable, '-m', 'loco_timm.cli', 'readout', str(run), '--config', tag,
-                              '--epochs', '3', '--knn-k', '4'], env=env, capture_output=True, text=True, timeout=600)
+                              '--epochs', '3', '--knn-k', '4', *only_model], env=env, capture_output=True, text=True,
+                             timeout=600)
     assert readout.returncode == 0, readout.stderr[-3000:]
-    used = json.loads((run / 'readout.json').read_text())['readout']
+    results = json.loads((run / 'readout.json').read_text())
+    assert len(results['rows']['model']['linear']) == 4  # every stage read out
+    used = results['readout']
     assert (used['lr'], used['momentum'], used['milestones'], used['standardize']) == (30.0, 0.0, [0.3, 0.6, 0.9],
                                                                                        False)

@@ -74,6 +74,12 @@ class Schedule:
         self.grad: dict[int, list] = {}
         self.total: dict[int, list] = {}  # stage -> summed d loss / d output over all units so far
         self.rng: dict[int, tuple] = {}  # stage -> random state before its forward (recompute)
+        self.remote: set[int] = set()  # units whose loss another process computed (stage parallelism)
+        self.bottom = 0  # the lowest stage with a graph
+
+    def ended(self, unit: int) -> bool:
+        """Whether ``unit``'s loss has been computed (here or on another process)."""
+        return unit in self.losses or unit in self.remote
 
     def arrive(self, unit: int, stage: int, grad: list) -> None:
         self.at[unit], self.grad[unit] = stage, grad

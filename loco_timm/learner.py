@@ -32,45 +32,9 @@ from .gradients import Schedule, backward_to, input_grads, output_grads, rng_sta
 from .losses import NTXentLoss
 from .sharing import SHARING, SoftSharing, sharing_units, soft_step, weight_units
 from .stages import detach_stage_output, feature_layout, split_stages, stage_feature, stage_tensors
+from .units import MODES, check_units, make_units
 
 __all__ = ['LocalLearner', 'MODES', 'make_units']
-
-MODES = ('e2e', 'gim', 'loco')
-Unit = tuple[int, int]
-
-
-def make_units(mode: str, num_stages: int, top_unit: bool = False) -> list[Unit]:
-    """The paper's units for ``mode`` over ``num_stages`` stages, as inclusive ``(first, last)`` stage indices.
-
-    Args:
-        mode: ``"e2e"`` (one unit over all stages), ``"gim"`` (one per stage) or ``"loco"`` (overlapping pairs).
-        num_stages: Number of stages K.
-        top_unit: LoCo only: add the unit ``(K-1, K-1)`` on the last stage alone.
-    """
-    if mode not in MODES:
-        raise ValueError(f'unknown mode {mode!r}: use one of {", ".join(MODES)}')
-    if mode == 'e2e':
-        return [(0, num_stages - 1)]
-    if mode == 'gim' or num_stages == 1:
-        return [(k, k) for k in range(num_stages)]
-    units = [(k, k + 1) for k in range(num_stages - 1)]
-    return units + [(num_stages - 1, num_stages - 1)] if top_unit else units
-
-
-def _check_units(units: Sequence[Sequence[int]], num_stages: int) -> list[Unit]:
-    checked = []
-    for unit in units:
-        ok = isinstance(unit, (tuple, list)) and len(unit) == 2 and all(isinstance(i, int) for i in unit)
-        if not ok or not 0 <= unit[0] <= unit[1] < num_stages:
-            raise ValueError(
-                f'invalid unit {unit!r}: a unit is (first, last) stage indices with 0 <= first <= last < {num_stages}')
-        checked.append((unit[0], unit[1]))
-    if not checked:
-        raise ValueError('units is empty: give at least one (first, last) unit')
-    if len(set(checked)) != len(checked):
-        raise ValueError(f'units {checked} repeat a unit: each (first, last) pair may appear once')
-    return checked
-
 
 class LocalLearner(nn.Module):
     """A timm backbone cut into stages, with one decoder and NT-Xent loss per local unit.
@@ -151,7 +115,7 @@ class LocalLearner(nn.Module):
         levels = num_stages = len(self.stages)
         if sharing == 'blocks':
             levels = (num_stages + 1) // 2
-        self.units = (_check_units(units, num_stages) if units is not None else
+        self.units = (check_units(units, num_stages) if units is not None else
                       make_units(mode, num_stages, top_unit) if sharing == 'full' else
                       sharing_units(sharing, levels, top_unit))
         self.sharing = sharing
@@ -287,20 +251,28 @@ class LocalLearner(nn.Module):
         backward = backward or (lambda loss: loss.backward())
         if self.sharing == 'l2':
             return soft_step(self, view1, view2, active, backward)
-        batch = view1.shape[0]
+        return self.run_stages(torch.cat([view1, view2]), active, backward)[0].losses
+
+    def run_stages(self, h, active: Sequence[int], backward: Callable[[torch.Tensor], None], start: int = 0,
+                   stop: int | None = None) -> tuple[Schedule, object]:
+        """:meth:`step`'s schedule over stages ``start..stop`` only (stage parallelism): ``h`` is stage ``start``'s
+        input (both views' images, or the output of stage ``start - 1``). Runs the losses of the ``active`` units
+        whose last stage is in range; an active unit ending above ``stop`` waits for :meth:`deliver`, one starting
+        below ``start`` leaves its gradient at stage ``start``'s input (``state.grad[j]``, ``state.at[j] == start -
+        1``). Returns the schedule and stage ``stop``'s output (default: up to the active units' last stage)."""
         spans = {j: self.units[j] for j in active}
-        top = max(last for _, last in spans.values())
-        bottom = min(first for first, _ in spans.values())
+        top = max(last for _, last in spans.values()) if stop is None else stop
+        bottom = max(start, min(first for first, _ in spans.values()))
+        batch = stage_tensors(h)[0].shape[0] // 2
         needs_input_grad = {k for first, last in spans.values() for k in range(first + 1, last + 1)}
         members = {k: [j for j, (first, last) in spans.items() if first <= k <= last] for k in range(top + 1)}
         every = dict(enumerate(self.units))  # who owns a stage's weights does not depend on which units run
         owners = weight_units(self.sharing, every, {k: [j for j, (f, l) in every.items() if f <= k <= l]
                                                     for k in range(top + 1)})
         state = Schedule(spans, members, owners)
-
-        h = torch.cat([view1, view2])
-        for k in range(top + 1):
-            if k < bottom:
+        state.bottom = bottom
+        for k in range(start, top + 1):
+            if k < bottom or not members[k]:
                 with torch.no_grad():
                     h = self.stages[k](h)
                 continue
@@ -318,17 +290,27 @@ class LocalLearner(nn.Module):
                 state.arrive(j, k, output_grads(h, original, feature))
                 del feature, original, z, loss
             h = detach_stage_output(h)  # the graph stays referenced by state.outputs only, so freeing it there frees it
-            for m in range(k, bottom - 1, -1):  # carry gradients down and free every stage no later unit needs
-                if m in state.outputs:
-                    self._advance_stage(m, state)
-        return state.losses
+            self._carry_down(k, state)
+        return state, h
+
+    def deliver(self, state: Schedule, unit: int, stage: int, grad: list) -> None:
+        """The gradient of ``unit``'s loss, computed on another process, at the output of ``stage`` (the top of
+        :meth:`run_stages`' range): carried down like a local one."""
+        state.remote.add(unit)
+        state.arrive(unit, stage, grad)
+        self._carry_down(stage, state)
+
+    def _carry_down(self, k: int, state: Schedule) -> None:
+        for m in range(k, state.bottom - 1, -1):  # carry gradients down and free every stage no later unit needs
+            if m in state.outputs:
+                self._advance_stage(m, state)
 
     def _advance_stage(self, m: int, state: Schedule) -> None:
         """Move the gradients that reached stage m's output on: each unit that continues below gets its own
         input-gradient pass; once every unit containing stage m has delivered, one weight-gradient pass with their
         summed gradient, and the stage's graph is freed."""
-        arrived = [j for j in state.members[m] if j in state.losses and state.at[j] == m]
-        waiting = [j for j in state.members[m] if j not in state.losses]
+        arrived = [j for j in state.members[m] if state.ended(j) and state.at[j] == m]
+        waiting = [j for j in state.members[m] if not state.ended(j)]
         if state.outputs[m] is None:  # dropped by recompute
             if not arrived:
                 return

@@ -17,17 +17,19 @@ from torch import nn
 __all__ = ['nt_xent_loss', 'NTXentLoss', 'all_gather_with_grad']
 
 
-def all_gather_with_grad(x: torch.Tensor) -> list[torch.Tensor]:
-    """Gather ``x`` from every rank; gradients flow back to the rank that produced each part."""
+def all_gather_with_grad(x: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Gather ``x`` from every rank of ``group`` (default: all); gradients flow back to the rank that produced each
+    part."""
     from torch.distributed.nn.functional import all_gather
-    return list(all_gather(x))
+    return list(all_gather(x, group=group) if group is not None else all_gather(x))
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def _distributed(group=None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather: bool = True) -> torch.Tensor:
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather: bool = True,
+                 group=None) -> torch.Tensor:
     """NT-Xent loss of two batches of embeddings (view 1 and view 2 of the same images, in the same order).
 
     Args:
@@ -36,6 +38,8 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, g
         temperature: Softmax temperature (SimCLR: 0.1).
         gather: Use the negatives of all ranks when ``torch.distributed`` is initialised. Every rank must then
             call this function with the same B.
+        group: Gather over this process group only (default: every rank), e.g. the replicas of one stage group
+            under stage parallelism.
 
     Returns:
         Scalar loss: mean over this rank's 2B anchors, computed in float32 (or float64 for float64 inputs).
@@ -50,9 +54,9 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, g
     n = z.shape[0]
     rank = 0
     everyone = z
-    if gather and _distributed():
-        rank = dist.get_rank()
-        everyone = torch.cat(all_gather_with_grad(z))
+    if gather and _distributed(group):
+        rank = dist.get_rank(group)
+        everyone = torch.cat(all_gather_with_grad(z, group) if group is not None else all_gather_with_grad(z))
     logits = z @ everyone.T / temperature
     anchors = torch.arange(n, device=z.device)
     self_mask = torch.zeros_like(logits, dtype=torch.bool)
@@ -65,15 +69,16 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, g
 class NTXentLoss(nn.Module):
     """Module form of :func:`nt_xent_loss`."""
 
-    def __init__(self, temperature: float = 0.1, gather: bool = True):
+    def __init__(self, temperature: float = 0.1, gather: bool = True, group=None):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f'temperature must be positive, got {temperature}')
         self.temperature = temperature
         self.gather = gather
+        self.group = group
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return nt_xent_loss(z1, z2, self.temperature, self.gather)
+        return nt_xent_loss(z1, z2, self.temperature, self.gather, self.group)
 
     def extra_repr(self) -> str:
         return f'temperature={self.temperature}, gather={self.gather}'

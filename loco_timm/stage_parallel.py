@@ -1,0 +1,201 @@
+"""Stage parallelism: a learner's stages on P processes as contiguous groups, local units without a global backward
+lock.
+
+Process ``r`` of the pipeline group holds the stages of ``placement[r]``, the decoders of the units whose last stage
+it holds, and (for its optimizer) only their parameters; the other stages and decoders are released (moved to the
+``meta`` device). A step (:meth:`StageParallel.step`, synchronous and exact):
+
+1. process 0 takes both views' images; every other process receives the activation at its lower cut, detached;
+2. each process runs :meth:`~loco_timm.LocalLearner.run_stages` over its stages: the losses of its units and
+   their backward passes, as in one process;
+3. it sends its top stage's output to the next process, and the gradient of each unit that started below it (LoCo:
+   the unit of the stage below, one hop; E2E: the one unit, all the way down) to the previous one;
+4. it receives the gradients of the units that continue above it and carries them down its stages.
+
+GIM sends no gradient back; LoCo one tensor per cut; E2E is plain pipeline backprop without micro-batches. Whole
+mini-batches stream through (no micro-batches), so every NT-Xent keeps all its negatives, and the weights after N
+steps equal one process's with the same batches (``tests/test_stage_parallel.py``, 2 and 3 gloo processes).
+Communication is ``torch.distributed`` point-to-point (gloo on CPU, NCCL on GPU); each message is a small header
+(dtype, shape) and the tensor.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .stages import stage_tensors
+
+__all__ = ['balance', 'check_placement', 'StageParallel']
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def balance(costs: Sequence[float], parts: int) -> list[list[int]]:
+    """Contiguous groups of stage indices, ``parts`` of them, that minimise the largest group's summed cost (e.g.
+    measured stage times), by dynamic programming over the cut points.
+
+    Raises:
+        ValueError: If there are fewer stages than parts.
+    """
+    n = len(costs)
+    if not 1 <= parts <= n:
+        raise ValueError(f'cannot place {n} stages on {parts} processes: use 1 to {n} processes')
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+    best = {(0, 0): (0.0, [])}  # (stages placed, groups) -> (largest group cost, cut points)
+    for g in range(1, parts + 1):
+        for i in range(g, n - (parts - g) + 1):
+            options = [(max(best[(j, g - 1)][0], prefix[i] - prefix[j]), best[(j, g - 1)][1] + [i])
+                       for j in range(g - 1, i) if (j, g - 1) in best]
+            best[(i, g)] = min(options)
+    cuts = [0] + best[(n, parts)][1]
+    return [list(range(a, b)) for a, b in zip(cuts, cuts[1:])]
+
+
+def check_placement(placement: Sequence[Sequence[int]], num_stages: int) -> list[list[int]]:
+    """``placement`` as lists, if it covers stages ``0..num_stages-1`` in order with contiguous, non-empty groups.
+
+    Raises:
+        ValueError: Naming what is wrong and what a valid placement looks like.
+    """
+    groups = [list(g) for g in placement]
+    flat = [k for g in groups for k in g]
+    if not groups or any(not g for g in groups) or flat != list(range(num_stages)):
+        raise ValueError(f'placement {placement!r} must split stages 0..{num_stages - 1} into contiguous, non-empty '
+                         f'groups in order, one per process, e.g. {balance([1] * num_stages, min(2, num_stages))}')
+    return groups
+
+
+def _send(t: torch.Tensor, dst: int, group) -> None:
+    header = torch.tensor([_DTYPES.index(t.dtype), t.ndim, *t.shape], dtype=torch.int64)
+    dist.send(torch.tensor([len(header)], dtype=torch.int64), dst, group=group)
+    dist.send(header, dst, group=group)
+    dist.send(t.contiguous(), dst, group=group)
+
+
+def _recv(src: int, group, device: torch.device) -> torch.Tensor:
+    size = torch.empty(1, dtype=torch.int64)
+    dist.recv(size, src, group=group)
+    header = torch.empty(int(size), dtype=torch.int64)
+    dist.recv(header, src, group=group)
+    dtype, ndim = _DTYPES[int(header[0])], int(header[1])
+    t = torch.empty(header[2:2 + ndim].tolist(), dtype=dtype, device=device)
+    dist.recv(t, src, group=group)
+    return t
+
+
+class StageParallel:
+    """One process's part of a stage-parallel learner (see the module).
+
+    Args:
+        learner: The whole :class:`~loco_timm.LocalLearner`, built identically on every process (same seed); the
+            stages and decoders of other processes are released.
+        placement: Stage indices per process (:func:`balance`, :func:`check_placement`).
+        group: The pipeline's process group (default: the whole world, whose size must be ``len(placement)``).
+        gather_group: Data parallelism across pipelines: the group of the processes holding the same stages, over
+            which NT-Xent gathers negatives (None: no data parallelism, each loss on the whole batch).
+
+    Raises:
+        ValueError: Bad placement, a placement of another size than the group, a learner with soft sharing, or a
+            cut carrying more than one tensor.
+    """
+
+    def __init__(self, learner: nn.Module, placement: Sequence[Sequence[int]], group=None, gather_group=None):
+        self.placement = check_placement(placement, len(learner.stages))
+        self.group = group
+        size = dist.get_world_size(group)
+        if size != len(self.placement):
+            raise ValueError(f'placement has {len(self.placement)} groups of stages for {size} processes: give one '
+                             f'group per process')
+        if learner.sharing == 'l2':
+            raise ValueError('sharing="l2" keeps a copy of each shared stage on both sides of a cut: not supported '
+                             'with stage parallelism')
+        self.learner, self.rank, self.size = learner, dist.get_rank(group), size
+        self.first, self.last = self.placement[self.rank][0], self.placement[self.rank][-1]
+        units = learner.units
+        self.active = [j for j, (f, l) in enumerate(units) if f <= self.last and l >= self.first]
+        self.local_units = [j for j in self.active if self.first <= units[j][1] <= self.last]
+        above = self.placement[self.rank + 1][-1] if self.rank + 1 < size else self.last
+        # gradients received from rank + 1, in the order it sends them (see to_below)
+        self.from_above = sorted((j for j in self.active if units[j][1] > self.last),
+                                 key=lambda j: (units[j][1] > above, j))
+        # gradients sent to rank - 1: units ending here first (ready after the local pass), then those ending above
+        below = [j for j in self.active if units[j][0] < self.first]
+        self.to_below = [j for j in below if j in self.local_units] + [j for j in below if j not in self.local_units]
+        learner.loss.gather = gather_group is not None
+        learner.loss.group = gather_group
+        self._release()
+
+    def _release(self) -> None:
+        """Move every parameter and buffer this process does not use (other stages and decoders, the encoder's
+        classifier) to the meta device: their memory is freed."""
+        learner = self.learner
+        kept = [learner.stages[k] for k in range(self.first, self.last + 1)]
+        kept += [learner.decoders[j] for j in self.local_units]
+        local = {id(t) for m in kept for t in list(m.parameters()) + list(m.buffers())}
+        for module in list(learner.encoder.modules()) + list(learner.decoders.modules()):
+            for name, p in list(module._parameters.items()):
+                if p is not None and id(p) not in local and p.device.type != 'meta':
+                    module._parameters[name] = nn.Parameter(p.detach().to('meta'), requires_grad=p.requires_grad)
+            for name, b in list(module._buffers.items()):
+                if b is not None and id(b) not in local and b.device.type != 'meta':
+                    module._buffers[name] = b.to('meta')
+
+    def parameters(self) -> list[nn.Parameter]:
+        """This process's parameters: its stages' and its units' decoders' (give these to its optimizer)."""
+        params = [p for k in range(self.first, self.last + 1) for p in self.learner.stages[k].parameters()]
+        params += [p for j in self.local_units for p in self.learner.decoders[j].parameters()]
+        seen, unique = set(), []
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                unique.append(p)
+        return unique
+
+    def step(self, view1: torch.Tensor | None = None, view2: torch.Tensor | None = None,
+             backward: Callable[[torch.Tensor], None] | None = None,
+             device: torch.device | str = 'cpu') -> dict[int, torch.Tensor]:
+        """One synchronous step: the views are needed on process 0 only. Gradients accumulate into ``.grad``.
+
+        Returns:
+            ``{unit index: detached loss}`` of this process's units.
+        """
+        learner, backward = self.learner, backward or (lambda loss: loss.backward())
+        if self.rank == 0:
+            if view1 is None or view2 is None:
+                raise ValueError('process 0 of the pipeline needs view1 and view2')
+            h = torch.cat([view1, view2])
+        else:
+            h = _recv(self.rank - 1, self.group, torch.device(device))
+        state, out = learner.run_stages(h, self.active, backward, start=self.first, stop=self.last)
+        if self.rank < self.size - 1:
+            tensors = stage_tensors(out)
+            if len(tensors) != 1 or not isinstance(out, torch.Tensor):
+                raise ValueError(f'stage {self.last} hands {len(tensors)} values over the cut to the next process: '
+                                 f'stage parallelism needs a single tensor there, choose another placement')
+            _send(out.detach(), self.rank + 1, self.group)
+        sent = self._send_ready(state, [])
+        for j in self.from_above:
+            grad = _recv(self.rank + 1, self.group, torch.device(device))
+            learner.deliver(state, j, self.last, [grad if grad.numel() else None])
+            sent = self._send_ready(state, sent)
+        if len(sent) != len(self.to_below):
+            missing = [j for j in self.to_below if j not in sent]
+            raise RuntimeError(f'units {missing} have no gradient at stage {self.first}\'s input to send back')
+        return {j: state.losses[j] for j in self.local_units if j in state.losses}
+
+    def _send_ready(self, state, sent: list[int]) -> list[int]:
+        """Send, in ``to_below`` order, the gradients that have reached this process's lower cut."""
+        for j in self.to_below:
+            if j in sent:
+                continue
+            if state.at.get(j) != self.first - 1 or j not in state.grad:
+                break  # keep the order: the previous process receives in to_below order
+            grad = state.grad.pop(j)[0]
+            _send(grad if grad is not None else torch.zeros(0), self.rank - 1, self.group)
+            sent = sent + [j]
+        return sent

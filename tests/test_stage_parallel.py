@@ -1,0 +1,73 @@
+"""Stage parallelism: P gloo processes, each holding a contiguous group of stages, give the weights and BatchNorm
+statistics of one process after several optimizer steps (synchronous mode is exact): LoCo on 2 and 3 processes,
+GIM and E2E on 3."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loco_timm.stage_parallel import balance, check_placement
+from stage_parallel_worker import reference
+
+HERE = os.path.dirname(__file__)
+JOBS = {2: [('loco', [[0, 1], [2, 3]])],
+        3: [('loco', [[0], [1, 2], [3]]), ('gim', [[0, 1], [2], [3]]), ('e2e', [[0], [1], [2, 3]])]}
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """Both process groups run at once: {world: [(per-rank tensors and info) per job]}."""
+    tmp, env = tmp_path_factory.mktemp('stage_parallel'), {**os.environ, 'OMP_NUM_THREADS': '1'}
+    worker, procs = os.path.join(HERE, 'stage_parallel_worker.py'), []
+    for world, jobs in JOBS.items():
+        args = [str(world), str(_free_port()), str(tmp / f'w{world}'), json.dumps(jobs)]
+        procs += [subprocess.Popen([sys.executable, worker, str(r), *args], env=env, stderr=subprocess.PIPE,
+                                   text=True) for r in range(world)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    return {world: [[(load_file(str(tmp / f'w{world}-{i}-rank{r}.safetensors')),
+                      json.loads((tmp / f'w{world}-{i}-rank{r}.json').read_text())) for r in range(world)]
+                    for i in range(len(jobs))] for world, jobs in JOBS.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('world,job', [(w, i) for w, jobs in JOBS.items() for i in range(len(jobs))])
+def test_stage_parallel_steps_give_the_weights_of_one_process(runs, world, job):
+    mode, _ = JOBS[world][job]
+    expected, ranks, seen = reference(mode), runs[world][job], set()
+    for held, info in ranks:
+        for name, value in held.items():
+            assert name not in seen, f'{name} on two processes'
+            seen.add(name)
+            torch.testing.assert_close(value, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+        assert 0 < info['held'] < info['total']  # each process holds only its part
+    classifier = {'encoder.fc.weight', 'encoder.fc.bias'}  # in no stage: trained by no unit, held by no process
+    assert set(expected) - seen == classifier  # every other parameter and buffer lives on exactly one process
+    assert sum(info['held'] for _, info in ranks) == ranks[0][1]['total'] - sum(expected[k].numel()
+                                                                                for k in classifier)
+    units = sorted(j for _, info in ranks for j in info['units'])
+    assert units == list(range(len(units)))  # each unit's decoder on exactly one process
+
+
+def test_balance_splits_stage_costs_into_contiguous_groups_with_the_smallest_maximum():
+    assert balance([1, 1, 1, 1], 2) == [[0, 1], [2, 3]]
+    assert balance([4, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4]]
+    assert balance([1, 2, 3, 4], 3) == [[0, 1], [2], [3]]
+    assert balance([5, 5, 5], 3) == [[0], [1], [2]]
+    with pytest.raises(ValueError, match='cannot place 2 stages on 3 processes'):
+        balance([1, 1], 3)
+    with pytest.raises(ValueError, match=r'must split stages 0..3 into contiguous, non-empty groups'):
+        check_placement([[0, 2], [1, 3]], 4)
+    assert check_placement([(0,), (1, 2, 3)], 4) == [[0], [1, 2, 3]]

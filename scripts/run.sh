@@ -3,7 +3,8 @@
 #
 #   bash scripts/run.sh main [ARGS]    the main job: LoCo on Fashion-MNIST, then the per-stage readout
 #   bash scripts/run.sh demo [ARGS]    a one-minute demo of the learner on a real Fashion-MNIST batch
-#   bash scripts/run.sh test [ARGS]    the test suite (pytest; slow tests included), then the oldest-timm check
+#   bash scripts/run.sh test [ARGS]    the test suite (pytest, one worker per core; slow tests included), then the
+#                                      oldest-timm check
 #
 # Set-up: Debian's dataset-fashion-mnist (and python3-venv where missing) through apt-get when run as root or
 # with sudo, then a virtual environment in .venv with `pip install -e .[test,plot,track]`. It is redone only
@@ -54,7 +55,9 @@ case "$job" in
     exec .venv/bin/python -m loco_timm.demo "$@" ;;
   test)
     setup
-    .venv/bin/python -m pytest -q "$@"
+    # one pytest worker per core, one thread each: most of the suite is single-threaded Python (tracing, model
+    # construction), so workers use the cores better than threads; tests that compare runs pin their own threads
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest -q -n "${LOCO_TEST_WORKERS:-auto}" "$@"
     # the oldest supported timm, on the core tests
     old=.venv/oldest-timm-$OLDEST_TIMM
     [ -d "$old/timm" ] || .venv/bin/python -m pip install -q --no-deps --target "$old" "timm==$OLDEST_TIMM"

@@ -277,7 +277,7 @@ class LocalLearner(nn.Module):
                     h = self.stages[k](h)
                 continue
             state.inputs[k] = detach_stage_output(h, k in needs_input_grad)
-            if self.recompute:
+            if self.recompute or k == stop:  # stop: stage parallelism may run the top stage again (pipelined)
                 state.rng[k] = rng_state(stage_tensors(h)[0].device)
             h = state.outputs[k] = self.stages[k](state.inputs[k])
             for j in [j for j, (_, last) in spans.items() if last == k]:  # units whose loss sits on this stage
@@ -299,6 +299,21 @@ class LocalLearner(nn.Module):
         state.remote.add(unit)
         state.arrive(unit, stage, grad)
         self._carry_down(stage, state)
+
+    def flush(self, state: Schedule, stage: int) -> None:
+        """Give ``stage`` (waiting for a unit whose loss another process computes) the weight gradient of the units
+        that have delivered so far, now, and keep only its input and random state: the waiting gradients are applied
+        later through a second forward of the stage with the weights of that time (pipelined stage parallelism)."""
+        if stage not in state.outputs or stage not in state.total:
+            return
+        if state.outputs[stage] is None:
+            state.outputs[stage] = self._recompute_stage(stage, state)
+        params = [p for p in self.stages[stage].parameters() if p.requires_grad]
+        if params:
+            backward_to(stage_tensors(state.outputs[stage]), state.total.pop(stage), params)
+        else:
+            state.total.pop(stage)
+        state.outputs[stage] = None
 
     def _carry_down(self, k: int, state: Schedule) -> None:
         for m in range(k, state.bottom - 1, -1):  # carry gradients down and free every stage no later unit needs

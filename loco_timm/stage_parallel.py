@@ -77,6 +77,14 @@ def _send(t: torch.Tensor, dst: int, group) -> None:
     dist.send(t.contiguous(), dst, group=group)
 
 
+def _isend(t: torch.Tensor, dst: int, group) -> list:
+    """Like :func:`_send` without waiting: the works (which keep their tensors alive) to wait on later."""
+    t = t.contiguous()
+    header = torch.tensor([_DTYPES.index(t.dtype), t.ndim, *t.shape], dtype=torch.int64)
+    size = torch.tensor([len(header)], dtype=torch.int64)
+    return [(dist.isend(x, dst, group=group), x) for x in (size, header, t)]
+
+
 def _recv(src: int, group, device: torch.device) -> torch.Tensor:
     size = torch.empty(1, dtype=torch.int64)
     dist.recv(size, src, group=group)
@@ -98,13 +106,17 @@ class StageParallel:
         group: The pipeline's process group (default: the whole world, whose size must be ``len(placement)``).
         gather_group: Data parallelism across pipelines: the group of the processes holding the same stages, over
             which NT-Xent gathers negatives (None: no data parallelism, each loss on the whole batch).
+        pipelined: Do not wait for the gradients of the units that continue on the next process: a step applies
+            those of the previous batch instead (see :meth:`step`). Only for units that cross a cut by one stage
+            (LoCo, GIM).
 
     Raises:
         ValueError: Bad placement, a placement of another size than the group, a learner with soft sharing, or a
             cut carrying more than one tensor.
     """
 
-    def __init__(self, learner: nn.Module, placement: Sequence[Sequence[int]], group=None, gather_group=None):
+    def __init__(self, learner: nn.Module, placement: Sequence[Sequence[int]], group=None, gather_group=None,
+                 pipelined: bool = False):
         self.placement = check_placement(placement, len(learner.stages))
         self.group = group
         size = dist.get_world_size(group)
@@ -128,6 +140,12 @@ class StageParallel:
         self.to_below = [j for j in below if j in self.local_units] + [j for j in below if j not in self.local_units]
         learner.loss.gather = gather_group is not None
         learner.loss.group = gather_group
+        self.pipelined, self._pending, self._sends = pipelined, None, []
+        one_hop = all(units[j][0] == self.last for j in self.from_above) and all(
+            units[j][0] == self.first - 1 and units[j][1] <= self.last for j in self.to_below)
+        if pipelined and not one_hop:
+            raise ValueError('pipelined stage parallelism needs every unit that crosses a cut to start at the stage '
+                             'just below it (LoCo, GIM): E2E and longer custom units need the synchronous mode')
         self._release()
 
     def _release(self) -> None:
@@ -159,34 +177,76 @@ class StageParallel:
     def step(self, view1: torch.Tensor | None = None, view2: torch.Tensor | None = None,
              backward: Callable[[torch.Tensor], None] | None = None,
              device: torch.device | str = 'cpu') -> dict[int, torch.Tensor]:
-        """One synchronous step: the views are needed on process 0 only. Gradients accumulate into ``.grad``.
+        """One step on this process: the views are needed on process 0 only. Gradients accumulate into ``.grad``.
+
+        Synchronous: after its local units, the process waits for the gradients of the units that continue above
+        it and carries them down, so the step's gradients are one process's. Pipelined: it sends and goes on; the
+        gradient of such a unit for the *previous* batch arrives instead and is carried through this process's top
+        stage run again on that batch's kept input with the *current* weights (those after the previous optimizer
+        step); the next process computed it with its own weights of the previous step, on the top stage's output
+        computed with this process's weights of the previous step. The local units' gradients of the step are
+        those of one process. The last batch's delayed gradient is applied by :meth:`finish`.
 
         Returns:
             ``{unit index: detached loss}`` of this process's units.
         """
         learner, backward = self.learner, backward or (lambda loss: loss.backward())
+        device = torch.device(device)
+        self._wait_sends()
         if self.rank == 0:
             if view1 is None or view2 is None:
                 raise ValueError('process 0 of the pipeline needs view1 and view2')
             h = torch.cat([view1, view2])
         else:
-            h = _recv(self.rank - 1, self.group, torch.device(device))
+            h = _recv(self.rank - 1, self.group, device)
         state, out = learner.run_stages(h, self.active, backward, start=self.first, stop=self.last)
         if self.rank < self.size - 1:
             tensors = stage_tensors(out)
             if len(tensors) != 1 or not isinstance(out, torch.Tensor):
                 raise ValueError(f'stage {self.last} hands {len(tensors)} values over the cut to the next process: '
                                  f'stage parallelism needs a single tensor there, choose another placement')
-            _send(out.detach(), self.rank + 1, self.group)
+            self._out(out.detach(), self.rank + 1)
         sent = self._send_ready(state, [])
-        for j in self.from_above:
-            grad = _recv(self.rank + 1, self.group, torch.device(device))
-            learner.deliver(state, j, self.last, [grad if grad.numel() else None])
-            sent = self._send_ready(state, sent)
-        if len(sent) != len(self.to_below):
-            missing = [j for j in self.to_below if j not in sent]
-            raise RuntimeError(f'units {missing} have no gradient at stage {self.first}\'s input to send back')
+        if self.pipelined:
+            learner.flush(state, self.last)
+            self._receive(self._pending, device)
+            self._pending = state if self.from_above else None
+        else:
+            sent = self._receive(state, device, sent)
+            if len(sent) != len(self.to_below):
+                missing = [j for j in self.to_below if j not in sent]
+                raise RuntimeError(f'units {missing} have no gradient at stage {self.first}\'s input to send back')
         return {j: state.losses[j] for j in self.local_units if j in state.losses}
+
+    def finish(self) -> None:
+        """Pipelined: receive and carry down the last batch's delayed gradients (step the optimizer after it), and
+        wait for the sends still in flight. Every process of the pipeline calls it once, after its last step."""
+        if self._pending is not None:
+            self._receive(self._pending, next(iter(self.parameters())).device)
+            self._pending = None
+        self._wait_sends()
+
+    def _receive(self, state, device, sent: list[int] | None = None) -> list[int]:
+        """Receive the gradients of the units continuing above and carry them down ``state``'s stages."""
+        sent = [] if sent is None else sent
+        if state is None:
+            return sent
+        for j in self.from_above:
+            grad = _recv(self.rank + 1, self.group, device)
+            self.learner.deliver(state, j, self.last, [grad if grad.numel() else None])
+            sent = self._send_ready(state, sent)
+        return sent
+
+    def _out(self, t: torch.Tensor, dst: int) -> None:
+        if self.pipelined:
+            self._sends += _isend(t, dst, self.group)
+        else:
+            _send(t, dst, self.group)
+
+    def _wait_sends(self) -> None:
+        for work, _ in self._sends:
+            work.wait()
+        self._sends = []
 
     def _send_ready(self, state, sent: list[int]) -> list[int]:
         """Send, in ``to_below`` order, the gradients that have reached this process's lower cut."""
@@ -196,6 +256,6 @@ class StageParallel:
             if state.at.get(j) != self.first - 1 or j not in state.grad:
                 break  # keep the order: the previous process receives in to_below order
             grad = state.grad.pop(j)[0]
-            _send(grad if grad is not None else torch.zeros(0), self.rank - 1, self.group)
+            self._out(grad if grad is not None else torch.zeros(0), self.rank - 1)
             sent = sent + [j]
         return sent

@@ -1,7 +1,8 @@
 """One process of the stage-parallel tests (run by tests/test_stage_parallel.py).
 
 Usage: python stage_parallel_worker.py RANK WORLD PORT OUT_PREFIX JOBS_JSON
-JOBS_JSON: a list of [mode, placement]; each runs STEPS synchronous steps from the same start, in one process group.
+JOBS_JSON: a list of [mode, placement, pipelined]; each runs STEPS steps from the same start, in one process group
+(pipelined: then finish() and one more optimizer step, which applies the last batch's delayed gradient).
 """
 import json
 import os
@@ -47,15 +48,60 @@ def reference(mode):
     return state(learner)
 
 
-def run(mode, placement, rank):
+def pipelined_reference():
+    """Pipelined LoCo on [[0, 1], [2, 3]], written out with plain autograd in one process: at step t, process 0's
+    stage 1 also takes the gradient of unit 1 for batch t-1, which process 1 computed at its step t-1, through stage
+    1 run again on batch t-1's stage-0 output with the weights of step t (its BatchNorm statistics kept)."""
+    learner = build('loco')
+    stages, decoders, loss = learner.stages, learner.decoders, learner.loss
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.05, momentum=0.9)
+    stage1 = list(stages[1].parameters())
+    rank1 = [p for m in (stages[2], stages[3], decoders[1], decoders[2]) for p in m.parameters()]
+
+    def delayed(pending):
+        h0, grad = pending
+        buffers = {name: b.clone() for name, b in stages[1].named_buffers()}
+        torch.autograd.backward(stages[1](h0), grad, inputs=stage1)
+        for name, b in stages[1].named_buffers():
+            b.copy_(buffers[name])
+
+    pending = None
+    for view1, view2 in batches():
+        optimizer.zero_grad()
+        x, n = torch.cat([view1, view2]), len(view1)
+        s0 = stages[0](x)  # process 0, batch t
+        s1 = stages[1](s0)
+        z = decoders[0](s1)
+        loss(z[:n], z[n:]).backward()
+        if pending is not None:
+            delayed(pending)
+        a = s1.detach().requires_grad_()  # process 1, batch t
+        s2 = stages[2](a)
+        z1, z2 = decoders[1](s2), decoders[2](stages[3](s2))
+        l1, l2 = loss(z1[:n], z1[n:]), loss(z2[:n], z2[n:])
+        grad = torch.autograd.grad(l1, a, retain_graph=True)[0]  # unit 1 only: unit 2 starts at stage 2
+        torch.autograd.backward([l1, l2], inputs=rank1)
+        pending = (s0.detach(), grad)
+        optimizer.step()
+    optimizer.zero_grad()
+    delayed(pending)
+    optimizer.step()
+    return state(learner)
+
+
+def run(mode, placement, rank, pipelined=False):
     learner = build(mode)
     total = sum(p.numel() for p in learner.parameters())
-    sp = StageParallel(learner, placement)
+    sp = StageParallel(learner, placement, pipelined=pipelined)
     params = sp.parameters()
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
     for view1, view2 in batches():
         optimizer.zero_grad()
         sp.step(view1, view2) if rank == 0 else sp.step()
+        optimizer.step()
+    if pipelined:
+        optimizer.zero_grad()
+        sp.finish()
         optimizer.step()
     return state(learner), dict(held=sum(p.numel() for p in params), total=total, units=sp.local_units)
 
@@ -64,8 +110,8 @@ def main(rank, world, port, out, jobs):
     from safetensors.torch import save_file
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=world)
-    for i, (mode, placement) in enumerate(json.loads(jobs)):
-        tensors, info = run(mode, placement, rank)
+    for i, (mode, placement, pipelined) in enumerate(json.loads(jobs)):
+        tensors, info = run(mode, placement, rank, pipelined)
         save_file({k: v.contiguous() for k, v in tensors.items()}, f'{out}-{i}-rank{rank}.safetensors')
         with open(f'{out}-{i}-rank{rank}.json', 'w') as f:
             json.dump(info, f)

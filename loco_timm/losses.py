@@ -17,11 +17,31 @@ from torch import nn
 __all__ = ['nt_xent_loss', 'NTXentLoss', 'all_gather_with_grad']
 
 
+class _GroupGather(torch.autograd.Function):
+    """all_gather over a process group whose backward sums every rank's gradient of each part with one all_reduce
+    (torch's own backward on gloo addresses subgroup ranks as global ranks, which fails for a subgroup)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        stacked = torch.stack([g if g is not None else torch.zeros_like(grads[0]) for g in grads])
+        dist.all_reduce(stacked, group=ctx.group)
+        return stacked[dist.get_rank(ctx.group)], None
+
+
 def all_gather_with_grad(x: torch.Tensor, group=None) -> list[torch.Tensor]:
     """Gather ``x`` from every rank of ``group`` (default: all); gradients flow back to the rank that produced each
     part."""
+    if group is not None:
+        return list(_GroupGather.apply(x, group))
     from torch.distributed.nn.functional import all_gather
-    return list(all_gather(x, group=group) if group is not None else all_gather(x))
+    return list(all_gather(x))
 
 
 def _distributed(group=None) -> bool:

@@ -105,7 +105,8 @@ class StageParallel:
         placement: Stage indices per process (:func:`balance`, :func:`check_placement`).
         group: The pipeline's process group (default: the whole world, whose size must be ``len(placement)``).
         gather_group: Data parallelism across pipelines: the group of the processes holding the same stages, over
-            which NT-Xent gathers negatives (None: no data parallelism, each loss on the whole batch).
+            which NT-Xent gathers negatives and :meth:`average_gradients` averages (None: no data parallelism, each
+            loss on the whole batch). Process 0 of each pipeline then takes its replica's share of the batch.
         pipelined: Do not wait for the gradients of the units that continue on the next process: a step applies
             those of the previous batch instead (see :meth:`step`). Only for units that cross a cut by one stage
             (LoCo, GIM).
@@ -127,6 +128,9 @@ class StageParallel:
             raise ValueError('sharing="l2" keeps a copy of each shared stage on both sides of a cut: not supported '
                              'with stage parallelism')
         self.learner, self.rank, self.size = learner, dist.get_rank(group), size
+        # point-to-point calls take global ranks
+        self.peers = [dist.get_global_rank(group, r) if group is not None else r for r in range(size)]
+        self.gather_group = gather_group
         self.first, self.last = self.placement[self.rank][0], self.placement[self.rank][-1]
         units = learner.units
         self.active = [j for j, (f, l) in enumerate(units) if f <= self.last and l >= self.first]
@@ -198,14 +202,14 @@ class StageParallel:
                 raise ValueError('process 0 of the pipeline needs view1 and view2')
             h = torch.cat([view1, view2])
         else:
-            h = _recv(self.rank - 1, self.group, device)
+            h = _recv(self.peers[self.rank - 1], self.group, device)
         state, out = learner.run_stages(h, self.active, backward, start=self.first, stop=self.last)
         if self.rank < self.size - 1:
             tensors = stage_tensors(out)
             if len(tensors) != 1 or not isinstance(out, torch.Tensor):
                 raise ValueError(f'stage {self.last} hands {len(tensors)} values over the cut to the next process: '
                                  f'stage parallelism needs a single tensor there, choose another placement')
-            self._out(out.detach(), self.rank + 1)
+            self._out(out.detach(), self.peers[self.rank + 1])
         sent = self._send_ready(state, [])
         if self.pipelined:
             learner.flush(state, self.last)
@@ -217,6 +221,22 @@ class StageParallel:
                 missing = [j for j in self.to_below if j not in sent]
                 raise RuntimeError(f'units {missing} have no gradient at stage {self.first}\'s input to send back')
         return {j: state.losses[j] for j in self.local_units if j in state.losses}
+
+    def average_gradients(self) -> None:
+        """Data parallelism across pipelines: average this process's gradients over ``gather_group`` (the replicas
+        of its stages), as one all-reduce. Call it after :meth:`step`, before the optimizer step."""
+        if self.gather_group is None:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.gather_group)
+        flat /= dist.get_world_size(self.gather_group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def finish(self) -> None:
         """Pipelined: receive and carry down the last batch's delayed gradients (step the optimizer after it), and
@@ -232,7 +252,7 @@ class StageParallel:
         if state is None:
             return sent
         for j in self.from_above:
-            grad = _recv(self.rank + 1, self.group, device)
+            grad = _recv(self.peers[self.rank + 1], self.group, device)
             self.learner.deliver(state, j, self.last, [grad if grad.numel() else None])
             sent = self._send_ready(state, sent)
         return sent
@@ -256,6 +276,6 @@ class StageParallel:
             if state.at.get(j) != self.first - 1 or j not in state.grad:
                 break  # keep the order: the previous process receives in to_below order
             grad = state.grad.pop(j)[0]
-            self._out(grad if grad is not None else torch.zeros(0), self.rank - 1)
+            self._out(grad if grad is not None else torch.zeros(0), self.peers[self.rank - 1])
             sent = sent + [j]
         return sent

@@ -106,11 +106,55 @@ def run(mode, placement, rank, pipelined=False):
     return state(learner), dict(held=sum(p.numel() for p in params), total=total, units=sp.local_units)
 
 
+def run_replicated(mode, placement, rank, world):
+    """P stage groups x D replicas (global rank = replica * P + stage group), and plain data parallelism on the
+    first D processes (the reference), each replica on its share of the batch. Returns (this process's state in
+    the grid, its state in the data-parallel run or None)."""
+    stages = len(placement)
+    replicas = world // stages
+    pipelines = [dist.new_group([d * stages + p for p in range(stages)]) for d in range(replicas)]
+    gathers = [dist.new_group([d * stages + p for d in range(replicas)]) for p in range(stages)]
+    data_parallel = dist.new_group(list(range(replicas)))
+    replica, stage_group = divmod(rank, stages)
+    share = slice(replica * BATCH // replicas, (replica + 1) * BATCH // replicas)
+    learner = build(mode)
+    sp = StageParallel(learner, placement, group=pipelines[replica], gather_group=gathers[stage_group])
+    optimizer = torch.optim.SGD(sp.parameters(), lr=0.05, momentum=0.9)
+    for view1, view2 in batches():
+        optimizer.zero_grad()
+        sp.step(view1[share], view2[share]) if stage_group == 0 else sp.step()
+        sp.average_gradients()
+        optimizer.step()
+    grid = state(learner)
+    if rank >= replicas:
+        return grid, None
+    learner = build(mode)
+    learner.loss.group = data_parallel
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.05, momentum=0.9)
+    share = slice(rank * BATCH // replicas, (rank + 1) * BATCH // replicas)
+    for view1, view2 in batches():
+        optimizer.zero_grad()
+        learner.step(view1[share], view2[share])
+        for p in learner.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=data_parallel)
+                p.grad /= replicas
+        optimizer.step()
+    return grid, state(learner)
+
+
 def main(rank, world, port, out, jobs):
     from safetensors.torch import save_file
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=world)
     for i, (mode, placement, pipelined) in enumerate(json.loads(jobs)):
+        if world > len(placement):  # replicas of the pipeline
+            grid, reference_state = run_replicated(mode, placement, rank, world)
+            save_file({k: v.contiguous() for k, v in grid.items()}, f'{out}-{i}-rank{rank}.safetensors')
+            if reference_state is not None:
+                save_file({k: v.contiguous() for k, v in reference_state.items()},
+                          f'{out}-{i}-dp{rank}.safetensors')
+            continue
         tensors, info = run(mode, placement, rank, pipelined)
         save_file({k: v.contiguous() for k, v in tensors.items()}, f'{out}-{i}-rank{rank}.safetensors')
         with open(f'{out}-{i}-rank{rank}.json', 'w') as f:

@@ -16,7 +16,8 @@ from stage_parallel_worker import pipelined_reference, reference
 HERE = os.path.dirname(__file__)
 JOBS = {2: [('loco', [[0, 1], [2, 3]], False), ('loco', [[0, 1], [2, 3]], True)],
         3: [('loco', [[0], [1, 2], [3]], False), ('gim', [[0, 1], [2], [3]], False), ('e2e', [[0], [1], [2, 3]], False),
-            ('gim', [[0, 1], [2], [3]], True)]}
+            ('gim', [[0, 1], [2], [3]], True)],
+        4: [('loco', [[0, 1], [2, 3]], False)]}  # 2 stage groups x 2 replicas
 
 
 def _free_port():
@@ -38,20 +39,39 @@ def runs(tmp_path_factory):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
+    def info(path):
+        return json.loads(path.read_text()) if path.is_file() else None
     return {world: [[(load_file(str(tmp / f'w{world}-{i}-rank{r}.safetensors')),
-                      json.loads((tmp / f'w{world}-{i}-rank{r}.json').read_text())) for r in range(world)]
+                      info(tmp / f'w{world}-{i}-rank{r}.json'),
+                      load_file(str(tmp / f'w{world}-{i}-dp{r}.safetensors'))
+                      if (tmp / f'w{world}-{i}-dp{r}.safetensors').is_file() else None) for r in range(world)]
                     for i in range(len(jobs))] for world, jobs in JOBS.items()}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('world,job', [(w, i) for w, jobs in JOBS.items() for i in range(len(jobs))])
+def test_two_stage_groups_times_two_replicas_equal_two_data_parallel_processes(runs):
+    """Each replica of the 2 x 2 grid ends with the weights and BatchNorm statistics of the data-parallel process
+    that saw the same share of each batch (negatives gathered across replicas, gradients averaged)."""
+    ranks = runs[4][0]
+    for replica in range(2):
+        expected = ranks[replica][2]
+        held = {**ranks[2 * replica][0], **ranks[2 * replica + 1][0]}
+        assert set(expected) - set(held) == {'encoder.fc.weight', 'encoder.fc.bias'}
+        for name, value in held.items():
+            torch.testing.assert_close(value, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+    first, second = ranks[0][2], ranks[1][2]  # the data-parallel replicas differ (BatchNorm statistics)
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('world,job', [(w, i) for w, jobs in JOBS.items() if w <= 3 for i in range(len(jobs))])
 def test_stage_parallel_steps_give_the_weights_of_the_reference(runs, world, job):
     """Synchronous: one process's weights. Pipelined LoCo: the hand-written delayed-gradient reference. Pipelined
     GIM: one process's (no gradient crosses a cut, nothing is delayed; finish's extra step moves nothing)."""
     mode, _, pipelined = JOBS[world][job]
     expected = pipelined_reference() if pipelined and mode == 'loco' else reference(mode)
     ranks, seen = runs[world][job], set()
-    for held, info in ranks:
+    for held, info, _ in ranks:
         for name, value in held.items():
             assert name not in seen, f'{name} on two processes'
             seen.add(name)
@@ -59,9 +79,9 @@ def test_stage_parallel_steps_give_the_weights_of_the_reference(runs, world, job
         assert 0 < info['held'] < info['total']  # each process holds only its part
     classifier = {'encoder.fc.weight', 'encoder.fc.bias'}  # in no stage: trained by no unit, held by no process
     assert set(expected) - seen == classifier  # every other parameter and buffer lives on exactly one process
-    assert sum(info['held'] for _, info in ranks) == ranks[0][1]['total'] - sum(expected[k].numel()
-                                                                                for k in classifier)
-    units = sorted(j for _, info in ranks for j in info['units'])
+    assert sum(info['held'] for _, info, _ in ranks) == ranks[0][1]['total'] - sum(expected[k].numel()
+                                                                                   for k in classifier)
+    units = sorted(j for _, info, _ in ranks for j in info['units'])
     assert units == list(range(len(units)))  # each unit's decoder on exactly one process
 
 

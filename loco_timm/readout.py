@@ -243,6 +243,10 @@ def readout(checkpoint: str | Path, cfg: ReadoutConfig | None = None, out_dir: s
     data = dict(dataset=train_cfg.dataset, data_dir=str(Path(data_dir).resolve()) if data_dir else None,
                 image_size=train_cfg.image_size, train=len(splits['train']), test=len(splits['test']),
                 device=torch.device(device).type)
+    if train_cfg.splits:  # only when set, so the caches of runs without these keys stay valid
+        data['splits'] = train_cfg.splits
+    if not train_cfg.decode_draft:
+        data['draft'] = False
     for name, encoder in encoders.items():
         cached = None
         if name != 'model' and reference_cache is not None:

@@ -34,6 +34,8 @@ TABLE_START, TABLE_END = '<!-- zoo-table:start -->', '<!-- zoo-table:end -->'
 STUDY_START, STUDY_END = '<!-- study:start -->', '<!-- study:end -->'
 STUDY_RESULTS = Path('study') / 'fmnist' / 'results.md'  # written by `loco-timm study --out study/fmnist`
 STUDY_COMMAND = 'loco-timm study --out study/fmnist'
+TREND_RESULTS = Path('study') / 'trend' / 'trend.md'  # written by `loco-timm trend study/fmnist ...`
+TREND_START, TREND_END = '<!-- trend:start -->', '<!-- trend:end -->'
 
 
 def _last(value: Any) -> Any:
@@ -156,6 +158,15 @@ def zoo_table(configs: list[HubConfig] | None = None) -> str:
     return '\n'.join(lines)
 
 
+def trend_section(trend_md: str | None) -> str:
+    """The training-budget trend (``study/trend/trend.md``) as it goes into MODEL_CARD.md and the README."""
+    if not trend_md:
+        return 'Not run yet (`loco-timm trend study/fmnist ...`).'
+    return ('The same study at several training budgets (one study folder per budget), written by `loco-timm trend '
+            'study/fmnist*` (raw data: `study/trend/trend.json`, plot: `study/trend/trend.png`):\n\n'
+            + trend_md.strip())
+
+
 def study_section(study_md: str | None) -> str:
     """The study's results (``study/fmnist/results.md``) as they go into MODEL_CARD.md and the README."""
     if not study_md:
@@ -165,7 +176,8 @@ def study_section(study_md: str | None) -> str:
             f'\n\n{study_md.strip()}')
 
 
-def zoo_card(configs: list[HubConfig] | None = None, study_md: str | None = None) -> str:
+def zoo_card(configs: list[HubConfig] | None = None, study_md: str | None = None,
+             trend_md: str | None = None) -> str:
     """The zoo's ``MODEL_CARD.md``, generated from every hub config (and the study's results, if any)."""
     configs = list_hub_configs() if configs is None else configs
     out = ['<!-- Generated from hub_configs/ by `loco-timm cards`; edit the hub configs, not this file. -->', '',
@@ -216,6 +228,8 @@ def zoo_card(configs: list[HubConfig] | None = None, study_md: str | None = None
                                                                                 metrics.get('command') else '')
         out.append(line + (f'; {how}.' if how else '.'))
     out += ['', '### E2E, GIM and LoCo at small scale (the study)', '', study_section(study_md)]
+    if trend_md:
+        out += ['', '### The training-budget trend', '', trend_section(trend_md)]
     out += ['', '## Limitations', '']
     for text in sorted({h.card.get('limitations', '').strip() for h in configs} - {''}):
         out.append(f'- {text}')
@@ -233,7 +247,8 @@ def update_cards(root: str | Path, check: bool = False) -> list[str]:
     changed = []
     card_path = root / 'MODEL_CARD.md'
     study_md = (root / STUDY_RESULTS).read_text() if (root / STUDY_RESULTS).is_file() else None
-    card = zoo_card(study_md=study_md)
+    trend_md = (root / TREND_RESULTS).read_text() if (root / TREND_RESULTS).is_file() else None
+    card = zoo_card(study_md=study_md, trend_md=trend_md)
     if not card_path.is_file() or card_path.read_text() != card:
         changed.append(str(card_path))
         if not check:
@@ -247,6 +262,9 @@ def update_cards(root: str | Path, check: bool = False) -> list[str]:
     if STUDY_START in new and STUDY_END in new:
         head, rest = new.split(STUDY_START, 1)
         new = f'{head}{STUDY_START}\n{study_section(study_md)}\n{STUDY_END}{rest.split(STUDY_END, 1)[1]}'
+    if TREND_START in new and TREND_END in new:
+        head, rest = new.split(TREND_START, 1)
+        new = f'{head}{TREND_START}\n{trend_section(trend_md)}\n{TREND_END}{rest.split(TREND_END, 1)[1]}'
     if new != readme:
         changed.append(str(readme_path))
         if not check:

@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help='override a train key for every arm (e.g. --set max_steps 20)')
     study.add_argument('--readout-set', nargs=2, action='append', default=[], metavar=('KEY', 'VALUE'),
                        help='override a readout key (e.g. --readout-set epochs 5)')
+    trend_p = sub.add_parser('trend', help='the training-budget trend of study folders (one per epoch budget)',
+                             description='Compare the study folders (same recipe, different epochs) on paired '
+                                         'per-seed differences; writes trend.json/md/png to --out.')
+    trend_p.add_argument('folders', nargs='+', help='study folders, e.g. study/fmnist study/fmnist-10ep')
+    trend_p.add_argument('--out', default='study/trend', help='output folder (default: study/trend)')
     cards = sub.add_parser('cards', help='regenerate MODEL_CARD.md and the README model table from hub_configs/',
                            description='Write MODEL_CARD.md and the README model table from hub_configs/ '
                                        '(--check: only report whether they are up to date, exit 1 if not).')
@@ -137,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             from .card import STUDY_RESULTS, update_cards
             if (Path(args.out) / 'results.md').resolve() == STUDY_RESULTS.resolve() and Path('README.md').is_file():
                 print(f'updated: {", ".join(update_cards(".")) or "nothing"}')  # the repository's study tables
+        elif args.command == 'trend':
+            from .trend import write_trend
+            report = write_trend(args.folders, args.out)
+            print(f'{len(report["budgets"])} budget(s): {args.out}/trend.md, {args.out}/trend.png')
         elif args.command == 'cards':
             from .card import update_cards
             changed = update_cards(args.root, check=args.check)

@@ -1,0 +1,145 @@
+"""The training-budget trend of a study: the same arms and recipe at several epoch budgets, one study folder per
+budget (``loco-timm study --out study/fmnist-10ep --set epochs 10 ...``), compared on paired per-seed differences.
+
+For each budget: LoCo - E2E and LoCo - GIM at the last stage, per seed, with mean and standard error (sample std /
+sqrt(seeds)), and each of the paper's two main claims judged with an approximate 95 % interval (mean +- 2 standard
+errors): *held* when the whole interval satisfies the claim, *did not hold* when none of it does, *unresolved*
+otherwise (the seeds cannot tell). Also the per-stage linear readout of the three arms per budget. ``loco-timm trend``
+writes ``trend.json``, ``trend.md`` and ``trend.png``; ``loco-timm cards`` puts ``study/trend/trend.md`` into the
+README and MODEL_CARD.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+__all__ = ['ARMS', 'budget', 'judge', 'trend', 'trend_markdown', 'write_trend']
+
+ARMS = ('e2e_mlp', 'loco_conv', 'gim_conv')
+PAIRS = {'LoCo - E2E': ('loco_conv', 'e2e_mlp'), 'LoCo - GIM': ('loco_conv', 'gim_conv')}
+MARGIN = 0.5  # the paper's "comparable to E2E": within 0.5 pt
+
+
+def budget(results: dict) -> float:
+    """The epochs a study's runs trained for (its overrides, else its recipe)."""
+    return float(results.get('train_overrides', {}).get('epochs', results['recipe']['train']['epochs']))
+
+
+def judge(pair: str, diffs: list[float]) -> str:
+    """``held``, ``did not hold`` or ``unresolved`` for the claim of ``pair`` (LoCo - E2E: within +-0.5 pt;
+    LoCo - GIM: above 0), on the interval mean +- 2 standard errors of the paired differences."""
+    if len(diffs) < 2:
+        return 'unresolved'
+    mean = statistics.fmean(diffs)
+    half = 2 * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    lo, hi = mean - half, mean + half
+    if pair == 'LoCo - E2E':
+        return 'held' if -MARGIN <= lo and hi <= MARGIN else 'did not hold' if hi < -MARGIN or lo > MARGIN \
+            else 'unresolved'
+    return 'held' if lo > 0 else 'did not hold' if hi < 0 else 'unresolved'
+
+
+def trend(folders: list[str | Path]) -> dict[str, Any]:
+    """The trend over the study folders (each with a ``results.json``), sorted by budget.
+
+    Raises:
+        ValueError: If two folders have the same budget or their recipes differ in anything but the epochs.
+    """
+    budgets: dict[float, dict] = {}
+    recipe = None
+    for folder in folders:
+        results = json.loads((Path(folder) / 'results.json').read_text())
+        epochs = budget(results)
+        if epochs in budgets:
+            raise ValueError(f'{folder} and {budgets[epochs]["folder"]} both trained {epochs:g} epochs: give one '
+                             f'folder per budget')
+        train = {k: v for k, v in results['recipe']['train'].items() if k != 'epochs'}
+        others = {k: v for k, v in results.get('train_overrides', {}).items() if k != 'epochs'}
+        if recipe is not None and (train, others) != recipe:
+            raise ValueError(f'{folder} has another recipe than the other budgets: only the epochs may differ')
+        recipe = (train, others)
+        runs = {arm: {r['seed']: r for r in results['runs'] if r['arm'] == arm} for arm in ARMS}
+        entry: dict[str, Any] = dict(folder=str(folder), epochs=epochs, pairs={}, per_stage={})
+        for label, (a, b) in PAIRS.items():
+            seeds = sorted(set(runs[a]) & set(runs[b]))
+            diffs = [runs[a][s]['linear'][-1] - runs[b][s]['linear'][-1] for s in seeds]
+            if diffs:
+                sem = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+                entry['pairs'][label] = dict(seeds=seeds, diffs=[round(d, 2) for d in diffs],
+                                             mean=round(statistics.fmean(diffs), 3),
+                                             sem=None if sem is None else round(sem, 3), claim=judge(label, diffs))
+        for arm in ARMS:
+            if runs[arm]:
+                stages = zip(*(r['linear'] for r in runs[arm].values()))
+                entry['per_stage'][arm] = dict(seeds=sorted(runs[arm]),
+                                               linear=[round(statistics.fmean(s), 2) for s in stages])
+        budgets[epochs] = entry
+    return dict(budgets=[budgets[e] for e in sorted(budgets)])
+
+
+def _epochs(value: float) -> str:
+    return f'{value:g}'
+
+
+def trend_markdown(report: dict) -> str:
+    """Tables of the paired differences and claims, and of the per-stage readout, per budget."""
+    lines = ['| epochs | seeds | LoCo - E2E (mean +- s.e.) | within 0.5 pt of E2E | LoCo - GIM (mean +- s.e.) | '
+             'above GIM |', '|---:|---|---:|---|---:|---|']
+    for entry in report['budgets']:
+        cells = []
+        for label in PAIRS:
+            pair = entry['pairs'].get(label)
+            if pair is None:
+                cells += ['-', '-']
+                continue
+            sem = f' +- {pair["sem"]:.2f}' if pair['sem'] is not None else ' (1 seed)'
+            cells += [f'{pair["mean"]:+.2f}{sem}', pair['claim']]
+        seeds = entry['pairs'].get('LoCo - E2E', {}).get('seeds', [])
+        lines.append(f'| {_epochs(entry["epochs"])} | {", ".join(map(str, seeds))} | ' + ' | '.join(cells) + ' |')
+    lines += ['', 'Per-stage linear top-1 (mean over seeds):', '', '| epochs | arm | seeds | per stage |',
+              '|---:|---|---|---|']
+    for entry in report['budgets']:
+        for arm, row in entry['per_stage'].items():
+            lines.append(f'| {_epochs(entry["epochs"])} | {arm} | {len(row["seeds"])} | '
+                         f'{", ".join(f"{v:.2f}" for v in row["linear"])} |')
+    return '\n'.join(lines) + '\n'
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(PAIRS), figsize=(5 * len(PAIRS), 3.6), squeeze=False)
+    for ax, label in zip(axes[0], PAIRS):
+        for entry in report['budgets']:
+            pair = entry['pairs'].get(label)
+            if pair is None:
+                continue
+            x = entry['epochs']
+            ax.scatter([x] * len(pair['diffs']), pair['diffs'], color='tab:blue', alpha=0.6, s=18)
+            ax.errorbar([x], [pair['mean']], yerr=[2 * (pair['sem'] or 0)], color='black', capsize=4, fmt='o')
+        ax.axhline(0, color='gray', lw=0.8)
+        if label == 'LoCo - E2E':
+            for y in (-MARGIN, MARGIN):
+                ax.axhline(y, color='gray', lw=0.8, ls='--')
+        ax.set_xscale('log')
+        ax.set_xlabel('epochs')
+        ax.set_ylabel(f'{label}, last stage (pt)')
+        ax.set_title(f'{label}: seeds (dots), mean +- 2 s.e.')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_trend(folders: list[str | Path], out: str | Path) -> dict:
+    """Write ``trend.json``, ``trend.md`` and ``trend.png`` of the study folders into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = trend(folders)
+    (out / 'trend.json').write_text(json.dumps(report, indent=2) + '\n')
+    (out / 'trend.md').write_text(trend_markdown(report))
+    _plot(report, out / 'trend.png')
+    return report

@@ -1,0 +1,61 @@
+"""The budget trend: paired per-seed differences per budget, their standard errors, and the claims judged on
+mean +- 2 standard errors (closed forms on small hand-made study results)."""
+import json
+import math
+
+import pytest
+
+from loco_timm.trend import judge, trend, trend_markdown, write_trend
+
+
+def _study(folder, epochs, linear, recipe_epochs=3, extra=None):
+    """A results.json with the last-stage linear top-1 of each (arm, seed) in ``linear``."""
+    folder.mkdir(parents=True)
+    runs = [dict(arm=arm, seed=seed, linear=[50.0, value], knn=[40.0, value]) for (arm, seed), value in
+            linear.items()]
+    overrides = dict(epochs=epochs, **(extra or {})) if epochs != recipe_epochs else dict(extra or {})
+    (folder / 'results.json').write_text(json.dumps(dict(recipe=dict(train=dict(epochs=recipe_epochs, seed=0)),
+                                                         train_overrides=overrides, runs=runs)))
+    return folder
+
+
+def test_paired_differences_their_standard_errors_and_claims_per_budget(tmp_path):
+    short = _study(tmp_path / 'a', 3, {('loco_conv', 0): 85.0, ('loco_conv', 1): 86.0, ('loco_conv', 2): 85.5,
+                                        ('e2e_mlp', 0): 85.5, ('e2e_mlp', 1): 85.0, ('e2e_mlp', 2): 86.5,
+                                        ('gim_conv', 0): 84.0, ('gim_conv', 1): 84.5, ('gim_conv', 2): 84.0})
+    long = _study(tmp_path / 'b', 10, {('loco_conv', 0): 87.0, ('loco_conv', 1): 87.1,
+                                        ('e2e_mlp', 0): 87.0, ('e2e_mlp', 1): 87.0, ('gim_conv', 0): 86.0})
+    report = trend([long, short])
+    assert [b['epochs'] for b in report['budgets']] == [3.0, 10.0]
+    e2e = report['budgets'][0]['pairs']['LoCo - E2E']
+    assert e2e['diffs'] == [-0.5, 1.0, -1.0] and e2e['mean'] == pytest.approx(-1 / 6, abs=1e-3)
+    std = math.sqrt(((-0.5 + 1 / 6) ** 2 + (1 + 1 / 6) ** 2 + (-1 + 1 / 6) ** 2) / 2)
+    assert e2e['sem'] == pytest.approx(std / math.sqrt(3), abs=1e-3)
+    assert e2e['claim'] == 'unresolved'  # -0.17 +- 2 x 0.60 reaches past both margins
+    gim = report['budgets'][0]['pairs']['LoCo - GIM']
+    assert gim['diffs'] == [1.0, 1.5, 1.5] and gim['claim'] == 'held'  # 1.33 +- 0.33 > 0
+    assert report['budgets'][1]['pairs']['LoCo - E2E']['claim'] == 'held'  # 0.05 +- 0.1 within 0.5
+    assert report['budgets'][1]['pairs']['LoCo - GIM']['sem'] is None  # one seed
+    assert report['budgets'][1]['per_stage']['loco_conv'] == dict(seeds=[0, 1], linear=[50.0, 87.05])
+    table = trend_markdown(report)
+    assert '| 3 | 0, 1, 2 | -0.17 +- 0.60 | unresolved | +1.33 +- 0.17 | held |' in table
+    write_trend([short, long], tmp_path / 'out')
+    assert {p.name for p in (tmp_path / 'out').iterdir()} == {'trend.json', 'trend.md', 'trend.png'}
+
+
+def test_the_claims_are_judged_on_mean_plus_minus_two_standard_errors():
+    assert judge('LoCo - E2E', [0.1, -0.1, 0.0]) == 'held'
+    assert judge('LoCo - E2E', [-2.0, -2.2, -1.9]) == 'did not hold'
+    assert judge('LoCo - E2E', [-0.4, -0.6, -0.5]) == 'unresolved'  # straddles -0.5
+    assert judge('LoCo - GIM', [-1.0, -1.2, -0.9]) == 'did not hold'
+    assert judge('LoCo - E2E', [0.0]) == 'unresolved'  # one seed has no spread to judge by
+
+
+def test_budgets_must_differ_only_in_epochs(tmp_path):
+    a = _study(tmp_path / 'a', 3, {('loco_conv', 0): 85.0})
+    b = _study(tmp_path / 'b', 3, {('loco_conv', 0): 86.0})
+    with pytest.raises(ValueError, match='both trained 3 epochs: give one folder per budget'):
+        trend([a, b])
+    c = _study(tmp_path / 'c', 10, {('loco_conv', 0): 86.0}, extra=dict(batch_size=64))
+    with pytest.raises(ValueError, match='has another recipe than the other budgets'):
+        trend([a, c])

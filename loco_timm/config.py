@@ -63,6 +63,7 @@ class TrainConfig:
     crop_scale: list = field(default_factory=lambda: [0.2, 1.0])
     splits: dict = field(default_factory=dict)  # timm sources: split names of pretrain / train / test
     decode_draft: bool = True  # timm sources: decode JPEGs at the smallest scale no crop upsamples
+    decode_device: bool = False  # folders, tars, hfds/: decode JPEGs on the training device (batched on CUDA)
     num_workers: int = 0
     # optimisation
     batch_size: int = 512

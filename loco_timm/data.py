@@ -157,7 +157,7 @@ def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLike | None = None,
                   image_size: int = 224, subset: int | None = None, download: bool = True,
                   crops: ViewCropSpec | None = None, splits: dict | None = None, seed: int = 0,
-                  batch_size: int = 1, draft: bool = True) -> Dataset:
+                  batch_size: int = 1, draft: bool = True, encoded: bool = False) -> Dataset:
     """A dataset of ``(uint8 image (C, H, W), label, index)`` items.
 
     Args:
@@ -177,6 +177,8 @@ def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLik
         seed, batch_size: Streams: the shuffle seed and the per-process batch size (timm's readers round each
             worker's share of an epoch up to whole batches).
         draft: Decode JPEGs of timm sources at a reduced scale where no crop needs the full resolution.
+        encoded: Random-access timm sources' pre-training: items keep the JPEG bytes and crop boxes, for
+            :func:`loco_timm.sources.decode_views` on the training device.
 
     Raises:
         ValueError: Unknown name or split. FileNotFoundError: missing or empty data.
@@ -186,7 +188,7 @@ def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLik
     train = split != 'test'
     if is_timm_source(name):
         ds = build_source(name, split, data_dir, image_size, subset, crops, splits, download, seed, batch_size,
-                          draft)
+                          draft, encoded)
         if is_stream(name):
             return ds
         if len(ds) == 0:

@@ -10,7 +10,10 @@ Hugging Face dataset by its folder, ``hfds//data/imagenet``), or ``imagefolder``
 * pre-training: the views' random resized crops of the *whole* image (:mod:`loco_timm.crops`), ``(views, 3, size,
   size)``, both from one decode; a JPEG is decoded at the smallest scale (1/1, 1/2, 1/4 or 1/8, libjpeg's DCT
   scaling through PIL's ``Image.draft``) at which no crop is upsampled;
-* evaluation: the image resized so its shorter side is ``load_size`` and centre-cropped (JPEGs again drafted).
+* evaluation: the image resized so its shorter side is ``load_size`` and centre-cropped (JPEGs again drafted);
+* pre-training with ``encoded`` (recipe key ``decode_device``): the JPEG bytes and the views' crop boxes (from the
+  size in the file's header), decoded and cropped on the training device by :func:`decode_views`
+  (``torchvision.io.decode_jpeg``, batched on CUDA); other formats are cut in the loader.
 
 Random-access sources (folder, tar, ``torch/``, ``hfds/``) are read in the sampler's order, so a run is the same for
 any number of processes and loader workers. Streams (``hfids/``, ``wds/``, ``tfds/``) are read as timm reads them:
@@ -29,10 +32,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from .crops import ViewCropSpec, needed_size, split_key, view_crops
+from .crops import ViewCropSpec, crop_box, needed_size, split_key, view_crops, view_uniforms
 
 __all__ = ['TIMM_PREFIXES', 'STREAM_PREFIXES', 'DEFAULT_SPLITS', 'is_timm_source', 'is_stream', 'timm_source',
-           'DecodedDataset', 'StreamDataset', 'decode', 'build_source']
+           'DecodedDataset', 'StreamDataset', 'decode', 'build_source', 'collate_encoded', 'decode_views']
 
 TIMM_PREFIXES = ('torch', 'hfds', 'hfids', 'wds', 'tfds')
 STREAM_PREFIXES = ('hfids', 'wds', 'tfds')
@@ -141,8 +144,10 @@ class DecodedDataset(Dataset):
 
     channels = 3
 
-    def __init__(self, source, load_size: int, name: str, crops: ViewCropSpec | None = None, draft: bool = True):
+    def __init__(self, source, load_size: int, name: str, crops: ViewCropSpec | None = None, draft: bool = True,
+                 encoded: bool = False):
         self.source, self.load_size, self.name, self.crops, self.draft = source, load_size, name, crops, draft
+        self.encoded = encoded and crops is not None  # pre-training items keep their JPEG bytes (decode_views)
         self.reader = getattr(source, 'reader', None)
         self.classes = _classes(source)
 
@@ -158,6 +163,8 @@ class DecodedDataset(Dataset):
     def __getitem__(self, key: int):
         epoch, index = split_key(key) if self.crops is not None else (0, int(key))
         sample, label = (self.reader if self.reader is not None else self.source)[index][:2]
+        if self.encoded:
+            return self._encoded(sample, index, epoch), label, index
         if self.crops is not None:
             def request(width, height):
                 return needed_size(height, width, index, epoch, self.crops)
@@ -176,6 +183,53 @@ class DecodedDataset(Dataset):
         if self.crops is not None:
             return view_crops(image, index, epoch, self.crops), label, index
         return _eval_crop(image, self.load_size), label, index
+
+
+    def _encoded(self, sample, index: int, epoch: int):
+        """``(JPEG bytes as a uint8 tensor, crop boxes (views, 4))``, the boxes from the size in the file's header;
+        an image of another format is decoded and cropped here, ``(views, 3, size, size)``."""
+        from PIL import Image
+        if not isinstance(sample, Image.Image):
+            data = sample if isinstance(sample, (bytes, bytearray)) else sample.read()
+            if hasattr(sample, 'close'):
+                sample.close()
+            if data[:2] == b'\xff\xd8':
+                with Image.open(io.BytesIO(data)) as img:
+                    width, height = img.size
+                u = view_uniforms(index, epoch, self.crops)
+                boxes = torch.tensor([crop_box(height, width, u[v], self.crops) for v in range(self.crops.views)])
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), boxes
+            sample = data
+        return view_crops(decode(sample, draft=False), index, epoch, self.crops), torch.zeros(0, 4, dtype=torch.long)
+
+
+def collate_encoded(items: list) -> tuple:
+    """Batch of :class:`DecodedDataset` items with ``encoded=True``: ``((payloads, boxes), labels, indices)``, the
+    payloads a list (JPEG bytes, or crops already cut)."""
+    payloads = [item[0][0] for item in items]
+    boxes = [item[0][1] for item in items]
+    return (payloads, boxes), torch.tensor([int(item[1]) for item in items]), torch.tensor([item[2] for item in items])
+
+
+def decode_views(payloads: list[torch.Tensor], boxes: list[torch.Tensor], size: int,
+                 device: torch.device | str) -> torch.Tensor:
+    """uint8 ``(N, views, 3, size, size)`` on ``device``: the JPEGs decoded there (``torchvision.io.decode_jpeg``,
+    batched on CUDA) and each view's crop resized with antialiasing; crops cut in the loader are moved as they are."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import v2
+    device = torch.device(device)
+    jpegs = [i for i, p in enumerate(payloads) if p.ndim == 1]
+    decoded = dict(zip(jpegs, decode_jpeg([payloads[i] for i in jpegs], device=device, mode=ImageReadMode.RGB)
+                       if jpegs else []))
+    out = []
+    for i, payload in enumerate(payloads):
+        if i not in decoded:
+            out.append(payload.to(device))
+            continue
+        image = decoded[i]
+        out.append(torch.stack([v2.functional.resized_crop(image, *map(int, box), size=[size, size], antialias=True)
+                                for box in boxes[i]]))
+    return torch.stack(out)
 
 
 class StreamDataset(IterableDataset):
@@ -222,7 +276,7 @@ class StreamDataset(IterableDataset):
 
 def build_source(name: str, split: str, data_dir, image_size: int, subset: int | None = None,
                  crops: ViewCropSpec | None = None, splits: dict | None = None, download: bool = False,
-                 seed: int = 0, batch_size: int = 1, draft: bool = True) -> Dataset:
+                 seed: int = 0, batch_size: int = 1, draft: bool = True, encoded: bool = False) -> Dataset:
     """The decoded dataset of a timm source for one use (``pretrain``, ``train`` or ``test``); see the module."""
     timm_split = dict(DEFAULT_SPLITS, **(splits or {}))[split]
     load_size = max(image_size * 8 // 7, image_size)
@@ -236,4 +290,4 @@ def build_source(name: str, split: str, data_dir, image_size: int, subset: int |
                                     f'set subset (or num_samples in its info file)')
         return StreamDataset(source, load_size, name, crops, num_samples=total)
     source = timm_source(name, timm_split, data_dir, download=download)
-    return DecodedDataset(source, load_size, name, crops, draft)
+    return DecodedDataset(source, load_size, name, crops, draft, encoded)

@@ -31,6 +31,7 @@ from .runlock import Preempted, Preemption, lock_run
 from .config import ConfigError, TrainConfig
 from .crops import ViewCropSpec
 from .data import EpochSampler, build_dataset, normalization
+from .sources import collate_encoded, decode_views
 from .factory import build_learner
 from .learner import LocalLearner
 from .optim import build_optimizer, build_scheduler, steps_for
@@ -166,13 +167,14 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
     try:
         dataset = build_dataset(cfg.dataset, 'pretrain', cfg.data_dir, cfg.image_size, cfg.subset, crops=crops,
                                 splits=cfg.splits, seed=cfg.seed, batch_size=cfg.batch_size // world,
-                                draft=cfg.decode_draft)
+                                draft=cfg.decode_draft, encoded=cfg.decode_device)
     except (FileNotFoundError, ImportError) as err:
         raise ConfigError(str(err)) from None
     cropped = dataset.crops is not None  # the loader cut the views from the whole image (loco_timm.crops)
     if len(dataset) < cfg.batch_size:
         raise ConfigError(f'batch_size={cfg.batch_size} is larger than the dataset ({len(dataset)} images)')
     stream = isinstance(dataset, IterableDataset)  # each process reads its own shards (loco_timm.sources)
+    encoded = getattr(dataset, 'encoded', False)  # JPEG bytes decoded on the device (loco_timm.sources.decode_views)
     pin = accelerator.device.type == 'cuda'
     if stream:
         sampler = None
@@ -181,8 +183,8 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
     else:
         sampler = EpochSampler(len(dataset), cfg.seed, keys=cropped)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=cfg.num_workers, pin_memory=pin,
-                            persistent_workers=cfg.num_workers > 0)
+                            num_workers=cfg.num_workers, pin_memory=pin and not encoded,
+                            persistent_workers=cfg.num_workers > 0, collate_fn=collate_encoded if encoded else None)
     mean, std = normalization(cfg.dataset)
     augment = SimCLRAugment(cfg.image_size, scale=cfg.crop_scale, mean=mean, std=std)
 
@@ -198,8 +200,8 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
 
     if stream:
         optimizer = accelerator.prepare(optimizer)
-    else:
-        optimizer, loader = accelerator.prepare(optimizer, loader)
+    else:  # JPEG bytes stay on the CPU for the decoder, which puts its output on the device
+        optimizer, loader = accelerator.prepare(optimizer, loader, device_placement=[True, not encoded])
 
     step = 0
     progress = dict(config=_as_json(cfg), num_classes=len(dataset.classes), in_chans=dataset.channels,
@@ -237,6 +239,9 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
             batches.set_epoch(epoch)
         tick = time.perf_counter()
         for images, _, index in batches:
+            if encoded:
+                images = decode_views(*images, cfg.image_size, accelerator.device)
+                index = index.to(accelerator.device)
             with torch.no_grad():
                 view1, view2 = (augment(images[:, v] if cropped else images, index, cfg.seed, epoch, v,
                                         cropped=cropped).contiguous(memory_format=memory_format)

@@ -169,3 +169,31 @@ def test_a_streams_epoch_is_the_same_with_loader_workers_and_keys_items_uniquely
     assert len(first) == 6 and epoch(1) == first and epoch(1, skip=4) == first[4:]
     assert sorted(i for _, index in first for i in index) == list(range(18))  # position x workers + worker
     assert epoch(2) != first
+
+
+def test_decoding_on_the_device_gives_the_loaders_crops_and_the_same_training(sources, tmp_path):
+    from safetensors.torch import load_file
+
+    from loco_timm.sources import collate_encoded, decode_views
+    from loco_timm.train import train
+    name, data_dir = sources['folder']
+    spec = ViewCropSpec(24, seed=2)
+    png = tmp_path / 'mixed' / 'train' / 'cat'
+    png.mkdir(parents=True)
+    Image.new('RGB', (50, 30), (200, 40, 40)).save(png / 'a.png')
+    (png / 'b.jpg').write_bytes(_jpeg(64, 40))
+    for folder in (data_dir, tmp_path / 'mixed'):
+        cpu = build_dataset('imagefolder', 'pretrain', folder, 24, crops=spec, draft=False)
+        encoded = build_dataset('imagefolder', 'pretrain', folder, 24, crops=spec, encoded=True)
+        keys = [3 * (1 << 40) + i for i in range(len(cpu))]  # epoch 3
+        (payloads, boxes), labels, index = collate_encoded([encoded[k] for k in keys])
+        views = decode_views(payloads, boxes, 24, 'cpu')
+        assert views.shape == (len(cpu), 2, 3, 24, 24) and views.dtype == torch.uint8
+        assert torch.equal(views, torch.stack([cpu[k][0] for k in keys]))
+        assert labels.tolist() == [cpu[k][1] for k in keys] and index.tolist() == list(range(len(cpu)))
+    common = dict(backbone='test_resnet', dataset=name, data_dir=str(data_dir), image_size=24, batch_size=6,
+                  max_steps=2, trackers='none', decoder='mlp', decode_draft=False)
+    train(TrainConfig(**common, out_dir=str(tmp_path / 'cpu')))
+    train(TrainConfig(**common, decode_device=True, out_dir=str(tmp_path / 'device')))
+    a, b = (load_file(str(tmp_path / run / 'checkpoints/step-00000002/learner.safetensors')) for run in ('cpu', 'device'))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,253 @@
+"""Stage parallelism on CPU: images/s and per-process memory of LoCo with its stages on 2 processes (synchronous
+and pipelined), GIM on 2 processes, and the data-parallel alternatives, against single-process LoCo, all at one
+thread per process, measured in one run.
+
+Every configuration trains the same model from the same weights with SGD (momentum 0.9) on random images for
+``--warmup`` + ``--steps`` steps; img/s is the global batch over the median time of the timed steps of process 0
+(after a barrier per step for the synchronous configurations; the pipelined ones run free, so their median step is
+the steady state). Memory per process: parameters it holds plus the peak bytes autograd saves during a step
+(:class:`loco_timm.memory.SavedTensorMeter`), the largest over processes. The placement balances the stages' measured
+forward times (:func:`loco_timm.stage_parallel.balance`). The baseline a user would otherwise pick, end-to-end SimCLR
+pipeline-parallel on the same placement, runs through ``torch.distributed.pipelining`` (GPipe, 1 to 8 micro-batches)
+with the NT-Xent over the whole batch as GradCache computes it: a forward-only pass for the embeddings, the loss and
+its gradient on the last process, then a forward-backward pass seeding each micro-batch with its slice (so every
+loss keeps all its negatives, at the price of a second forward). Writes ``benchmarks/results/pipeline_cpu.json``
+and the README block ``pipeline``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from readme_block import replace_block  # noqa: E402
+
+MODELS = {'loco_resnet18_small': dict(size=28, chans=1, batch=64), 'resnet50': dict(size=128, chans=3, batch=8)}
+CONFIGS = {  # name: (mode, processes, how)
+    'LoCo, 1 process': ('loco', 1, 'single'),
+    'LoCo, 2 stage groups, synchronous': ('loco', 2, 'sync'),
+    'LoCo, 2 stage groups, pipelined': ('loco', 2, 'pipelined'),
+    'GIM, 2 stage groups': ('gim', 2, 'pipelined'),
+    'LoCo, 2 data-parallel processes': ('loco', 2, 'data'),
+    'E2E, 2 data-parallel processes': ('e2e', 2, 'data'),
+    **{f'E2E, 2 stage groups, torch pipelining, {m} micro-batches': ('e2e', 2, f'gpipe{m}') for m in (1, 2, 4, 8)},
+}
+
+
+def build(model: str, mode: str):
+    import timm
+
+    from loco_timm import LocalLearner  # importing loco_timm registers the loco_* models
+    spec = MODELS[model]
+    torch.manual_seed(0)
+    backbone = timm.create_model(model, in_chans=spec['chans'])
+    return LocalLearner(backbone, mode=mode, input_size=(spec['chans'], spec['size'], spec['size']))
+
+
+def stage_costs(model: str) -> list[float]:
+    """Median forward time of each stage on one batch (both views), one thread."""
+    torch.set_num_threads(1)
+    learner, spec = build(model, 'loco'), MODELS[model]
+    h = torch.randn(2 * spec['batch'], spec['chans'], spec['size'], spec['size'])
+    costs = []
+    with torch.no_grad():
+        for stage in learner.stages:
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                out = stage(h)
+                times.append(time.perf_counter() - start)
+            costs.append(statistics.median(times))
+            h = out
+    return costs
+
+
+class _Part(torch.nn.Module):
+    """A pipeline stage for ``torch.distributed.pipelining``: a group of the learner's stages (the last group also
+    runs the E2E projection head on the last stage's feature)."""
+
+    def __init__(self, learner, stages: list[int]):
+        super().__init__()
+        self.learner_stages = torch.nn.ModuleList([learner.stages[k] for k in stages])
+        last = len(learner.stages) - 1
+        self.head = learner.decoders[0] if stages[-1] == last else None
+        self.feature = (lambda h: learner.feature(last, h))
+
+    def forward(self, x):
+        for stage in self.learner_stages:
+            x = stage(x)
+        return self.head(self.feature(x)) if self.head is not None else x.contiguous()  # sent as it is laid out
+
+
+def _gpipe_step(schedule, rank: int, world: int, views, microbatches: int, temperature: float) -> None:
+    """E2E SimCLR through a GPipe schedule with the NT-Xent over the whole batch, as GradCache does: a forward-only
+    pass gives every micro-batch's embeddings, the loss of the whole batch gives their gradients, and a second pass
+    backpropagates each micro-batch's slice (loss = embeddings . gradient)."""
+    from loco_timm.losses import nt_xent_loss
+    n = views[0].shape[0] // microbatches if views is not None else 0
+    x = torch.cat([torch.cat([v[m * n:(m + 1) * n] for v in views]) for m in range(microbatches)]) \
+        if rank == 0 else None
+    # the schedule's loss runs in eval too: a zero target per micro-batch makes it a no-op there
+    out = schedule.eval(x) if rank == 0 else schedule.eval(target=torch.zeros(microbatches))
+    target = None
+    if rank == world - 1:
+        z = out.detach().requires_grad_()
+        chunks = z.chunk(microbatches)
+        half = chunks[0].shape[0] // 2
+        nt_xent_loss(torch.cat([c[:half] for c in chunks]), torch.cat([c[half:] for c in chunks]), temperature,
+                     gather=False).backward()
+        target = z.grad
+    if rank == 0:
+        schedule.step(x)
+    else:
+        schedule.step(target=target)
+
+
+def worker(rank: int, world: int, port: int, model: str, config: str, placement: list, warmup: int, steps: int,
+           out: str) -> None:
+    import torch.distributed as dist
+
+    from loco_timm.memory import SavedTensorMeter
+    from loco_timm.stage_parallel import StageParallel
+    torch.set_num_threads(1)
+    mode, _, how = CONFIGS[config]
+    spec = MODELS[model]
+    if world > 1:
+        os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+        dist.init_process_group('gloo', rank=rank, world_size=world)
+    learner = build(model, mode)
+    batch = spec['batch'] // (world if how == 'data' else 1)
+    sp = StageParallel(learner, placement, pipelined=how == 'pipelined') if how in ('sync', 'pipelined') else None
+    params = sp.parameters() if sp is not None else list(learner.parameters())
+    schedule = None
+    if how.startswith('gpipe'):
+        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+        part = _Part(learner, placement[rank])
+        params = list(part.parameters())
+        stage = PipelineStage(part, rank, world, torch.device('cpu'))
+        schedule = ScheduleGPipe(stage, n_microbatches=int(how[5:]), loss_fn=lambda out, grad: (out * grad).sum(),
+                                 scale_grads=False)  # each micro-batch's slice of the whole-batch gradient
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(rank)
+    views = [torch.randn(batch, spec['chans'], spec['size'], spec['size'], generator=g) for _ in range(2)]
+    times, peak = [], 0
+    for i in range(warmup + steps):
+        if world > 1 and how != 'pipelined':
+            dist.barrier()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with SavedTensorMeter(exclude=params) as meter:
+            if schedule is not None:
+                _gpipe_step(schedule, rank, world, views, int(how[5:]), learner.loss.temperature)
+            elif sp is not None:
+                sp.step(*views) if rank == 0 else sp.step()
+            else:
+                learner.step(*views)
+                if how == 'data':
+                    for p in params:
+                        if p.grad is not None:
+                            dist.all_reduce(p.grad)
+                            p.grad /= world
+        optimizer.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            peak = max(peak, meter.peak)
+    if sp is not None and sp.pipelined:
+        sp.finish()
+    held = sum(p.numel() * p.element_size() for p in params)
+    Path(f'{out}.{rank}').write_text(json.dumps(dict(step_s=statistics.median(times), held=held, saved=peak)))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run(model: str, config: str, placement: list, warmup: int, steps: int) -> dict:
+    world = CONFIGS[config][1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out, port = str(Path(tmp) / 'result'), _free_port()
+        env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+        procs = [subprocess.Popen([sys.executable, __file__, '--worker', str(r), str(world), str(port), model, config,
+                                   json.dumps(placement), str(warmup), str(steps), out], env=env)
+                 for r in range(world)]
+        for p in procs:
+            if p.wait(timeout=3600):
+                raise SystemExit(f'{config} on {model}: a process failed')
+        ranks = [json.loads(Path(f'{out}.{r}').read_text()) for r in range(world)]
+    step = ranks[0]['step_s']
+    return dict(img_per_s=round(MODELS[model]['batch'] / step, 2), step_s=round(step, 4),
+                memory_mb=round(max(r['held'] + r['saved'] for r in ranks) / 2 ** 20, 1),
+                params_mb=[round(r['held'] / 2 ** 20, 1) for r in ranks])
+
+
+def markdown(report: dict) -> str:
+    lines = [f'Measured {report["date"]} on {report["machine"]}, one thread per process (`python '
+             f'benchmarks/pipeline.py`):', '']
+    for model, rows in report['models'].items():
+        spec = MODELS[model]
+        base = rows['LoCo, 1 process']['img_per_s']
+        lines += [f'{model} at {spec["size"]} px, batch {spec["batch"]}, placement {report["placements"][model]}:', '',
+                  '| configuration | img/s | vs 1-process LoCo | peak memory per process (MB) | parameters per '
+                  'process (MB) |', '|---|---:|---:|---:|---|']
+        for name, row in rows.items():
+            lines.append(f'| {name} | {row["img_per_s"]} | {row["img_per_s"] / base:.2f}x | {row["memory_mb"]} | '
+                         f'{", ".join(map(str, row["params_mb"]))} |')
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == '--worker':
+        a = sys.argv[2:]
+        return worker(int(a[0]), int(a[1]), int(a[2]), a[3], a[4], json.loads(a[5]), int(a[6]), int(a[7]), a[8])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--steps', type=int, default=6)
+    parser.add_argument('--out', default='benchmarks/results/pipeline_cpu.json')
+    parser.add_argument('--no-readme', action='store_true')
+    args = parser.parse_args()
+    from loco_timm.stage_parallel import balance
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from loader import _cpu_name
+    report = dict(date=str(date.today()), machine=_cpu_name(), models={}, placements={})
+    for model in args.models:
+        placement = balance(stage_costs(model), 2)
+        report['placements'][model] = placement
+        rows = report['models'][model] = {}
+        for config in CONFIGS:
+            rows[config] = run(model, config, placement, args.warmup, args.steps)
+            print(model, config, rows[config], flush=True)
+    if 'resnet50' in report['models']:
+        r = report['models']['resnet50']
+        pipelined = r['LoCo, 2 stage groups, pipelined']['img_per_s']
+        report['pipelined_loco_vs_single_process_loco'] = round(pipelined / r['LoCo, 1 process']['img_per_s'], 2)
+        report['pipelined_loco_vs_e2e_pipeline_m4'] = round(
+            pipelined / r['E2E, 2 stage groups, torch pipelining, 4 micro-batches']['img_per_s'], 2)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + '\n')
+    text = markdown(report)
+    print(text)
+    if not args.no_readme:
+        replace_block('pipeline', text)
+
+
+if __name__ == '__main__':
+    main()

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from readme_block import replace_block  # noqa: E402
+from readme_block import cpu_name, write_report  # noqa: E402
 
 SIZE, SCALE = 224, (0.08, 1.0)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -134,16 +132,6 @@ def markdown(report: dict) -> str:
             + '\n'.join(rows))
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--images', type=int, default=300)
@@ -154,17 +142,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         mean_kb = make_images(Path(tmp), args.images)
         rates = measure(Path(tmp), args.images, args.repeats)
-    report = dict(date=str(date.today()), machine=f'{_cpu_name()}, 1 thread',
+    report = dict(date=str(date.today()), machine=f'{cpu_name()}, 1 thread',
                   images=args.images, mean_kb=round(mean_kb, 1), repeats=args.repeats,
                   img_per_s={k: round(v, 1) for k, v in rates.items()},
                   ours_vs_anchor=round(rates['ours'] / rates['anchor'], 2))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + '\n')
-    text = markdown(report)
-    print(text)
-    if not args.no_readme:
-        replace_block('loader', text)
+    write_report(report, args.out, 'loader', markdown(report), readme=not args.no_readme)
 
 
 if __name__ == '__main__':

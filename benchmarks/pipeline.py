@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from readme_block import replace_block  # noqa: E402
+from readme_block import cpu_name, write_report  # noqa: E402
 
 MODELS = {'loco_resnet18_small': dict(size=28, chans=1, batch=64), 'resnet50': dict(size=128, chans=3, batch=8)}
 CONFIGS = {  # name: (mode, processes, how)
@@ -224,9 +224,7 @@ def main() -> None:
     parser.add_argument('--no-readme', action='store_true')
     args = parser.parse_args()
     from loco_timm.stage_parallel import balance
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from loader import _cpu_name
-    report = dict(date=str(date.today()), machine=_cpu_name(), models={}, placements={})
+    report = dict(date=str(date.today()), machine=cpu_name(), models={}, placements={})
     for model in args.models:
         placement = balance(stage_costs(model), 2)
         report['placements'][model] = placement
@@ -240,13 +238,7 @@ def main() -> None:
         report['pipelined_loco_vs_single_process_loco'] = round(pipelined / r['LoCo, 1 process']['img_per_s'], 2)
         report['pipelined_loco_vs_e2e_pipeline_m4'] = round(
             pipelined / r['E2E, 2 stage groups, torch pipelining, 4 micro-batches']['img_per_s'], 2)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + '\n')
-    text = markdown(report)
-    print(text)
-    if not args.no_readme:
-        replace_block('pipeline', text)
+    write_report(report, args.out, 'pipeline', markdown(report), readme=not args.no_readme)
 
 
 if __name__ == '__main__':

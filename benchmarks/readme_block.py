@@ -2,6 +2,8 @@
 benchmark that produces it, so README tables are never typed by hand."""
 from __future__ import annotations
 
+import json
+import platform
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
@@ -22,3 +24,25 @@ def replace_block(name: str, text: str, readme: Path = README) -> None:
     tmp = readme.with_suffix('.md.tmp')
     tmp.write_text(f'{head}{start}\n{text.rstrip()}\n{end}{tail}')
     tmp.replace(readme)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for the machine a benchmark names."""
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_report(report: dict, out: str | Path, block: str, text: str, readme: bool = True) -> None:
+    """Write a benchmark's JSON report to ``out``, print its markdown ``text`` and, with ``readme``, put it into the
+    README block ``block``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + '\n')
+    print(text)
+    if readme:
+        replace_block(block, text)

@@ -140,8 +140,9 @@ def results_markdown(summary: dict, seeds: int) -> str:
     runs = sum(len(arm['seeds']) for name, arm in summary['arms'].items() if name in ARMS)
     planned = len(ARMS) * max(seeds, 3)
     ablation = {name: arm for name, arm in summary['arms'].items() if name in ABLATIONS}
-    header = (f'{runs} of {planned} runs of the main arms ({len(ARMS)} arms x {max(seeds, 3)} seeds)' +
-              (': **partial**, means over the seeds run so far.' if runs < planned else '.'))
+    header = (f'{runs} of {planned} runs of the main arms ({len(ARMS)} arms x {max(seeds, 3)} seeds): **partial**, '
+              f'means over the seeds run so far.' if runs < planned else
+              f'{runs} runs of the main arms ({len(ARMS)} arms; the seeds of each in the table).')
     if ablation:
         done = sum(len(arm['seeds']) for arm in ablation.values())
         header += (f' Ablation arms: {done} runs of {len(ablation)} of the {len(ABLATIONS)} arms so far (2 seeds each '

@@ -41,8 +41,8 @@ __all__ = ['train', 'NonFiniteLossError', 'RESUME_KEYS', 'main']
 # recipe keys that must match to resume a run
 RESUME_KEYS = ('backbone', 'model_args', 'mode', 'decoder', 'num_stages', 'units', 'top_unit', 'temperature',
                'proj_dim', 'decoder_norm', 'decoder_blocks', 'mlp_layers', 'sharing', 'sharing_blocks', 'sharing_l2',
-               'dataset', 'splits', 'subset', 'image_size', 'crop_scale', 'batch_size', 'optimizer',
-               'base_lr', 'weight_decay', 'momentum', 'warmup_epochs', 'seed', 'epochs', 'max_steps')
+               'dataset', 'splits', 'decode_draft', 'decode_device', 'subset', 'image_size', 'crop_scale', 'batch_size',
+               'optimizer', 'base_lr', 'weight_decay', 'momentum', 'warmup_epochs', 'seed', 'epochs', 'max_steps')
 
 
 class _StreamLoader:

@@ -6,9 +6,9 @@ Every configuration trains the same model from the same weights with SGD (moment
 ``--warmup`` + ``--steps`` steps; img/s is the global batch over the median time of the timed steps of process 0
 (after a barrier per step for the synchronous configurations; the pipelined ones run free, so their median step is
 the steady state). Memory per process: parameters it holds plus the peak bytes autograd saves during a step
-(:class:`loco_timm.memory.SavedTensorMeter`), the largest over processes. The placement balances the stages' measured
-forward times (:func:`loco_timm.stage_parallel.balance`). The baseline a user would otherwise pick, end-to-end SimCLR
-pipeline-parallel on the same placement, runs through ``torch.distributed.pipelining`` (GPipe, 1 to 8 micro-batches)
+(:class:`loco_timm.memory.SavedTensorMeter`), the largest over processes. Each stage-parallel configuration gets the
+placement ``loco-timm train`` would measure for it (:func:`placements`). The baseline a user would otherwise pick,
+end-to-end SimCLR pipeline-parallel, runs through ``torch.distributed.pipelining`` (GPipe, 1 to 8 micro-batches)
 with the NT-Xent over the whole batch as GradCache computes it: a forward-only pass for the embeddings, the loss and
 its gradient on the last process, then a forward-backward pass seeding each micro-batch with its slice (so every
 loss keeps all its negatives, at the price of a second forward). Writes ``benchmarks/results/pipeline_cpu.json``
@@ -55,22 +55,27 @@ def build(model: str, mode: str):
     return LocalLearner(backbone, mode=mode, input_size=(spec['chans'], spec['size'], spec['size']))
 
 
-def stage_costs(model: str) -> list[float]:
-    """Median forward time of each stage on one batch (both views), one thread."""
+def placements(model: str) -> tuple[dict[str, list], dict]:
+    """Each stage-parallel configuration's placement, balanced as ``loco-timm train`` balances it: by the stages'
+    measured step times (:func:`loco_timm.stage_training.step_costs`, one thread; forward and backward with the
+    units' decoders and losses), plus, pipelined, the second forward and backward of a group's top stage; E2E by its
+    own stage costs. Also the cost model of pipelined LoCo: the measured costs, each process's share of one step and
+    the speed-up bound they give (single-process step over the largest process's)."""
+    from loco_timm.stage_parallel import balance
+    from loco_timm.stage_training import step_costs
     torch.set_num_threads(1)
-    learner, spec = build(model, 'loco'), MODELS[model]
+    spec, found = MODELS[model], {}
     h = torch.randn(2 * spec['batch'], spec['chans'], spec['size'], spec['size'])
-    costs = []
-    with torch.no_grad():
-        for stage in learner.stages:
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                out = stage(h)
-                times.append(time.perf_counter() - start)
-            costs.append(statistics.median(times))
-            h = out
-    return costs
+    costs = {mode: step_costs(build(model, mode), h) for mode in ('loco', 'gim', 'e2e')}
+    for config, (mode, processes, how) in CONFIGS.items():
+        if processes > 1 and how != 'data':
+            found[config] = balance(costs[mode][0], 2, costs[mode][1] if how == 'pipelined' else None)
+    step, alone = costs['loco']
+    groups = found['LoCo, 2 stage groups, pipelined']
+    loads = [sum(step[k] for k in g) + (alone[g[-1]] if i < len(groups) - 1 else 0) for i, g in enumerate(groups)]
+    model_of_cost = dict(step_s=[round(c, 4) for c in step], top_again_s=[round(a, 4) for a in alone],
+                         process_loads=[round(x / sum(step), 2) for x in loads], bound=round(sum(step) / max(loads), 2))
+    return found, model_of_cost
 
 
 class _Part(torch.nn.Module):
@@ -202,12 +207,18 @@ def markdown(report: dict) -> str:
     for model, rows in report['models'].items():
         spec = MODELS[model]
         base = rows['LoCo, 1 process']['img_per_s']
-        lines += [f'{model} at {spec["size"]} px, batch {spec["batch"]}, placement {report["placements"][model]}:', '',
-                  '| configuration | img/s | vs 1-process LoCo | peak memory per process (MB) | parameters per '
-                  'process (MB) |', '|---|---:|---:|---:|---|']
+        lines += [f'{model} at {spec["size"]} px, batch {spec["batch"]}:', '',
+                  '| configuration | placement | img/s | vs 1-process LoCo | peak memory per process (MB) | '
+                  'parameters per process (MB) |', '|---|---|---:|---:|---:|---|']
         for name, row in rows.items():
-            lines.append(f'| {name} | {row["img_per_s"]} | {row["img_per_s"] / base:.2f}x | {row["memory_mb"]} | '
-                         f'{", ".join(map(str, row["params_mb"]))} |')
+            where = report['placements'][model].get(name, '')
+            lines.append(f'| {name} | {where} | {row["img_per_s"]} | {row["img_per_s"] / base:.2f}x | '
+                         f'{row["memory_mb"]} | {", ".join(map(str, row["params_mb"]))} |')
+        cost = report.get('cost_model', {}).get(model)
+        if cost:
+            lines += ['', f'Cost model of pipelined LoCo (measured stage step times {cost["step_s"]} s, top stage again '
+                          f'{cost["top_again_s"]} s): the processes carry {cost["process_loads"]} of one single-process '
+                          f'step, a speed-up bound of {cost["bound"]}x.']
         lines.append('')
     return '\n'.join(lines)
 
@@ -223,14 +234,13 @@ def main() -> None:
     parser.add_argument('--out', default='benchmarks/results/pipeline_cpu.json')
     parser.add_argument('--no-readme', action='store_true')
     args = parser.parse_args()
-    from loco_timm.stage_parallel import balance
-    report = dict(date=str(date.today()), machine=cpu_name(), models={}, placements={})
+    report = dict(date=str(date.today()), machine=cpu_name(), models={}, placements={}, cost_model={})
     for model in args.models:
-        placement = balance(stage_costs(model), 2)
-        report['placements'][model] = placement
+        found, report['cost_model'][model] = placements(model)
+        report['placements'][model] = found
         rows = report['models'][model] = {}
         for config in CONFIGS:
-            rows[config] = run(model, config, placement, args.warmup, args.steps)
+            rows[config] = run(model, config, found.get(config, [[0]]), args.warmup, args.steps)
             print(model, config, rows[config], flush=True)
     if 'resnet50' in report['models']:
         r = report['models']['resnet50']

@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -105,11 +105,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(accelerator: Any, learner: torch.nn.Module, out_dir: str | os.PathLike, step: int,
-                    progress: dict, keep: int = 2, exists_ok: bool = False) -> Path:
+                    progress: dict, keep: int = 2, exists_ok: bool = False,
+                    write: Callable[[Path], None] | None = None,
+                    state: Callable[[Path], dict] | None = None) -> Path:
     """Write a checkpoint atomically (call on every process) and prune old ones; returns its folder.
 
     ``exists_ok``: keep an existing checkpoint of this step instead (the one a finished run was resumed from);
-    otherwise one of the same step (e.g. damaged, skipped by the resume) is replaced."""
+    otherwise one of the same step (e.g. damaged, skipped by the resume) is replaced. ``write(folder)``: every
+    process writes its own files too; ``state(folder)``: the main process's learner state dict, after them
+    (stage parallelism: :mod:`loco_timm.stage_training`)."""
     root = Path(out_dir) / 'checkpoints'
     final = root / f'step-{step:08d}'
     tmp = root / f'{final.name}.tmp'
@@ -121,10 +125,12 @@ def save_checkpoint(accelerator: Any, learner: torch.nn.Module, out_dir: str | o
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if write is not None:
+        write(tmp)
     accelerator.wait_for_everyone()  # every process's files are written before the manifest covers them
     if accelerator.is_main_process:
-        state = {k: v.detach().cpu().contiguous() for k, v in learner.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS))
+        tensors = state(tmp) if state is not None else learner.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         (tmp / PROGRESS).write_text(json.dumps(dict(progress, step=step), indent=2))
         for f in (p for p in tmp.rglob('*') if p.is_file()):
             with open(f, 'rb') as handle:
@@ -159,7 +165,8 @@ def read_progress(checkpoint: str | os.PathLike) -> dict:
 
 
 def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load a safetensors state dict into ``module``, naming the first mismatched keys if it does not fit."""
+    """Load a safetensors state dict into ``module``, naming the first mismatched keys if it does not fit. Tensors
+    on the meta device (another process's, under stage parallelism) are left there."""
     state = load_file(str(path))
     own = module.state_dict()
     missing = [k for k in own if k not in state]
@@ -170,7 +177,10 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
                  for label, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong)) if keys]
         raise ValueError(f'{path} does not fit {type(module).__name__} ({"; ".join(parts)}): use the recipe the '
                          f'checkpoint was trained with')
-    module.load_state_dict(state)
+    released = [k for k, v in own.items() if v.device.type == 'meta']
+    for k in released:
+        del state[k]
+    module.load_state_dict(state, strict=not released)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

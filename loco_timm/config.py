@@ -80,6 +80,10 @@ class TrainConfig:
     mixed_precision: str = 'no'
     channels_last: bool = False
     sync_bn: bool = False
+    # stage parallelism (loco_timm.stage_parallel): the stages on `pipeline` processes as contiguous groups
+    pipeline: typing.Optional[int] = None  # stage groups P (processes = P x replicas); None or 1: off
+    placement: typing.Optional[list] = None  # stage indices per group, e.g. [[0, 1], [2, 3]]; None: balanced
+    pipelined: bool = False  # LoCo/GIM: apply the one-hop gradient a step late instead of waiting for it
     out_dir: str = 'runs/loco'
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -100,6 +104,7 @@ class TrainConfig:
                 f'grad_accumulation={self.grad_accumulation} is refused: accumulating gradients over micro-batches '
                 f'gives each contrastive loss fewer negatives, so it is not the large-batch objective. Use more '
                 f'processes or a smaller batch_size (lr follows batch_size)')
+        _check_pipeline(self)
         lo, hi = (self.crop_scale + [None, None])[:2]
         if len(self.crop_scale) != 2 or not 0 < lo <= hi <= 1:
             raise ConfigError(f'crop_scale={self.crop_scale!r} must be [min, max] area fractions with 0 < min <= max <= 1')
@@ -107,6 +112,11 @@ class TrainConfig:
     @property
     def lr(self) -> float:
         return self.base_lr * self.batch_size / 256
+
+    @property
+    def stage_groups(self) -> int:
+        """Number of stage groups P of stage parallelism (1: none)."""
+        return len(self.placement) if self.placement is not None else (self.pipeline or 1)
 
 
 @dataclass
@@ -177,6 +187,31 @@ def _check_dataset(cfg: 'TrainConfig') -> None:
     if unknown or not all(isinstance(v, str) and v for v in cfg.splits.values()):
         raise ConfigError(f'splits={cfg.splits!r} is not valid: map {", ".join(DEFAULT_SPLITS)} to split names, '
                           f'e.g. {{test: val}}')
+
+
+def _check_pipeline(cfg: 'TrainConfig') -> None:
+    if cfg.pipeline is not None and cfg.pipeline < 1:
+        raise ConfigError(f'pipeline={cfg.pipeline!r} must be the number of stage groups (>= 1), or null for none')
+    if cfg.placement is not None:
+        groups = cfg.placement
+        if not groups or not all(isinstance(g, list) and g and all(isinstance(k, int) and not isinstance(k, bool)
+                                                                   for k in g) for g in groups):
+            raise ConfigError(f'placement={groups!r} must be a list of non-empty lists of stage indices, one per '
+                              f'stage group, e.g. [[0, 1], [2, 3]]')
+        if cfg.pipeline is not None and cfg.pipeline != len(groups):
+            raise ConfigError(f'placement has {len(groups)} stage groups but pipeline={cfg.pipeline}: give the '
+                              f'same number, or leave pipeline out')
+    if cfg.pipelined and cfg.stage_groups < 2:
+        raise ConfigError('pipelined: true needs stage parallelism: set pipeline: 2 (or more) or a placement')
+    if cfg.stage_groups > 1:
+        if cfg.sharing == 'l2':
+            raise ConfigError('sharing: l2 keeps a copy of each shared stage on both sides of a cut: it cannot run '
+                              'stage-parallel; leave pipeline out')
+        if cfg.mixed_precision == 'fp16':
+            raise ConfigError('mixed_precision: fp16 (loss scaling) is not supported with stage parallelism: use bf16')
+        if cfg.pipelined and cfg.mode == 'e2e':
+            raise ConfigError('pipelined: true needs units that cross a cut by one stage (loco, gim): E2E runs '
+                              'stage-parallel synchronously only (pipelined: false)')
 
 
 def _type_name(hint: Any) -> str:

@@ -23,7 +23,8 @@ from .files import plain_permissions
 from .sources import build_source, is_stream, is_timm_source
 
 __all__ = ['FASHION_MNIST_FILES', 'DEBIAN_FASHION_MNIST', 'find_fashion_mnist', 'fashion_mnist', 'cache_dir',
-           'NORMALIZATION', 'normalization', 'build_dataset', 'ImageTensorDataset', 'EpochSampler']
+           'NORMALIZATION', 'normalization', 'build_dataset', 'ImageTensorDataset', 'EpochSampler',
+           'ShareSampler']
 
 FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
                        't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
@@ -252,3 +253,26 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+class ShareSampler(Sampler[list]):
+    """Batch sampler of one replica: share ``part`` of ``parts`` of every global batch of ``sampler``'s order (under
+    stage parallelism only the first stage group's process of each replica loads images). ``set_epoch(epoch,
+    start)`` starts the epoch at global batch ``start`` (a mid-epoch resume) without loading the batches before."""
+
+    def __init__(self, sampler: EpochSampler, batch_size: int, part: int = 0, parts: int = 1):
+        self.sampler, self.batch_size, self.part, self.parts, self.start = sampler, batch_size, part, parts, 0
+        self.share = batch_size // parts
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        order = list(self.sampler)
+        for i in range(self.start, len(order) // self.batch_size):
+            first = i * self.batch_size + self.part * self.share
+            yield order[first:first + self.share]
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size - self.start

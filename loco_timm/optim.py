@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
 from .config import TrainConfig
@@ -17,11 +17,22 @@ from .config import TrainConfig
 __all__ = ['build_optimizer', 'build_scheduler']
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``cfg.optimizer`` (lars, sgd or adamw) over ``model``; 1-D parameters (biases, norms) get no weight decay."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                    keep: list[torch.nn.Parameter] | None = None) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` (lars, sgd or adamw) over ``model``; 1-D parameters (biases, norms) get no weight decay.
+
+    ``keep``: only these of ``model``'s parameters (one process's under stage parallelism), in the groups and order
+    they have for the whole model."""
     kwargs = dict(momentum=cfg.momentum) if cfg.optimizer in ('lars', 'sgd') else {}
-    return create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               filter_bias_and_bn=True, **kwargs)
+    if keep is None:
+        return create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                   filter_bias_and_bn=True, **kwargs)
+    ids = {id(p) for p in keep}
+    no_decay = getattr(model, 'no_weight_decay', lambda: set())()
+    groups = [dict(g, params=[p for p in g['params'] if id(p) in ids])
+              for g in param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_decay)]
+    return create_optimizer_v2([g for g in groups if g['params']], opt=cfg.optimizer, lr=cfg.lr, weight_decay=0.0,
+                               **kwargs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> CosineLRScheduler:

@@ -35,7 +35,8 @@ from torch.utils.data import Dataset, IterableDataset
 from .crops import ViewCropSpec, crop_box, needed_size, split_key, view_crops, view_uniforms
 
 __all__ = ['TIMM_PREFIXES', 'STREAM_PREFIXES', 'DEFAULT_SPLITS', 'is_timm_source', 'is_stream', 'timm_source',
-           'DecodedDataset', 'StreamDataset', 'decode', 'build_source', 'collate_encoded', 'decode_views']
+           'DecodedDataset', 'StreamDataset', 'StreamLoader', 'decode', 'build_source', 'collate_encoded',
+           'decode_views']
 
 TIMM_PREFIXES = ('torch', 'hfds', 'hfids', 'wds', 'tfds')
 STREAM_PREFIXES = ('hfids', 'wds', 'tfds')
@@ -291,3 +292,31 @@ def build_source(name: str, split: str, data_dir, image_size: int, subset: int |
         return StreamDataset(source, load_size, name, crops, num_samples=total)
     source = timm_source(name, timm_split, data_dir, download=download)
     return DecodedDataset(source, load_size, name, crops, draft, encoded)
+
+
+class StreamLoader:
+    """Per-process batches of a streamed source: a new loader per epoch whose workers' shuffles are seeded by
+    ``(seed, epoch, process)``, so an epoch's stream is the same in a resumed run; a mid-epoch resume reads and drops
+    the epoch's first ``skip`` batches. Yields exactly ``steps`` batches per epoch, on ``device``."""
+
+    def __init__(self, dataset, batch_size: int, num_workers: int, pin: bool, seed: int, rank: int, device):
+        self.dataset, self.batch_size, self.num_workers, self.pin = dataset, batch_size, num_workers, pin
+        self.seed, self.rank, self.device = seed, rank, device
+        dataset.source.set_loader_cfg(num_workers=num_workers)
+
+    def epoch(self, epoch: int, skip: int, steps: int):
+        from torch.utils.data import DataLoader
+        self.dataset.set_epoch(epoch)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1009 + self.rank)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                            pin_memory=self.pin, drop_last=True, generator=generator)
+        count = 0
+        for count, batch in enumerate(loader, 1):
+            if count > skip:
+                yield [t.to(self.device, non_blocking=self.pin) for t in batch]
+            if count == steps:
+                return
+        from .config import ConfigError
+        raise ConfigError(f'the stream of {self.dataset.name} gave {count} batches of {self.batch_size} in epoch '
+                          f'{epoch}, fewer than the {steps} an epoch needs: give its info file the right '
+                          f'num_samples, or set subset')

@@ -17,6 +17,12 @@ mini-batches stream through (no micro-batches), so every NT-Xent keeps all its n
 steps equal one process's with the same batches (``tests/test_stage_parallel.py``, 2 and 3 gloo processes).
 Communication is ``torch.distributed`` point-to-point (gloo on CPU, NCCL on GPU); each message is a small header
 (dtype, shape) and the tensor.
+
+Pipelined (``pipelined=True``, LoCo and GIM): see :meth:`StageParallel.step`. The delayed gradient is computed into
+its own buffers and added after the step's own gradients; :meth:`StageParallel.settle` computes it early (before a
+checkpoint) and :meth:`StageParallel.delayed_state` / :meth:`StageParallel.load_delayed` carry it through one, so a
+resumed run adds the same numbers in the same order. ``loco-timm train`` drives all of it through
+:mod:`loco_timm.stage_training`.
 """
 from __future__ import annotations
 
@@ -33,9 +39,10 @@ __all__ = ['balance', 'check_placement', 'StageParallel']
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-def balance(costs: Sequence[float], parts: int) -> list[list[int]]:
-    """Contiguous groups of stage indices, ``parts`` of them, that minimise the largest group's summed cost (e.g.
-    measured stage times), by dynamic programming over the cut points.
+def balance(costs: Sequence[float], parts: int, top: Sequence[float] | None = None) -> list[list[int]]:
+    """Contiguous groups of stage indices, ``parts`` of them, that minimise the largest group's cost, by dynamic
+    programming over the cut points. A group costs the sum of its stages' ``costs`` (e.g. measured step times),
+    plus ``top[k]`` when it ends at stage ``k`` below the last (pipelined LoCo runs a group's top stage again).
 
     Raises:
         ValueError: If there are fewer stages than parts.
@@ -43,13 +50,18 @@ def balance(costs: Sequence[float], parts: int) -> list[list[int]]:
     n = len(costs)
     if not 1 <= parts <= n:
         raise ValueError(f'cannot place {n} stages on {parts} processes: use 1 to {n} processes')
+    top = [0.0] * n if top is None else [float(t) for t in top]
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + float(c))
+
+    def cost(j: int, i: int) -> float:  # the group of stages j..i-1
+        return prefix[i] - prefix[j] + (top[i - 1] if i < n else 0.0)
+
     best = {(0, 0): (0.0, [])}  # (stages placed, groups) -> (largest group cost, cut points)
     for g in range(1, parts + 1):
         for i in range(g, n - (parts - g) + 1):
-            options = [(max(best[(j, g - 1)][0], prefix[i] - prefix[j]), best[(j, g - 1)][1] + [i])
+            options = [(max(best[(j, g - 1)][0], cost(j, i)), best[(j, g - 1)][1] + [i])
                        for j in range(g - 1, i) if (j, g - 1) in best]
             best[(i, g)] = min(options)
     cuts = [0] + best[(n, parts)][1]
@@ -144,13 +156,16 @@ class StageParallel:
         self.to_below = [j for j in below if j in self.local_units] + [j for j in below if j not in self.local_units]
         learner.loss.gather = gather_group is not None
         learner.loss.group = gather_group
-        self.pipelined, self._pending, self._sends = pipelined, None, []
+        self.pipelined, self._pending, self._delayed, self._sends = pipelined, None, None, []
         one_hop = all(units[j][0] == self.last for j in self.from_above) and all(
             units[j][0] == self.first - 1 and units[j][1] <= self.last for j in self.to_below)
         if pipelined and not one_hop:
             raise ValueError('pipelined stage parallelism needs every unit that crosses a cut to start at the stage '
                              'just below it (LoCo, GIM): E2E and longer custom units need the synchronous mode')
         self._release()
+        held = {id(p) for k in range(self.first, self.last + 1) for p in learner.stages[k].parameters()}
+        held |= {id(p) for j in self.local_units for p in learner.decoders[j].parameters()}
+        self._named = [(name, p) for name, p in learner.named_parameters() if id(p) in held]
 
     def _release(self) -> None:
         """Move every parameter and buffer this process does not use (other stages and decoders, the encoder's
@@ -167,16 +182,13 @@ class StageParallel:
                 if b is not None and id(b) not in local and b.device.type != 'meta':
                     module._buffers[name] = b.to('meta')
 
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """This process's parameters with their names in the learner: its stages' and its units' decoders'."""
+        return list(self._named)
+
     def parameters(self) -> list[nn.Parameter]:
-        """This process's parameters: its stages' and its units' decoders' (give these to its optimizer)."""
-        params = [p for k in range(self.first, self.last + 1) for p in self.learner.stages[k].parameters()]
-        params += [p for j in self.local_units for p in self.learner.decoders[j].parameters()]
-        seen, unique = set(), []
-        for p in params:
-            if id(p) not in seen:
-                seen.add(id(p))
-                unique.append(p)
-        return unique
+        """This process's parameters (give these to its optimizer)."""
+        return [p for _, p in self.named_parameters()]
 
     def step(self, view1: torch.Tensor | None = None, view2: torch.Tensor | None = None,
              backward: Callable[[torch.Tensor], None] | None = None,
@@ -213,7 +225,8 @@ class StageParallel:
         sent = self._send_ready(state, [])
         if self.pipelined:
             learner.flush(state, self.last)
-            self._receive(self._pending, device)
+            self._settle(device)
+            self._add_delayed()
             self._pending = state if self.from_above else None
         else:
             sent = self._receive(state, device, sent)
@@ -239,12 +252,62 @@ class StageParallel:
             offset += g.numel()
 
     def finish(self) -> None:
-        """Pipelined: receive and carry down the last batch's delayed gradients (step the optimizer after it), and
-        wait for the sends still in flight. Every process of the pipeline calls it once, after its last step."""
-        if self._pending is not None:
-            self._receive(self._pending, next(iter(self.parameters())).device)
-            self._pending = None
+        """Pipelined: receive and carry down the last batch's delayed gradients into ``.grad`` (step the optimizer
+        after it), and wait for the sends still in flight. Every process of the pipeline calls it once, after its
+        last step."""
+        self.settle(next(iter(self.parameters())).device)
+        self._add_delayed()
         self._wait_sends()
+
+    def settle(self, device: torch.device | str = 'cpu') -> None:
+        """Pipelined: receive the previous batch's gradients from the next process now and compute this process's
+        weight gradient from them (with the current weights, as the next step would), kept apart until the next
+        step adds it after its own: a checkpoint then holds it (:meth:`delayed_state`) and a resumed run is
+        exact. Every process of the pipeline calls it at the same step (before a checkpoint)."""
+        self._settle(torch.device(device))
+        self._wait_sends()
+
+    def _settle(self, device: torch.device) -> None:
+        if self._pending is not None and self._delayed is None:
+            params = self.parameters()
+            kept = [p.grad for p in params]
+            for p in params:
+                p.grad = None
+            self._receive(self._pending, device)
+            self._delayed = {name: p.grad for name, p in self.named_parameters() if p.grad is not None}
+            for p, grad in zip(params, kept):
+                p.grad = grad
+        self._pending = None
+
+    def delayed_state(self) -> dict[str, torch.Tensor]:
+        """The settled delayed gradient, by parameter name (empty when none): what a checkpoint keeps."""
+        if self._pending is not None:
+            raise RuntimeError('call settle() before delayed_state(): a gradient is still on its way')
+        return {name: g.detach() for name, g in (self._delayed or {}).items()}
+
+    def load_delayed(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`delayed_state` of a checkpoint: the next step adds it to its gradients.
+
+        Raises:
+            ValueError: A name that is not one of this process's parameters (another placement).
+        """
+        own = dict(self.named_parameters())
+        unknown = sorted(set(tensors) - set(own))
+        if unknown:
+            raise ValueError(f'the delayed gradient of {unknown[0]} belongs to another process: resume with the '
+                             f'placement the checkpoint was written with')
+        self._delayed = {name: t.to(own[name].device) for name, t in tensors.items()} or None
+
+    def _add_delayed(self) -> None:
+        """Add the settled delayed gradient after this step's own (the same order in a resumed run)."""
+        for name, p in self.named_parameters():
+            grad = (self._delayed or {}).get(name)
+            if grad is not None:
+                if p.grad is None:
+                    p.grad = grad.clone()
+                else:
+                    p.grad.add_(grad)
+        self._delayed = None
 
     def _receive(self, state, device, sent: list[int] | None = None) -> list[int]:
         """Receive the gradients of the units continuing above and carry them down ``state``'s stages."""

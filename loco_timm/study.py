@@ -255,10 +255,10 @@ def run_study(out: str | Path, config: str, seeds: list[int], arms: list[str] | 
     arms = expand_arms(arms)
     readout_cfg = from_dict(ReadoutConfig, dict(recipe.get('readout') or {}, **(readout_overrides or {})))
     recorded = _recorded_runs(out, recipe, train_overrides, readout_overrides)
-    for name in arms:
-        keys = arm_overrides(name)
-        mode, decoder = keys['mode'], keys['decoder']
-        for seed in seeds:
+    for seed in seeds:  # whole seeds first: a study cut short still has paired comparisons
+        for name in arms:
+            keys = arm_overrides(name)
+            mode, decoder = keys['mode'], keys['decoder']
             run_dir = out / name / f'seed-{seed}'
             cfg = from_dict(TrainConfig, dict(recipe['train'], **(train_overrides or {}), **keys, seed=seed,
                                                out_dir=str(run_dir)))

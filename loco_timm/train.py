@@ -31,7 +31,7 @@ from .runlock import Preempted, Preemption, lock_run
 from .config import ConfigError, TrainConfig
 from .crops import ViewCropSpec
 from .data import EpochSampler, build_dataset, normalization
-from .sources import collate_encoded, decode_views
+from .sources import StreamLoader, collate_encoded, decode_views
 from .factory import build_learner
 from .learner import LocalLearner
 from .optim import build_optimizer, build_scheduler, steps_for
@@ -42,34 +42,8 @@ __all__ = ['train', 'NonFiniteLossError', 'RESUME_KEYS', 'main']
 RESUME_KEYS = ('backbone', 'model_args', 'mode', 'decoder', 'num_stages', 'units', 'top_unit', 'temperature',
                'proj_dim', 'decoder_norm', 'decoder_blocks', 'mlp_layers', 'sharing', 'sharing_blocks', 'sharing_l2',
                'dataset', 'splits', 'decode_draft', 'decode_device', 'subset', 'image_size', 'crop_scale', 'batch_size',
-               'optimizer', 'base_lr', 'weight_decay', 'momentum', 'warmup_epochs', 'seed', 'epochs', 'max_steps')
-
-
-class _StreamLoader:
-    """Per-process batches of a streamed source: a new loader per epoch whose workers' shuffles are seeded by
-    ``(seed, epoch, process)``, so an epoch's stream is the same in a resumed run; a mid-epoch resume reads and drops
-    the epoch's first ``skip`` batches. Yields exactly ``steps`` batches per epoch, on ``device``."""
-
-    def __init__(self, dataset, batch_size: int, num_workers: int, pin: bool, seed: int, rank: int, device):
-        self.dataset, self.batch_size, self.num_workers, self.pin = dataset, batch_size, num_workers, pin
-        self.seed, self.rank, self.device = seed, rank, device
-        dataset.source.set_loader_cfg(num_workers=num_workers)
-
-    def epoch(self, epoch: int, skip: int, steps: int):
-        from torch.utils.data import DataLoader
-        self.dataset.set_epoch(epoch)
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1009 + self.rank)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                            pin_memory=self.pin, drop_last=True, generator=generator)
-        count = 0
-        for count, batch in enumerate(loader, 1):
-            if count > skip:
-                yield [t.to(self.device, non_blocking=self.pin) for t in batch]
-            if count == steps:
-                return
-        raise ConfigError(f'the stream of {self.dataset.name} gave {count} batches of {self.batch_size} in epoch '
-                          f'{epoch}, fewer than the {steps} an epoch needs: give its info file the right '
-                          f'num_samples, or set subset')
+               'optimizer', 'base_lr', 'weight_decay', 'momentum', 'warmup_epochs', 'seed', 'epochs', 'max_steps',
+               'pipelined')
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,7 +73,7 @@ def _average(tensors: list[torch.Tensor], world: int) -> None:
         offset += t.numel()
 
 
-def _check_resume(cfg: TrainConfig, saved: dict) -> None:
+def _check_resume(cfg: TrainConfig, saved: dict, placement: list | None = None, stage=None) -> None:
     current = {k: json.loads(json.dumps(getattr(cfg, k))) for k in RESUME_KEYS}
     default = _as_json(TrainConfig())  # a key newer than the checkpoint had its default then
     diffs = [f'{k}={current[k]!r} (checkpoint: {saved.get(k, default[k])!r})' for k in RESUME_KEYS
@@ -107,6 +81,10 @@ def _check_resume(cfg: TrainConfig, saved: dict) -> None:
     if diffs:
         raise ConfigError(f'cannot resume: the recipe differs from the checkpoint\'s in {"; ".join(diffs)}: use the '
                           f'same recipe, or a new --out-dir to start afresh')
+    if (placement is None) != (stage is None) or (cfg.pipelined and placement != stage.placement):
+        raise ConfigError(f'cannot resume: the checkpoint was written with stage placement {placement}, this run has '
+                          f'{stage.placement if stage else None}: use the same pipeline and placement, or a new '
+                          f'--out-dir to start afresh')
 
 
 def train(cfg: TrainConfig, resume: bool = False,
@@ -155,10 +133,14 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
     if checkpoint is not None and not resume:
         raise ConfigError(f'{out_dir} already holds checkpoints ({checkpoint.name}): pass --resume to continue that '
                           f'run, or choose a new --out-dir')
-    world = accelerator.num_processes
-    if cfg.batch_size % world:
-        raise ConfigError(f'batch_size={cfg.batch_size} is not divisible by the {world} processes: use a multiple '
-                          f'of {world}')
+    world, groups = accelerator.num_processes, cfg.stage_groups
+    if world % groups:
+        raise ConfigError(f'{groups} stage groups need a multiple of {groups} processes (P x replicas), not {world}: '
+                          f'launch with --num_processes {groups}, or change pipeline')
+    parts = world // groups  # processes that share each global batch
+    if cfg.batch_size % parts:
+        raise ConfigError(f'batch_size={cfg.batch_size} is not divisible by the {parts} processes: use a multiple '
+                          f'of {parts}')
     if cfg.sync_bn and world > 1 and accelerator.device.type != 'cuda':
         raise ConfigError('sync_bn needs CUDA devices: leave it off on CPU (BatchNorm statistics stay per process)')
     set_seed(cfg.seed)
@@ -174,11 +156,14 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
     if len(dataset) < cfg.batch_size:
         raise ConfigError(f'batch_size={cfg.batch_size} is larger than the dataset ({len(dataset)} images)')
     stream = isinstance(dataset, IterableDataset)  # each process reads its own shards (loco_timm.sources)
+    if stream and groups > 1:
+        raise ConfigError(f'{cfg.dataset} is streamed: stage parallelism reads random-access sources only (a folder, '
+                          f'tars, hfds/): convert it, or leave pipeline out')
     encoded = getattr(dataset, 'encoded', False)  # JPEG bytes decoded on the device (loco_timm.sources.decode_views)
     pin = accelerator.device.type == 'cuda'
     if stream:
         sampler = None
-        loader = _StreamLoader(dataset, cfg.batch_size // world, cfg.num_workers, pin, cfg.seed,
+        loader = StreamLoader(dataset, cfg.batch_size // world, cfg.num_workers, pin, cfg.seed,
                                accelerator.process_index, accelerator.device)
     else:
         sampler = EpochSampler(len(dataset), cfg.seed, keys=cropped)
@@ -191,14 +176,23 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
     learner = build_learner(cfg, dataset.channels, len(dataset.classes)).to(accelerator.device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     learner.to(memory_format=memory_format)
-    params = [p for p in learner.parameters() if p.requires_grad]
+    stage = None
+    if groups > 1:  # stage parallelism: this process keeps its stages (loco_timm.stage_training)
+        from .stage_training import StageTraining, resolve_placement
+        placement = resolve_placement(cfg, learner, accelerator, cfg.batch_size // parts, dataset.channels,
+                                      _saved_placement(out_dir) if resume else None)
+        stage = StageTraining(cfg, learner, accelerator, placement)
+        loader = stage.loader(dataset, sampler, collate_encoded if encoded else None)
+    params = stage.sp.parameters() if stage else [p for p in learner.parameters() if p.requires_grad]
 
-    optimizer = build_optimizer(learner, cfg)
+    optimizer = build_optimizer(learner, cfg, keep=params if stage else None)
     steps_per_epoch = len(dataset) // cfg.batch_size
     total_steps = cfg.max_steps or steps_for(cfg.epochs, steps_per_epoch)
     scheduler = build_scheduler(optimizer, total_steps, int(round(cfg.warmup_epochs * steps_per_epoch)))
 
-    if stream:
+    if stage is not None:
+        stage.optimizer = optimizer  # its state is saved per stage group (fp16 loss scaling is refused)
+    elif stream:
         optimizer = accelerator.prepare(optimizer)
     else:  # JPEG bytes stay on the CPU for the decoder, which puts its output on the device
         optimizer, loader = accelerator.prepare(optimizer, loader, device_placement=[True, not encoded])
@@ -206,9 +200,12 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
     step = 0
     progress = dict(config=_as_json(cfg), num_classes=len(dataset.classes), in_chans=dataset.channels,
                     classes=dataset.classes, version=_version())
+    if stage is not None:
+        progress['placement'] = stage.placement
+    saving = dict(write=stage.write, state=stage.full_state) if stage else {}
     if resume:
         if checkpoint is not None:
-            checkpoint, step = _load_newest_intact(cfg, out_dir, learner, accelerator)
+            checkpoint, step = _load_newest_intact(cfg, out_dir, learner, accelerator, stage)
             accelerator.print(f'resumed from {checkpoint} at step {step}')
         else:
             accelerator.print(f'no checkpoint in {out_dir}: starting from step 0')
@@ -231,33 +228,46 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
         epoch, skip = divmod(step, steps_per_epoch)
         # set directly: with several processes, the loader skip_first_batches returns for a mid-epoch resume does
         # not pass set_epoch on to the sampler, which then replayed epoch 0's order
-        if stream:
+        if stage is not None:
+            batches = stage.batches(loader, epoch, skip, steps_per_epoch, encoded)
+        elif stream:
             batches = loader.epoch(epoch, skip, steps_per_epoch)
         else:
             sampler.set_epoch(epoch)
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             batches.set_epoch(epoch)
         tick = time.perf_counter()
-        for images, _, index in batches:
-            if encoded:
-                images = decode_views(*images, cfg.image_size, accelerator.device)
-                index = index.to(accelerator.device)
-            with torch.no_grad():
-                view1, view2 = (augment(images[:, v] if cropped else images, index, cfg.seed, epoch, v,
-                                        cropped=cropped).contiguous(memory_format=memory_format)
-                                for v in (0, 1))
+        for batch in batches:
+            view1 = view2 = None  # stage parallelism: only the first stage group reads images
+            if batch is not None:
+                images, _, index = batch
+                if encoded:
+                    images = decode_views(*images, cfg.image_size, accelerator.device)
+                    index = index.to(accelerator.device)
+                with torch.no_grad():
+                    view1, view2 = (augment(images[:, v] if cropped else images, index, cfg.seed, epoch, v,
+                                            cropped=cropped).contiguous(memory_format=memory_format)
+                                    for v in (0, 1))
             torch.manual_seed(cfg.seed * 1_000_003 + step * 997 + accelerator.process_index)  # dropout, drop-path
             ready = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            with accelerator.autocast():
-                losses = learner.step(view1, view2, backward=accelerator.backward)
-            loss_vec = torch.stack([losses[j].float() for j in range(len(learner.units))])
-            grads = [p.grad for p in params if p.grad is not None]
-            _average(grads + [loss_vec], world)
-            if not torch.isfinite(loss_vec).all():
+            if stage is None:
+                with accelerator.autocast():
+                    losses = learner.step(view1, view2, backward=accelerator.backward)
+                loss_vec, loss_step = torch.stack([losses[j].float() for j in range(len(learner.units))]), step
+                _average([p.grad for p in params if p.grad is not None] + [loss_vec], world)
+            else:  # the reduction of this step's losses and stop flags is waited for one step later
+                sync = (step + 1) % cfg.log_every == 0 or (step + 1) % cfg.checkpoint_every == 0 \
+                    or step + 1 >= total_steps
+                with accelerator.autocast():
+                    reduced = stage.step(view1, view2, accelerator.backward, preemption.signum is not None, sync,
+                                         step)
+                loss_step, loss_vec, stop = reduced if reduced is not None else (step, None, False)
+            if loss_vec is not None and not torch.isfinite(loss_vec).all():
                 bad = int((~torch.isfinite(loss_vec)).nonzero()[0])
                 raise NonFiniteLossError(
-                    f'non-finite loss ({loss_vec[bad].item()}) in unit {bad} {learner.units[bad]} at step {step + 1}: '
+                    f'non-finite loss ({loss_vec[bad].item()}) in unit {bad} {learner.units[bad]} at step '
+                    f'{loss_step + 1}: '
                     f'stopped every process; the last good checkpoint in {out_dir / "checkpoints"} is kept '
                     f'(lower base_lr or use mixed_precision=no)')
             if after_backward is not None:
@@ -268,7 +278,8 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
             done = time.perf_counter()
             data_time, step_time = data_time + ready - tick, step_time + done - ready
             images_seen += cfg.batch_size
-            last = {f'loss/unit{j}': v for j, v in enumerate(loss_vec.tolist())}
+            if loss_vec is not None:
+                last = {f'loss/unit{j}': v for j, v in enumerate(loss_vec.tolist())}
             if step % cfg.log_every == 0 or step == total_steps:
                 lr = optimizer.param_groups[0]['lr']
                 accelerator.log(dict(last, lr=lr, img_per_s=images_seen / (done - start), epoch=epoch), step=step)
@@ -277,20 +288,22 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
                         log_file.write(json.dumps(dict(last, step=step, lr=lr)) + '\n')
                 bar.set_postfix({k.split('/')[-1]: f'{v:.3f}' for k, v in last.items()}, refresh=False)
             bar.update(1)
-            if preemption.requested(accelerator.device, world) and step < total_steps:
-                saved = save_checkpoint(accelerator, learner, out_dir, step, progress, cfg.keep_checkpoints)
+            if stage is None:
+                stop = preemption.requested(accelerator.device, world)
+            if stop and step < total_steps:
+                saved = save_checkpoint(accelerator, learner, out_dir, step, progress, cfg.keep_checkpoints, **saving)
                 bar.close()
                 accelerator.end_training()
                 raise Preempted(f'stopped by {preemption.signal_name} after step {step} of {total_steps}: '
                                 f'checkpoint {saved} written; continue with --resume')
             if step % cfg.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(accelerator, learner, out_dir, step, progress, cfg.keep_checkpoints)
+                save_checkpoint(accelerator, learner, out_dir, step, progress, cfg.keep_checkpoints, **saving)
             if step >= total_steps:
                 break
             tick = time.perf_counter()
     bar.close()
     final = save_checkpoint(accelerator, learner, out_dir, step, progress, cfg.keep_checkpoints,
-                            exists_ok=step == start_step)  # a finished run resumed: its checkpoint is this one
+                            exists_ok=step == start_step, **saving)  # a finished run resumed: its checkpoint is this one
     wall = time.perf_counter() - start
     summary = dict(steps=step, wall_seconds=round(wall, 1), checkpoint=str(final), last_losses=last,
                    img_per_s=round(images_seen / wall, 1) if wall else None,
@@ -303,8 +316,10 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
     return summary
 
 
-def _load_newest_intact(cfg: TrainConfig, out_dir: Path, learner: LocalLearner, accelerator) -> tuple[Path, int]:
-    """Load the newest checkpoint that verifies and loads, saying in one line why each newer one is skipped.
+def _load_newest_intact(cfg: TrainConfig, out_dir: Path, learner: LocalLearner, accelerator,
+                        stage=None) -> tuple[Path, int]:
+    """Load the newest checkpoint that verifies and loads, saying in one line why each newer one is skipped
+    (``stage``: a :class:`~loco_timm.stage_training.StageTraining` loads its own part too).
 
     Raises:
         ConfigError: None is intact (nothing is deleted), or the recipe differs from the checkpoint's.
@@ -313,10 +328,12 @@ def _load_newest_intact(cfg: TrainConfig, out_dir: Path, learner: LocalLearner, 
         reason = verify_checkpoint(checkpoint)
         if reason is None:
             saved = read_progress(checkpoint)
-            _check_resume(cfg, saved['config'])  # a different recipe is the user's error, not damage
+            _check_resume(cfg, saved['config'], saved.get('placement'), stage)  # the user's error, not damage
             try:
                 load_weights(learner, checkpoint / 'learner.safetensors')
                 accelerator.load_state(str(checkpoint))
+                if stage is not None:
+                    stage.load(checkpoint)
             except Exception as err:  # noqa: BLE001 - a file that verifies but does not load is damaged too
                 reason = f'it does not load ({type(err).__name__}: {str(err).strip()[:200]})'.replace('\n', ' ')
         loaded = torch.tensor([1 if reason is None else 0], device=accelerator.device)
@@ -328,6 +345,16 @@ def _load_newest_intact(cfg: TrainConfig, out_dir: Path, learner: LocalLearner, 
     raise ConfigError(f'no intact checkpoint in {out_dir / "checkpoints"} to resume from (the lines above say why '
                       f'each is damaged); nothing was deleted: restore a checkpoint from a copy, or start again in '
                       f'another --out-dir')
+
+
+def _saved_placement(out_dir: Path) -> list | None:
+    """The stage placement of the newest checkpoint that records one (a resumed run keeps it)."""
+    for checkpoint in reversed(list_checkpoints(out_dir)):
+        try:
+            return read_progress(checkpoint)['placement']
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def _logged_step(line: str) -> float:

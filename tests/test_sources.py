@@ -158,10 +158,10 @@ def test_torchvision_fashion_mnist_through_timm_matches_the_embedded_default():
 
 
 def test_a_streams_epoch_is_the_same_with_loader_workers_and_keys_items_uniquely(sources):
-    from loco_timm.train import _StreamLoader
+    from loco_timm.sources import StreamLoader
     name, data_dir = sources['wds']
     ds = build_dataset(name, 'pretrain', data_dir, 24, crops=ViewCropSpec(24, seed=0), batch_size=3)
-    loader = _StreamLoader(ds, 3, num_workers=2, pin=False, seed=0, rank=0, device=torch.device('cpu'))
+    loader = StreamLoader(ds, 3, num_workers=2, pin=False, seed=0, rank=0, device=torch.device('cpu'))
 
     def epoch(e, skip=0):
         return [(views.sum((1, 2, 3, 4)).tolist(), index.tolist()) for views, _, index in loader.epoch(e, skip, 6)]

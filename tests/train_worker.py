@@ -4,6 +4,7 @@ Options:
     --dump-grads PATH      save the averaged gradients of step 1 (rank 0) as safetensors
     --dump-dtype PATH      record the output dtype of stage 1 during step 2 (rank 0) as text
     --nan-rank R --nan-step S   make rank R's first unit loss NaN from its S-th loss call on
+    --resume               continue from the run folder's latest checkpoint
 """
 import argparse
 import json
@@ -22,6 +23,7 @@ def main() -> int:
     parser.add_argument('--dump-dtype')
     parser.add_argument('--nan-rank', type=int)
     parser.add_argument('--nan-step', type=int)
+    parser.add_argument('--resume', action='store_true')
     args = parser.parse_args()
     cfg = from_dict(TrainConfig, json.loads(args.recipe))
     rank = int(__import__('os').environ.get('RANK', 0))
@@ -46,7 +48,7 @@ def main() -> int:
                     f.write(str(output.dtype))
             learner.stages[1].register_forward_hook(record)
     try:
-        train(cfg, after_backward=after_backward)
+        train(cfg, resume=args.resume, after_backward=after_backward)
     except NonFiniteLossError as err:
         print(f'NonFiniteLossError: {err}', file=sys.stderr)
         return 3

@@ -1,0 +1,276 @@
+"""Stage parallelism in ``loco-timm train``: the recipe keys ``pipeline`` (stage groups P), ``placement`` and
+``pipelined`` (:mod:`loco_timm.stage_parallel`).
+
+The processes form a grid of P stage groups x D replicas (``accelerate launch --num_processes`` P x D; global rank
+= replica x P + stage group). Process ``(d, p)`` holds the stages of ``placement[p]``, their units' decoders and the
+optimizer state of those parameters; the first stage group's process of replica ``d`` alone loads images, share ``d``
+of every global batch (:class:`~loco_timm.data.ShareSampler`); gradients are averaged over the D replicas of a stage
+group, and NT-Xent gathers its negatives over them.
+
+Placement: ``placement`` as given, or :func:`~loco_timm.stage_parallel.balance` of each stage's step time, measured
+on the main process (:func:`step_costs`: the stage's forward and backward with its units' decoders and losses, on one
+replica's batch; pipelined, also the second forward and backward of a group's top stage), broadcast so every process
+uses the same. A resumed run keeps its checkpoint's placement.
+
+The per-step losses and the stop flag (SIGTERM/SIGINT) are reduced over all processes without waiting: a step reads
+the previous step's (:meth:`StageTraining.step`), so the processes of a pipeline are not locked to each other every
+step; a step that logs, checkpoints or ends the run waits for its own.
+
+Checkpoints stay whole-model, in the usual format: the replica-0 process of each stage group writes its tensors and
+its optimizer state by parameter name (safetensors), every process its settled delayed gradient (pipelined:
+:meth:`~loco_timm.stage_parallel.StageParallel.settle`), and the main process merges the tensors into
+``learner.safetensors`` (with those no process trains, e.g. the classifier, kept from the start). A resume loads each
+process's part by name.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, TrainConfig
+from .losses import nt_xent_loss
+from .stage_parallel import StageParallel, balance, check_placement
+from .stages import detach_stage_output, stage_tensors
+
+__all__ = ['StageTraining', 'step_costs', 'resolve_placement']
+
+PART, OPTIMIZER, DELAYED = 'part-{}.safetensors', 'optimizer-{}.safetensors', 'delayed-{}.safetensors'
+
+
+def step_costs(learner, h, repeats: int = 3) -> tuple[list[float], list[float]]:
+    """Per stage of ``learner``, the median seconds (after one warm-up) of its forward and backward with the losses of
+    the units ending there (decoder, NT-Xent), on the stage input that ``h`` (both views' images) gives; and of its
+    forward and backward alone (what pipelined LoCo runs again on a group's top stage for the delayed gradient).
+    Weights, buffers and the random state are left as they were."""
+    device = stage_tensors(h)[0].device
+    buffers = {k: b.clone() for k, b in learner.state_dict().items() if b.device.type != 'meta'}
+    batch = stage_tensors(h)[0].shape[0] // 2
+    costs, alone = [], []
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        for k, stage in enumerate(learner.stages):
+            ends = [j for j, (_, last) in enumerate(learner.units) if last == k]
+            above = any(first <= k < last for first, last in learner.units)
+            times = {True: [], False: []}
+            for _ in range(repeats + 1):
+                for with_units in (True, False):
+                    x = detach_stage_output(h, k > 0)
+                    _sync(device)
+                    start = time.perf_counter()
+                    out = stage(x)
+                    total = 0.0
+                    for j in ends if with_units else []:
+                        z = learner.decoders[j](learner.feature(k, out))
+                        total = total + nt_xent_loss(z[:batch], z[batch:], learner.loss.temperature, gather=False)
+                    if above or not with_units:  # a gradient from above passes through this stage
+                        total = total + sum((t * torch.randn_like(t)).sum() for t in stage_tensors(out)
+                                            if t.is_floating_point() and t.requires_grad)
+                    if torch.is_tensor(total) and total.requires_grad:
+                        total.backward()
+                    _sync(device)
+                    times[with_units].append(time.perf_counter() - start)
+            costs.append(statistics.median(times[True][1:]))
+            alone.append(statistics.median(times[False][1:]))
+            h = detach_stage_output(out)
+    learner.zero_grad(set_to_none=True)
+    learner.load_state_dict(buffers, strict=False)
+    return costs, alone
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def resolve_placement(cfg: TrainConfig, learner, accelerator, batch: int, in_chans: int,
+                      saved: list | None = None) -> list[list[int]]:
+    """The placement of the run: the recipe's, a resumed run's (``saved``), or the measured balance (the same on
+    every process).
+
+    Raises:
+        ConfigError: A placement that does not fit the backbone's stages, or more stage groups than stages.
+    """
+    n = len(learner.stages)
+    try:
+        if cfg.placement is not None or saved is not None:
+            return check_placement(cfg.placement if cfg.placement is not None else saved, n)
+        if cfg.stage_groups > n:
+            raise ValueError(f'pipeline={cfg.stage_groups} stage groups for {n} stages: use at most {n}')
+    except ValueError as err:
+        raise ConfigError(f'{cfg.backbone}: {err}') from None
+    found = [None]
+    if accelerator.is_main_process:
+        size = min(batch, 32)
+        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == 'cuda' else []):
+            h = torch.randn(2 * size, in_chans, cfg.image_size, cfg.image_size, device=accelerator.device)
+        with accelerator.autocast():
+            costs, alone = step_costs(learner, h)
+        found = [balance(costs, cfg.stage_groups, alone if cfg.pipelined else None)]
+    dist.broadcast_object_list(found, src=0)
+    return found[0]
+
+
+class StageTraining:
+    """One process's part of a stage-parallel training run (see the module).
+
+    Args:
+        cfg: The recipe.
+        learner: The whole learner, built identically on every process; this process's part is kept.
+        accelerator: The run's Accelerator (its processes form the grid).
+        placement: :func:`resolve_placement`.
+    """
+
+    def __init__(self, cfg: TrainConfig, learner, accelerator, placement: list[list[int]]):
+        world, parts = accelerator.num_processes, len(placement)
+        self.replicas = world // parts
+        self.replica, self.index = divmod(accelerator.process_index, parts)
+        d_range, p_range = range(self.replicas), range(parts)
+        # every process creates every group, in the same order
+        pipelines = [dist.new_group([d * parts + p for p in p_range]) for d in d_range] if self.replicas > 1 else [None]
+        gathers = [dist.new_group([d * parts + p for d in d_range]) for p in p_range] if self.replicas > 1 else None
+        self.loss_group = dist.new_group(list(range(world)))
+        start = learner.state_dict() if accelerator.is_main_process else {}
+        self.sp = StageParallel(learner, placement, group=pipelines[self.replica],
+                                gather_group=gathers[self.index] if gathers else None, pipelined=cfg.pipelined)
+        held = [k for k, v in learner.state_dict().items() if v.device.type != 'meta']
+        everyone = [None] * world
+        dist.all_gather_object(everyone, held)
+        trained = set().union(*everyone)
+        self.untrained = {k: v.detach().cpu().clone() for k, v in start.items() if k not in trained}
+        self.cfg, self.learner, self.accelerator, self.placement = cfg, learner, accelerator, placement
+        self.first = self.index == 0
+        self.num_units = len(learner.units)
+        self._inflight: list = []  # (step, loss sums, stop flag, works) of reductions not yet waited for
+
+    def loader(self, dataset, sampler, collate_fn=None):
+        """The first stage group's loader (a :class:`~loco_timm.data.ShareSampler` of ``sampler``); None elsewhere."""
+        if not self.first:
+            return None
+        from torch.utils.data import DataLoader
+        from .data import ShareSampler
+        cfg = self.cfg
+        self.batch_sampler = ShareSampler(sampler, cfg.batch_size, self.replica, self.replicas)
+        return DataLoader(dataset, batch_sampler=self.batch_sampler, num_workers=cfg.num_workers,
+                          pin_memory=self.accelerator.device.type == 'cuda' and collate_fn is None,
+                          persistent_workers=cfg.num_workers > 0, collate_fn=collate_fn)
+
+    def batches(self, loader, epoch: int, skip: int, steps: int, encoded: bool):
+        """An epoch's batches from global batch ``skip`` on (on the device), or None per step off the first group."""
+        if loader is None:
+            yield from [None] * (steps - skip)
+            return
+        self.batch_sampler.set_epoch(epoch, skip)
+        device = self.accelerator.device
+        for images, labels, index in loader:
+            yield (images, labels, index) if encoded else (images.to(device, non_blocking=True), labels,
+                                                           index.to(device, non_blocking=True))
+
+    def step(self, view1, view2, backward, signalled: bool, sync: bool, step: int):
+        """One step (views on the first stage group only), gradients averaged over the replicas; then the reductions
+        of losses and stop flags that are ready.
+
+        Returns:
+            ``(step, loss vector, stop)`` of the newest step whose reduction completed (this one when ``sync``;
+            None when none has): the losses averaged over replicas, and whether any process was signalled by then.
+        """
+        losses = self.sp.step(view1, view2, backward=backward, device=self.accelerator.device)
+        self.sp.average_gradients()
+        vec = torch.zeros(self.num_units, device=self.accelerator.device)
+        for j, loss in losses.items():
+            vec[j] = loss.float()
+        flag = torch.tensor([1.0 if signalled else 0.0], device=self.accelerator.device)
+        works = [dist.all_reduce(vec, group=self.loss_group, async_op=True),
+                 dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.loss_group, async_op=True)]
+        self._inflight.append((step, vec, flag, works))
+        done = None
+        while self._inflight and (sync or len(self._inflight) > 1):
+            at, vec, flag, works = self._inflight.pop(0)
+            for work in works:
+                work.wait()
+            done = (at, vec / self.replicas, bool(flag.item()))
+        return done
+
+    def drain(self) -> None:
+        """Wait for the reductions still in flight."""
+        for _, _, _, works in self._inflight:
+            for work in works:
+                work.wait()
+        self._inflight = []
+
+    def write(self, folder: Path) -> None:
+        """Every process: settle the delayed gradient and write this process's files into the checkpoint folder."""
+        self.drain()
+        with self.accelerator.autocast():
+            self.sp.settle(self.accelerator.device)
+        rank = self.accelerator.process_index
+        if self.replica == 0:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.learner.state_dict().items()
+                       if v.device.type != 'meta'}, str(folder / PART.format(self.index)))
+            tensors, meta = _optimizer_state(self.optimizer, self.sp.named_parameters())
+            save_file(tensors, str(folder / OPTIMIZER.format(self.index)), metadata=meta)
+        if self.cfg.pipelined:
+            save_file({k: v.cpu().contiguous() for k, v in self.sp.delayed_state().items()},
+                      str(folder / DELAYED.format(rank)))
+
+    def full_state(self, folder: Path) -> dict[str, torch.Tensor]:
+        """Main process: the whole learner's tensors from the stage groups' parts (the part files are removed)."""
+        state = dict(self.untrained)
+        for p in range(len(self.placement)):
+            part = folder / PART.format(p)
+            state.update(load_file(str(part)))
+            part.unlink()
+        order = list(self.learner.state_dict())
+        return {k: state[k] for k in order}
+
+    def load(self, checkpoint: Path) -> None:
+        """Every process: its optimizer state and delayed gradient, and (main) the untrained tensors."""
+        from safetensors import safe_open
+        files = sorted(checkpoint.glob(OPTIMIZER.format('*')))
+        if not files:
+            raise ValueError(f'{checkpoint} has no {OPTIMIZER.format("*")} (not written by stage-parallel training)')
+        tensors, scalars = {}, {}
+        for path in files:  # by parameter name: a synchronous run may resume on another placement
+            with safe_open(str(path), 'pt', device='cpu') as f:
+                scalars.update(json.loads(f.metadata()['scalars']))
+                tensors.update({k: f.get_tensor(k) for k in f.keys()})
+        _load_optimizer_state(self.optimizer, self.sp.named_parameters(), tensors, scalars)
+        if self.cfg.pipelined:
+            self.sp.load_delayed(load_file(str(checkpoint / DELAYED.format(self.accelerator.process_index))))
+        if self.untrained:
+            weights = load_file(str(checkpoint / 'learner.safetensors'))
+            self.untrained = {k: weights[k] for k in self.untrained}
+
+
+def _optimizer_state(optimizer, named) -> tuple[dict, dict]:
+    """An optimizer's per-parameter state by parameter name: tensors, and the other values as JSON metadata."""
+    ids = [id(p) for group in optimizer.param_groups for p in group['params']]
+    names = {id(p): name for name, p in named}
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, state in sd['state'].items():
+        name = names[ids[index]]
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f'{name}/{key}'] = value.detach().cpu().contiguous()
+            else:
+                scalars[f'{name}/{key}'] = value
+    return tensors, {'scalars': json.dumps(scalars)}
+
+
+def _load_optimizer_state(optimizer, named, tensors: dict, scalars: dict) -> None:
+    """The inverse of :func:`_optimizer_state` for this optimizer's parameters (its groups' settings come from the
+    recipe, the learning rate from the schedule)."""
+    names = {id(p): name for name, p in named}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group['params']]
+    state = {}
+    for index, name in enumerate(order):
+        entry = {k.split('/', 1)[1]: v for k, v in tensors.items() if k.split('/', 1)[0] == name}
+        entry.update({k.split('/', 1)[1]: v for k, v in scalars.items() if k.split('/', 1)[0] == name})
+        if entry:
+            state[index] = entry
+    optimizer.load_state_dict(dict(state=state, param_groups=optimizer.state_dict()['param_groups']))

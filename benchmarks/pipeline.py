@@ -60,7 +60,7 @@ def placements(model: str) -> tuple[dict[str, list], dict]:
     measured step times (:func:`loco_timm.stage_training.step_costs`, one thread; forward and backward with the
     units' decoders and losses), plus, pipelined, the second forward and backward of a group's top stage; E2E by its
     own stage costs. Also the cost model of pipelined LoCo: the measured costs, each process's share of one step and
-    the speed-up bound they give (single-process step over the largest process's)."""
+    the speed-up they estimate (single-process step over the largest process's; transfers and overlap not counted)."""
     from loco_timm.stage_parallel import balance
     from loco_timm.stage_training import step_costs
     torch.set_num_threads(1)
@@ -74,7 +74,7 @@ def placements(model: str) -> tuple[dict[str, list], dict]:
     groups = found['LoCo, 2 stage groups, pipelined']
     loads = [sum(step[k] for k in g) + (alone[g[-1]] if i < len(groups) - 1 else 0) for i, g in enumerate(groups)]
     model_of_cost = dict(step_s=[round(c, 4) for c in step], top_again_s=[round(a, 4) for a in alone],
-                         process_loads=[round(x / sum(step), 2) for x in loads], bound=round(sum(step) / max(loads), 2))
+                         process_loads=[round(x / sum(step), 2) for x in loads], estimate=round(sum(step) / max(loads), 2))
     return found, model_of_cost
 
 
@@ -216,9 +216,9 @@ def markdown(report: dict) -> str:
                          f'{row["memory_mb"]} | {", ".join(map(str, row["params_mb"]))} |')
         cost = report.get('cost_model', {}).get(model)
         if cost:
-            lines += ['', f'Cost model of pipelined LoCo (measured stage step times {cost["step_s"]} s, top stage again '
-                          f'{cost["top_again_s"]} s): the processes carry {cost["process_loads"]} of one single-process '
-                          f'step, a speed-up bound of {cost["bound"]}x.']
+            lines += ['', f'Placement cost model of pipelined LoCo (stage step times {cost["step_s"]} s, top stage '
+                          f'again {cost["top_again_s"]} s): the processes carry {cost["process_loads"]} of one '
+                          f'single-process step, an estimated speed-up of {cost["estimate"]}x.']
         lines.append('')
     return '\n'.join(lines)
 

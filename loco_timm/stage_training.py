@@ -46,7 +46,8 @@ PART, OPTIMIZER, DELAYED = 'part-{}.safetensors', 'optimizer-{}.safetensors', 'd
 def step_costs(learner, h, repeats: int = 3) -> tuple[list[float], list[float]]:
     """Per stage of ``learner``, the median seconds (after one warm-up) of its forward and backward with the losses of
     the units ending there (decoder, NT-Xent), on the stage input that ``h`` (both views' images) gives; and of its
-    forward and backward alone (what pipelined LoCo runs again on a group's top stage for the delayed gradient).
+    forward and weight-gradient backward alone (what pipelined LoCo runs again on a group's top stage for the delayed
+    gradient).
     Weights, buffers and the random state are left as they were."""
     device = stage_tensors(h)[0].device
     buffers = {k: b.clone() for k, b in learner.state_dict().items() if b.device.type != 'meta'}
@@ -58,8 +59,8 @@ def step_costs(learner, h, repeats: int = 3) -> tuple[list[float], list[float]]:
             above = any(first <= k < last for first, last in learner.units)
             times = {True: [], False: []}
             for _ in range(repeats + 1):
-                for with_units in (True, False):
-                    x = detach_stage_output(h, k > 0)
+                for with_units in (True, False):  # alone: weight gradients only, as the second pass computes
+                    x = detach_stage_output(h, k > 0 and with_units)
                     _sync(device)
                     start = time.perf_counter()
                     out = stage(x)

@@ -1,6 +1,5 @@
 """Stage parallelism in `loco-timm train` (recipe keys pipeline, placement, pipelined): real gloo processes through
 accelerate launch, whole-model checkpoints, exact resume including the pending delayed gradient, signals."""
-import json
 import os
 import shutil
 import signal
@@ -23,7 +22,7 @@ from loco_timm.stage_training import step_costs
 HERE = Path(__file__).parent
 FMNIST = 'loco_resnet18_small.simclr_fmnist'
 # the main job's model (BatchNorm in stages and decoders), short
-SHORT = ['--config', FMNIST, '--subset', '64', '--batch-size', '16', '--max-steps', '16', '--log-every', '1',
+SHORT = ['--config', FMNIST, '--subset', '64', '--batch-size', '16', '--max-steps', '8', '--log-every', '1',
          '--trackers', 'none']
 
 
@@ -75,11 +74,9 @@ def single(tmp_path_factory):
 
 
 @slow
-@pytest.mark.parametrize('placement', [None, [[0], [1, 2, 3]]])
-def test_synchronous_stage_groups_train_to_the_weights_of_one_process(single, tmp_path, placement):
-    extra = ['--pipeline', '2'] + (['--placement', json.dumps(placement)] if placement else [])
-    run = tmp_path / 'run'
-    _finish(_launch(run, *extra))
+def test_synchronous_stage_groups_train_to_the_weights_of_one_process(single, tmp_path):
+    run = tmp_path / 'run'  # the placement measured at the start (an explicit one: the pipelined tests below)
+    _finish(_launch(run, '--pipeline', '2'))
     final = _weights(run)
     assert final.keys() == single.keys()  # a whole-model checkpoint, with the untrained classifier
     for name in single:
@@ -87,7 +84,7 @@ def test_synchronous_stage_groups_train_to_the_weights_of_one_process(single, tm
     checkpoint = list_checkpoints(run)[-1]
     assert verify_checkpoint(checkpoint) is None
     saved = read_progress(checkpoint)['placement']
-    assert saved == (placement or saved) and [k for g in saved for k in g] == [0, 1, 2, 3]
+    assert [k for g in saved for k in g] == [0, 1, 2, 3] and len(saved) == 2
     assert sorted(p.name for p in checkpoint.glob('optimizer-*')) == ['optimizer-0.safetensors',
                                                                       'optimizer-1.safetensors']
     assert not list(checkpoint.glob('part-*'))  # merged into learner.safetensors

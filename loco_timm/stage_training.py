@@ -194,6 +194,8 @@ class StageTraining:
             for work in works:
                 work.wait()
             done = (at, vec / self.replicas, bool(flag.item()))
+            if not torch.isfinite(vec).all():  # the earliest non-finite step is the one to report (every process)
+                break
         return done
 
     def drain(self) -> None:

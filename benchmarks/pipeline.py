@@ -5,9 +5,12 @@ thread per process, measured in one run.
 Every configuration trains the same model from the same weights with SGD (momentum 0.9) on random images for
 ``--warmup`` + ``--steps`` steps; img/s is the global batch over the median time of the timed steps of process 0
 (after a barrier per step for the synchronous configurations; the pipelined ones run free, so their median step is
-the steady state). Memory per process: parameters it holds plus the peak bytes autograd saves during a step
-(:class:`loco_timm.memory.SavedTensorMeter`), the largest over processes. Each stage-parallel configuration gets the
-placement ``loco-timm train`` would measure for it (:func:`placements`). The baseline a user would otherwise pick,
+the steady state). Memory per process: parameters it holds plus the peak bytes autograd saves over the timed steps
+(:class:`loco_timm.memory.SavedTensorMeter`; pipelined, this includes the top stage's graph and weight copies kept
+into the next step), the largest over processes. Each stage-parallel configuration gets the
+placement ``loco-timm train`` would measure for it (:func:`placements`). The parameters each process holds on a
+model of equal blocks (a ViT) are counted without training (:func:`parameter_split`; ``--parameters-only`` adds them
+to an existing JSON). The baseline a user would otherwise pick,
 end-to-end SimCLR pipeline-parallel, runs through ``torch.distributed.pipelining`` (GPipe, 1 to 8 micro-batches)
 with the NT-Xent over the whole batch as GradCache computes it: a forward-only pass for the embeddings, the loss and
 its gradient on the last process, then a forward-backward pass seeding each micro-batch with its slice (so every
@@ -55,12 +58,31 @@ def build(model: str, mode: str):
     return LocalLearner(backbone, mode=mode, input_size=(spec['chans'], spec['size'], spec['size']))
 
 
+EVEN = dict(model='vit_small_patch16_224', size=224, placement=[[0, 1], [2, 3]])  # a model of equal blocks
+
+
+def parameter_split(model: str, size: int, placement: list) -> dict:
+    """Parameters each process of a LoCo stage-parallel ``placement`` holds (its stages and the decoders of the units
+    ending there, as :class:`loco_timm.stage_parallel.StageParallel` keeps them), counted without running it."""
+    import timm
+
+    from loco_timm import LocalLearner
+    learner = LocalLearner(timm.create_model(model), mode='loco', input_size=(3, size, size))
+    held = []
+    for group in placement:
+        ids = {id(p) for k in group for p in learner.stages[k].parameters()}
+        ids |= {id(p) for j, (_, last) in enumerate(learner.units) if last in group
+                for p in learner.decoders[j].parameters()}
+        held.append(sum(p.numel() for p in learner.parameters() if id(p) in ids))
+    return dict(model=model, placement=placement, params_m=[round(n / 1e6, 1) for n in held],
+                shares=[round(n / sum(held), 2) for n in held])
+
+
 def placements(model: str) -> tuple[dict[str, list], dict]:
     """Each stage-parallel configuration's placement, balanced as ``loco-timm train`` balances it: by the stages'
     measured step times (:func:`loco_timm.stage_training.step_costs`, one thread; forward and backward with the
-    units' decoders and losses), plus, pipelined, the second forward and backward of a group's top stage; E2E by its
-    own stage costs. Also the cost model of pipelined LoCo: the measured costs, each process's share of one step and
-    the speed-up they estimate (single-process step over the largest process's; transfers and overlap not counted)."""
+    units' decoders and losses; E2E by its own stage costs). Also the cost model of pipelined LoCo: the measured
+    costs, each process's share of one step and the speed-up they estimate (single-process step over the largest process's; transfers and overlap not counted)."""
     from loco_timm.stage_parallel import balance
     from loco_timm.stage_training import step_costs
     torch.set_num_threads(1)
@@ -69,12 +91,11 @@ def placements(model: str) -> tuple[dict[str, list], dict]:
     costs = {mode: step_costs(build(model, mode), h) for mode in ('loco', 'gim', 'e2e')}
     for config, (mode, processes, how) in CONFIGS.items():
         if processes > 1 and how != 'data':
-            found[config] = balance(costs[mode][0], 2, costs[mode][1] if how == 'pipelined' else None)
-    step, alone = costs['loco']
-    groups = found['LoCo, 2 stage groups, pipelined']
-    loads = [sum(step[k] for k in g) + (alone[g[-1]] if i < len(groups) - 1 else 0) for i, g in enumerate(groups)]
-    model_of_cost = dict(step_s=[round(c, 4) for c in step], top_again_s=[round(a, 4) for a in alone],
-                         process_loads=[round(x / sum(step), 2) for x in loads], estimate=round(sum(step) / max(loads), 2))
+            found[config] = balance(costs[mode], 2)
+    step = costs['loco']
+    loads = [sum(step[k] for k in g) for g in found['LoCo, 2 stage groups, pipelined']]
+    model_of_cost = dict(step_s=[round(c, 4) for c in step], process_loads=[round(x / sum(step), 2) for x in loads],
+                         estimate=round(sum(step) / max(loads), 2))
     return found, model_of_cost
 
 
@@ -146,13 +167,16 @@ def worker(rank: int, world: int, port: int, model: str, config: str, placement:
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(rank)
     views = [torch.randn(batch, spec['chans'], spec['size'], spec['size'], generator=g) for _ in range(2)]
-    times, peak = [], 0
-    for i in range(warmup + steps):
-        if world > 1 and how != 'pipelined':
-            dist.barrier()
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with SavedTensorMeter(exclude=params) as meter:
+    times = []
+    # one meter over all steps: pipelined, a top stage's graph lives into the next step
+    with SavedTensorMeter(exclude=params) as meter:
+        for i in range(warmup + steps):
+            if world > 1 and how != 'pipelined':
+                dist.barrier()
+            if i == warmup:
+                meter.reset_peak()
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
             if schedule is not None:
                 _gpipe_step(schedule, rank, world, views, int(how[5:]), learner.loss.temperature)
             elif sp is not None:
@@ -164,10 +188,10 @@ def worker(rank: int, world: int, port: int, model: str, config: str, placement:
                         if p.grad is not None:
                             dist.all_reduce(p.grad)
                             p.grad /= world
-        optimizer.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-            peak = max(peak, meter.peak)
+            optimizer.step()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        peak = meter.peak
     if sp is not None and sp.pipelined:
         sp.finish()
     held = sum(p.numel() * p.element_size() for p in params)
@@ -216,10 +240,15 @@ def markdown(report: dict) -> str:
                          f'{row["memory_mb"]} | {", ".join(map(str, row["params_mb"]))} |')
         cost = report.get('cost_model', {}).get(model)
         if cost:
-            lines += ['', f'Placement cost model of pipelined LoCo (stage step times {cost["step_s"]} s, top stage '
-                          f'again {cost["top_again_s"]} s): the processes carry {cost["process_loads"]} of one '
+            lines += ['', f'Placement cost model of pipelined LoCo (stage step times {cost["step_s"]} s): the '
+                          f'processes carry {cost["process_loads"]} of one '
                           f'single-process step, an estimated speed-up of {cost["estimate"]}x.']
         lines.append('')
+    split = report.get('parameter_split')
+    if split:
+        lines.append(f'Parameters per process on a model of equal blocks ({split["model"]}, LoCo, placement '
+                     f'{split["placement"]}, counted without training): {" / ".join(map(str, split["params_m"]))} '
+                     f'M, shares {" / ".join(map(str, split["shares"]))}.')
     return '\n'.join(lines)
 
 
@@ -233,7 +262,13 @@ def main() -> None:
     parser.add_argument('--steps', type=int, default=6)
     parser.add_argument('--out', default='benchmarks/results/pipeline_cpu.json')
     parser.add_argument('--no-readme', action='store_true')
+    parser.add_argument('--parameters-only', action='store_true',
+                        help='only count the parameter split into the existing --out JSON and rewrite its README block')
     args = parser.parse_args()
+    if args.parameters_only:
+        report = json.loads(Path(args.out).read_text())
+        report['parameter_split'] = parameter_split(EVEN['model'], EVEN['size'], EVEN['placement'])
+        return write_report(report, args.out, 'pipeline', markdown(report), readme=not args.no_readme)
     report = dict(date=str(date.today()), machine=cpu_name(), models={}, placements={}, cost_model={})
     for model in args.models:
         found, report['cost_model'][model] = placements(model)
@@ -242,6 +277,7 @@ def main() -> None:
         for config in CONFIGS:
             rows[config] = run(model, config, found.get(config, [[0]]), args.warmup, args.steps)
             print(model, config, rows[config], flush=True)
+    report['parameter_split'] = parameter_split(EVEN['model'], EVEN['size'], EVEN['placement'])
     if 'resnet50' in report['models']:
         r = report['models']['resnet50']
         pipelined = r['LoCo, 2 stage groups, pipelined']['img_per_s']

@@ -83,7 +83,7 @@ class TrainConfig:
     # stage parallelism (loco_timm.stage_parallel): the stages on `pipeline` processes as contiguous groups
     pipeline: typing.Optional[int] = None  # stage groups P (processes = P x replicas); None or 1: off
     placement: typing.Optional[list] = None  # stage indices per group, e.g. [[0, 1], [2, 3]]; None: balanced
-    pipelined: bool = False  # LoCo/GIM: apply the one-hop gradient a step late instead of waiting for it
+    pipelined: bool = False  # LoCo/GIM: don't wait for the one-hop gradient; a group's top stage steps one batch late
     out_dir: str = 'runs/loco'
     checkpoint_every: int = 500
     keep_checkpoints: int = 2

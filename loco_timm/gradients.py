@@ -7,11 +7,13 @@ tensor, ``None`` where no gradient arrived (a plain value, a tensor no loss reac
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .stages import stage_tensors
 
 Unit = tuple[int, int]
-__all__ = ['Schedule', 'output_grads', 'backward_to', 'input_grads', 'rng_state', 'set_rng_state']
+__all__ = ['Schedule', 'output_grads', 'backward_to', 'input_grads', 'rng_state', 'set_rng_state',
+           'stashed_forward']
 
 
 def rng_state(device: torch.device) -> tuple:
@@ -22,6 +24,22 @@ def set_rng_state(state: tuple, device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
+
+
+def stashed_forward(module: nn.Module, *args):
+    """``module(*args)`` with weight stashing (PipeDream): on copies of its parameters and buffers, so the graph keeps
+    the weights (and BatchNorm statistics) of this forward and stays valid after an optimizer step or a later
+    forward updates the originals in place; its backward computes the gradients with them. Gradients flow through
+    the copies into the parameters; the forward's buffer updates (BatchNorm running statistics) are copied back."""
+    params = {name: p.clone() if p.requires_grad else p.detach().clone()
+              for name, p in module.named_parameters() if p.device.type != 'meta'}
+    buffers = {name: b.clone() for name, b in module.named_buffers() if b.device.type != 'meta'}
+    out = torch.func.functional_call(module, {**params, **buffers}, args, strict=False)
+    with torch.no_grad():
+        for name, b in module.named_buffers():
+            if name in buffers:
+                b.copy_(buffers[name])
+    return out
 
 
 def _add_grads(a: list, b: list) -> list:
@@ -76,6 +94,7 @@ class Schedule:
         self.rng: dict[int, tuple] = {}  # stage -> random state before its forward (recompute)
         self.remote: set[int] = set()  # units whose loss another process computed (stage parallelism)
         self.bottom = 0  # the lowest stage with a graph
+        self.keep: int | None = None  # a stage whose graph waits across steps (pipelined): never dropped for recompute
 
     def ended(self, unit: int) -> bool:
         """Whether ``unit``'s loss has been computed (here or on another process)."""

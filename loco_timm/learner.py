@@ -28,7 +28,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .decoders import DECODERS, NORMS, Pool, count_flops, create_decoder
-from .gradients import Schedule, backward_to, input_grads, output_grads, rng_state, set_rng_state
+from .gradients import (Schedule, backward_to, input_grads, output_grads, rng_state, set_rng_state,
+                        stashed_forward)
 from .losses import NTXentLoss
 from .sharing import SHARING, SoftSharing, sharing_units, soft_step, weight_units
 from .stages import detach_stage_output, feature_layout, split_stages, stage_feature, stage_tensors
@@ -254,12 +255,16 @@ class LocalLearner(nn.Module):
         return self.run_stages(torch.cat([view1, view2]), active, backward)[0].losses
 
     def run_stages(self, h, active: Sequence[int], backward: Callable[[torch.Tensor], None], start: int = 0,
-                   stop: int | None = None) -> tuple[Schedule, object]:
+                   stop: int | None = None, stash: bool = False) -> tuple[Schedule, object]:
         """:meth:`step`'s schedule over stages ``start..stop`` only (stage parallelism): ``h`` is stage ``start``'s
         input (both views' images, or the output of stage ``start - 1``). Runs the losses of the ``active`` units
         whose last stage is in range; an active unit ending above ``stop`` waits for :meth:`deliver`, one starting
         below ``start`` leaves its gradient at stage ``start``'s input (``state.grad[j]``, ``state.at[j] == start -
-        1``). Returns the schedule and stage ``stop``'s output (default: up to the active units' last stage)."""
+        1``). Returns the schedule and stage ``stop``'s output (default: up to the active units' last stage).
+
+        ``stash`` (pipelined stage parallelism): stage ``stop`` runs with its weights stashed
+        (:func:`~loco_timm.gradients.stashed_forward`) and keeps its graph until the units above deliver, even
+        across an optimizer step: its weight gradient is then that of the weights of this forward."""
         spans = {j: self.units[j] for j in active}
         top = max(last for _, last in spans.values()) if stop is None else stop
         bottom = max(start, min(first for first, _ in spans.values()))
@@ -271,15 +276,17 @@ class LocalLearner(nn.Module):
                                                     for k in range(top + 1)})
         state = Schedule(spans, members, owners)
         state.bottom = bottom
+        state.keep = stop if stash else None
         for k in range(start, top + 1):
             if k < bottom or not members[k]:
                 with torch.no_grad():
                     h = self.stages[k](h)
                 continue
             state.inputs[k] = detach_stage_output(h, k in needs_input_grad)
-            if self.recompute or k == stop:  # stop: stage parallelism may run the top stage again (pipelined)
+            if self.recompute:
                 state.rng[k] = rng_state(stage_tensors(h)[0].device)
-            h = state.outputs[k] = self.stages[k](state.inputs[k])
+            run = stashed_forward if k == state.keep else lambda stage, x: stage(x)
+            h = state.outputs[k] = run(self.stages[k], state.inputs[k])
             for j in [j for j, (_, last) in spans.items() if last == k]:  # units whose loss sits on this stage
                 original = self.feature(k, h)
                 feature = detach_stage_output(original, True)
@@ -299,21 +306,6 @@ class LocalLearner(nn.Module):
         state.remote.add(unit)
         state.arrive(unit, stage, grad)
         self._carry_down(stage, state)
-
-    def flush(self, state: Schedule, stage: int) -> None:
-        """Give ``stage`` (waiting for a unit whose loss another process computes) the weight gradient of the units
-        that have delivered so far, now, and keep only its input and random state: the waiting gradients are applied
-        later through a second forward of the stage with the weights of that time (pipelined stage parallelism)."""
-        if stage not in state.outputs or stage not in state.total:
-            return
-        if state.outputs[stage] is None:
-            state.outputs[stage] = self._recompute_stage(stage, state)
-        params = [p for p in self.stages[stage].parameters() if p.requires_grad]
-        if params:
-            backward_to(stage_tensors(state.outputs[stage]), state.total.pop(stage), params)
-        else:
-            state.total.pop(stage)
-        state.outputs[stage] = None
 
     def _carry_down(self, k: int, state: Schedule) -> None:
         for m in range(k, state.bottom - 1, -1):  # carry gradients down and free every stage no later unit needs
@@ -358,7 +350,7 @@ class LocalLearner(nn.Module):
             if params:
                 backward_to(outs, total, params)
             del state.outputs[m], state.inputs[m]
-        elif self.recompute:  # a higher unit still needs this stage: keep only its input until then
+        elif self.recompute and m != state.keep:  # a higher unit still needs this stage: keep its input only
             state.outputs[m] = None
 
     def _recompute_stage(self, m: int, state: Schedule) -> torch.Tensor:

@@ -18,11 +18,13 @@ steps equal one process's with the same batches (``tests/test_stage_parallel.py`
 Communication is ``torch.distributed`` point-to-point (gloo on CPU, NCCL on GPU); each message is a small header
 (dtype, shape) and the tensor.
 
-Pipelined (``pipelined=True``, LoCo and GIM): see :meth:`StageParallel.step`. The delayed gradient is computed into
-its own buffers and added after the step's own gradients; :meth:`StageParallel.settle` computes it early (before a
-checkpoint) and :meth:`StageParallel.delayed_state` / :meth:`StageParallel.load_delayed` carry it through one, so a
-resumed run adds the same numbers in the same order. ``loco-timm train`` drives all of it through
-:mod:`loco_timm.stage_training`.
+Pipelined (``pipelined=True``, LoCo and GIM): see :meth:`StageParallel.step`. A process's top stage runs with its
+weights stashed (PipeDream's weight stashing, :func:`~loco_timm.gradients.stashed_forward`) and keeps its graph for
+one step, so its delayed gradient, computed with the weights of its forward, costs no second forward. The delayed
+gradient is computed into its own buffers and added after the step's own gradients; :meth:`StageParallel.settle`
+computes it early (before a checkpoint) and :meth:`StageParallel.delayed_state` / :meth:`StageParallel.load_delayed`
+carry it through one, so a resumed run adds the same numbers in the same order. ``loco-timm train`` drives all of it
+through :mod:`loco_timm.stage_training`.
 """
 from __future__ import annotations
 
@@ -39,10 +41,9 @@ __all__ = ['balance', 'check_placement', 'StageParallel']
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-def balance(costs: Sequence[float], parts: int, top: Sequence[float] | None = None) -> list[list[int]]:
-    """Contiguous groups of stage indices, ``parts`` of them, that minimise the largest group's cost, by dynamic
-    programming over the cut points. A group costs the sum of its stages' ``costs`` (e.g. measured step times),
-    plus ``top[k]`` when it ends at stage ``k`` below the last (pipelined LoCo runs a group's top stage again).
+def balance(costs: Sequence[float], parts: int) -> list[list[int]]:
+    """Contiguous groups of stage indices, ``parts`` of them, that minimise the largest group's cost (the sum of its
+    stages' ``costs``, e.g. measured step times), by dynamic programming over the cut points.
 
     Raises:
         ValueError: If there are fewer stages than parts.
@@ -50,13 +51,12 @@ def balance(costs: Sequence[float], parts: int, top: Sequence[float] | None = No
     n = len(costs)
     if not 1 <= parts <= n:
         raise ValueError(f'cannot place {n} stages on {parts} processes: use 1 to {n} processes')
-    top = [0.0] * n if top is None else [float(t) for t in top]
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + float(c))
 
     def cost(j: int, i: int) -> float:  # the group of stages j..i-1
-        return prefix[i] - prefix[j] + (top[i - 1] if i < n else 0.0)
+        return prefix[i] - prefix[j]
 
     best = {(0, 0): (0.0, [])}  # (stages placed, groups) -> (largest group cost, cut points)
     for g in range(1, parts + 1):
@@ -119,8 +119,8 @@ class StageParallel:
         gather_group: Data parallelism across pipelines: the group of the processes holding the same stages, over
             which NT-Xent gathers negatives and :meth:`average_gradients` averages (None: no data parallelism, each
             loss on the whole batch). Process 0 of each pipeline then takes its replica's share of the batch.
-        pipelined: Do not wait for the gradients of the units that continue on the next process: a step applies
-            those of the previous batch instead (see :meth:`step`). Only for units that cross a cut by one stage
+        pipelined: Do not wait for the gradients of the units that continue on the next process: the top stage's
+            gradient is applied one step late (see :meth:`step`). Only for units that cross a cut by one stage
             (LoCo, GIM).
 
     Raises:
@@ -196,12 +196,14 @@ class StageParallel:
         """One step on this process: the views are needed on process 0 only. Gradients accumulate into ``.grad``.
 
         Synchronous: after its local units, the process waits for the gradients of the units that continue above
-        it and carries them down, so the step's gradients are one process's. Pipelined: it sends and goes on; the
-        gradient of such a unit for the *previous* batch arrives instead and is carried through this process's top
-        stage run again on that batch's kept input with the *current* weights (those after the previous optimizer
-        step); the next process computed it with its own weights of the previous step, on the top stage's output
-        computed with this process's weights of the previous step. The local units' gradients of the step are
-        those of one process. The last batch's delayed gradient is applied by :meth:`finish`.
+        it and carries them down, so the step's gradients are one process's. Pipelined: it sends and goes on. Its
+        top stage ran batch t with a stashed copy of its weights and BatchNorm statistics and keeps that graph; at
+        step t + 1 the next process's gradients for batch t arrive (computed at its step t on this output) and one
+        weight-gradient pass carries them, summed with those of this process's units ending there, to the top
+        stage's weights: exactly one process's gradient of batch t at the weights of step t, applied one step late
+        (at step t + 1's optimizer step). Every other stage's and decoder's gradient, and the gradient the top
+        stage's own units carry down, is the step's own. The last batch's delayed gradient is applied by
+        :meth:`finish`.
 
         Returns:
             ``{unit index: detached loss}`` of this process's units.
@@ -215,7 +217,8 @@ class StageParallel:
             h = torch.cat([view1, view2])
         else:
             h = _recv(self.peers[self.rank - 1], self.group, device)
-        state, out = learner.run_stages(h, self.active, backward, start=self.first, stop=self.last)
+        state, out = learner.run_stages(h, self.active, backward, start=self.first, stop=self.last,
+                                        stash=self.pipelined and bool(self.from_above))
         if self.rank < self.size - 1:
             tensors = stage_tensors(out)
             if len(tensors) != 1 or not isinstance(out, torch.Tensor):
@@ -224,7 +227,6 @@ class StageParallel:
             self._out(out.detach(), self.peers[self.rank + 1])
         sent = self._send_ready(state, [])
         if self.pipelined:
-            learner.flush(state, self.last)
             self._settle(device)
             self._add_delayed()
             self._pending = state if self.from_above else None
@@ -260,10 +262,10 @@ class StageParallel:
         self._wait_sends()
 
     def settle(self, device: torch.device | str = 'cpu') -> None:
-        """Pipelined: receive the previous batch's gradients from the next process now and compute this process's
-        weight gradient from them (with the current weights, as the next step would), kept apart until the next
-        step adds it after its own: a checkpoint then holds it (:meth:`delayed_state`) and a resumed run is
-        exact. Every process of the pipeline calls it at the same step (before a checkpoint)."""
+        """Pipelined: receive the previous batch's gradients from the next process now and compute the top
+        stage's delayed weight gradient (through that batch's kept graph), kept apart until the next step adds it
+        after its own: a checkpoint then holds it (:meth:`delayed_state`) and a resumed run is exact. Every process
+        of the pipeline calls it at the same step (before a checkpoint)."""
         self._settle(torch.device(device))
         self._wait_sends()
 
@@ -296,7 +298,8 @@ class StageParallel:
         if unknown:
             raise ValueError(f'the delayed gradient of {unknown[0]} belongs to another process: resume with the '
                              f'placement the checkpoint was written with')
-        self._delayed = {name: t.to(own[name].device) for name, t in tensors.items()} or None
+        # in the parameter's memory layout (e.g. channels_last), as the uninterrupted run computed it
+        self._delayed = {name: torch.empty_like(own[name]).copy_(t) for name, t in tensors.items()} or None
 
     def _add_delayed(self) -> None:
         """Add the settled delayed gradient after this step's own (the same order in a resumed run)."""

@@ -9,8 +9,7 @@ group, and NT-Xent gathers its negatives over them.
 
 Placement: ``placement`` as given, or :func:`~loco_timm.stage_parallel.balance` of each stage's step time, measured
 on the main process (:func:`step_costs`: the stage's forward and backward with its units' decoders and losses, on one
-replica's batch; pipelined, also the second forward and backward of a group's top stage), broadcast so every process
-uses the same. A resumed run keeps its checkpoint's placement.
+replica's batch), broadcast so every process uses the same. A resumed run keeps its checkpoint's placement.
 
 The per-step losses and the stop flag (SIGTERM/SIGINT) are reduced over all processes without waiting: a step reads
 the previous step's (:meth:`StageTraining.step`), so the processes of a pipeline are not locked to each other every
@@ -43,44 +42,40 @@ __all__ = ['StageTraining', 'step_costs', 'resolve_placement']
 PART, OPTIMIZER, DELAYED = 'part-{}.safetensors', 'optimizer-{}.safetensors', 'delayed-{}.safetensors'
 
 
-def step_costs(learner, h, repeats: int = 3) -> tuple[list[float], list[float]]:
+def step_costs(learner, h, repeats: int = 3) -> list[float]:
     """Per stage of ``learner``, the median seconds (after one warm-up) of its forward and backward with the losses of
-    the units ending there (decoder, NT-Xent), on the stage input that ``h`` (both views' images) gives; and of its
-    forward and weight-gradient backward alone (what pipelined LoCo runs again on a group's top stage for the delayed
-    gradient).
-    Weights, buffers and the random state are left as they were."""
+    the units ending there (decoder, NT-Xent), on the stage input that ``h`` (both views' images) gives. Weights,
+    buffers and the random state are left as they were."""
     device = stage_tensors(h)[0].device
     buffers = {k: b.clone() for k, b in learner.state_dict().items() if b.device.type != 'meta'}
     batch = stage_tensors(h)[0].shape[0] // 2
-    costs, alone = [], []
+    costs = []
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         for k, stage in enumerate(learner.stages):
             ends = [j for j, (_, last) in enumerate(learner.units) if last == k]
             above = any(first <= k < last for first, last in learner.units)
-            times = {True: [], False: []}
+            times = []
             for _ in range(repeats + 1):
-                for with_units in (True, False):  # alone: weight gradients only, as the second pass computes
-                    x = detach_stage_output(h, k > 0 and with_units)
-                    _sync(device)
-                    start = time.perf_counter()
-                    out = stage(x)
-                    total = 0.0
-                    for j in ends if with_units else []:
-                        z = learner.decoders[j](learner.feature(k, out))
-                        total = total + nt_xent_loss(z[:batch], z[batch:], learner.loss.temperature, gather=False)
-                    if above or not with_units:  # a gradient from above passes through this stage
-                        total = total + sum((t * torch.randn_like(t)).sum() for t in stage_tensors(out)
-                                            if t.is_floating_point() and t.requires_grad)
-                    if torch.is_tensor(total) and total.requires_grad:
-                        total.backward()
-                    _sync(device)
-                    times[with_units].append(time.perf_counter() - start)
-            costs.append(statistics.median(times[True][1:]))
-            alone.append(statistics.median(times[False][1:]))
+                x = detach_stage_output(h, k > 0)
+                _sync(device)
+                start = time.perf_counter()
+                out = stage(x)
+                total = 0.0
+                for j in ends:
+                    z = learner.decoders[j](learner.feature(k, out))
+                    total = total + nt_xent_loss(z[:batch], z[batch:], learner.loss.temperature, gather=False)
+                if above:  # a gradient from above passes through this stage
+                    total = total + sum((t * torch.randn_like(t)).sum() for t in stage_tensors(out)
+                                        if t.is_floating_point() and t.requires_grad)
+                if torch.is_tensor(total) and total.requires_grad:
+                    total.backward()
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            costs.append(statistics.median(times[1:]))
             h = detach_stage_output(out)
     learner.zero_grad(set_to_none=True)
     learner.load_state_dict(buffers, strict=False)
-    return costs, alone
+    return costs
 
 
 def _sync(device: torch.device) -> None:
@@ -110,8 +105,8 @@ def resolve_placement(cfg: TrainConfig, learner, accelerator, batch: int, in_cha
         with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == 'cuda' else []):
             h = torch.randn(2 * size, in_chans, cfg.image_size, cfg.image_size, device=accelerator.device)
         with accelerator.autocast():
-            costs, alone = step_costs(learner, h)
-        found = [balance(costs, cfg.stage_groups, alone if cfg.pipelined else None)]
+            costs = step_costs(learner, h)
+        found = [balance(costs, cfg.stage_groups)]
     dist.broadcast_object_list(found, src=0)
     return found[0]
 
@@ -277,3 +272,7 @@ def _load_optimizer_state(optimizer, named, tensors: dict, scalars: dict) -> Non
         if entry:
             state[index] = entry
     optimizer.load_state_dict(dict(state=state, param_groups=optimizer.state_dict()['param_groups']))
+    for p, entry in optimizer.state.items():  # in the parameter's memory layout (e.g. channels_last), as before
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                entry[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)

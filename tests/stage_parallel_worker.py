@@ -4,6 +4,7 @@ Usage: python stage_parallel_worker.py RANK WORLD PORT OUT_PREFIX JOBS_JSON
 JOBS_JSON: a list of [mode, placement, pipelined]; each runs STEPS steps from the same start, in one process group
 (pipelined: then finish() and one more optimizer step, which applies the last batch's delayed gradient).
 """
+import copy
 import json
 import os
 import sys
@@ -19,11 +20,13 @@ STEPS, BATCH = 3, 6
 
 
 def build(mode):
-    """test_resnet (BatchNorm in the stages and the decoders: each stage sees the whole batch on one process)."""
+    """test_resnet (BatchNorm in the stages and the decoders: each stage sees the whole batch on one process);
+    ``MODE+recompute``: with the learner's recomputation."""
     import timm
     torch.manual_seed(0)
     model = timm.create_model('test_resnet')
-    return LocalLearner(model, mode=mode, input_size=(3, 32, 32)).double()
+    mode, _, extra = mode.partition('+')
+    return LocalLearner(model, mode=mode, input_size=(3, 32, 32), recompute=extra == 'recompute').double()
 
 
 def batches():
@@ -49,30 +52,34 @@ def reference(mode):
 
 
 def pipelined_reference():
-    """Pipelined LoCo on [[0, 1], [2, 3]], written out with plain autograd in one process: at step t, process 0's
-    stage 1 also takes the gradient of unit 1 for batch t-1, which process 1 computed at its step t-1, through stage
-    1 run again on batch t-1's stage-0 output with the weights of step t (its BatchNorm statistics kept)."""
+    """Pipelined LoCo on [[0, 1], [2, 3]], written out with plain autograd in one process: process 0's top stage
+    (stage 1) runs batch t as a copy of itself (weight stashing, its BatchNorm statistics copied back), whose graph
+    takes unit 0's gradient at step t and unit 1's, computed by process 1 at its step t, at step t + 1: the copy's
+    weight gradient is stage 1's, applied one step late. Every other parameter gets its gradient in its step."""
     learner = build('loco')
     stages, decoders, loss = learner.stages, learner.decoders, learner.loss
     optimizer = torch.optim.SGD(learner.parameters(), lr=0.05, momentum=0.9)
-    stage1 = list(stages[1].parameters())
+    rank0 = [p for m in (stages[0], decoders[0]) for p in m.parameters()]
     rank1 = [p for m in (stages[2], stages[3], decoders[1], decoders[2]) for p in m.parameters()]
 
     def delayed(pending):
-        h0, grad = pending
-        buffers = {name: b.clone() for name, b in stages[1].named_buffers()}
-        torch.autograd.backward(stages[1](h0), grad, inputs=stage1)
-        for name, b in stages[1].named_buffers():
-            b.copy_(buffers[name])
+        stash, s1, grad = pending
+        torch.autograd.backward(s1, grad, inputs=list(stash.parameters()))
+        for p, q in zip(stages[1].parameters(), stash.parameters()):
+            p.grad = q.grad
 
     pending = None
     for view1, view2 in batches():
         optimizer.zero_grad()
         x, n = torch.cat([view1, view2]), len(view1)
         s0 = stages[0](x)  # process 0, batch t
-        s1 = stages[1](s0)
+        stash = copy.deepcopy(stages[1])
+        s1 = stash(s0)
+        with torch.no_grad():
+            for b, c in zip(stages[1].buffers(), stash.buffers()):
+                b.copy_(c)
         z = decoders[0](s1)
-        loss(z[:n], z[n:]).backward()
+        torch.autograd.backward(loss(z[:n], z[n:]), inputs=rank0 + list(stash.parameters()), retain_graph=True)
         if pending is not None:
             delayed(pending)
         a = s1.detach().requires_grad_()  # process 1, batch t
@@ -81,7 +88,7 @@ def pipelined_reference():
         l1, l2 = loss(z1[:n], z1[n:]), loss(z2[:n], z2[n:])
         grad = torch.autograd.grad(l1, a, retain_graph=True)[0]  # unit 1 only: unit 2 starts at stage 2
         torch.autograd.backward([l1, l2], inputs=rank1)
-        pending = (s0.detach(), grad)
+        pending = (stash, s1, grad)
         optimizer.step()
     optimizer.zero_grad()
     delayed(pending)

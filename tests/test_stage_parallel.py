@@ -14,7 +14,8 @@ from loco_timm.stage_parallel import balance, check_placement
 from stage_parallel_worker import pipelined_reference, reference
 
 HERE = os.path.dirname(__file__)
-JOBS = {2: [('loco', [[0, 1], [2, 3]], False), ('loco', [[0, 1], [2, 3]], True)],
+JOBS = {2: [('loco', [[0, 1], [2, 3]], False), ('loco', [[0, 1], [2, 3]], True),
+            ('loco+recompute', [[0, 1], [2, 3]], True)],
         3: [('loco', [[0], [1, 2], [3]], False), ('gim', [[0, 1], [2], [3]], False), ('e2e', [[0], [1], [2, 3]], False),
             ('gim', [[0, 1], [2], [3]], True)],
         4: [('loco', [[0, 1], [2, 3]], False)]}  # 2 stage groups x 2 replicas
@@ -66,10 +67,10 @@ def test_two_stage_groups_times_two_replicas_equal_two_data_parallel_processes(r
 @pytest.mark.slow
 @pytest.mark.parametrize('world,job', [(w, i) for w, jobs in JOBS.items() if w <= 3 for i in range(len(jobs))])
 def test_stage_parallel_steps_give_the_weights_of_the_reference(runs, world, job):
-    """Synchronous: one process's weights. Pipelined LoCo: the hand-written delayed-gradient reference. Pipelined
-    GIM: one process's (no gradient crosses a cut, nothing is delayed; finish's extra step moves nothing)."""
+    """Synchronous: one process's weights. Pipelined LoCo (with recomputation too): the hand-written
+    delayed-gradient reference. Pipelined GIM: one process's (no gradient crosses a cut, nothing is delayed; finish's extra step moves nothing)."""
     mode, _, pipelined = JOBS[world][job]
-    expected = pipelined_reference() if pipelined and mode == 'loco' else reference(mode)
+    expected = pipelined_reference() if pipelined and mode.startswith('loco') else reference(mode)
     ranks, seen = runs[world][job], set()
     for held, info, _ in ranks:
         for name, value in held.items():
@@ -95,3 +96,33 @@ def test_balance_splits_stage_costs_into_contiguous_groups_with_the_smallest_max
     with pytest.raises(ValueError, match=r'must split stages 0..3 into contiguous, non-empty groups'):
         check_placement([[0, 2], [1, 3]], 4)
     assert check_placement([(0,), (1, 2, 3)], 4) == [[0], [1, 2, 3]]
+
+
+def test_stashed_forward_keeps_the_weights_and_statistics_of_its_forward():
+    """Weight stashing: after an optimizer-like in-place update and another forward (BatchNorm statistics updated in
+    place), the kept graph still gives the gradient at the weights of its forward; the statistics are updated once."""
+    import copy
+    from torch import nn
+    from loco_timm.gradients import stashed_forward
+    torch.manual_seed(0)
+    stage = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double()
+    x, grad = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 4, 6, 6, dtype=torch.float64)
+    reference = copy.deepcopy(stage)
+    expected_out = reference(x)
+    expected = torch.autograd.grad(expected_out, list(reference.parameters()), grad)
+    out = stashed_forward(stage, x)
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+    for b, e in zip(stage.buffers(), reference.buffers()):
+        assert torch.equal(b, e)
+    with torch.no_grad():
+        for p in stage.parameters():
+            p.add_(1.0)
+    stage(torch.randn_like(x))
+    torch.autograd.backward(out, grad)
+    for p, e in zip(stage.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-12, atol=1e-12)
+    plain = stage(x)
+    with torch.no_grad():
+        stage[0].weight.add_(1.0)
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'):  # what stashing avoids
+        plain.sum().backward()

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from loco_timm import LocalLearner
 from loco_timm.checkpoint import list_checkpoints, read_progress, verify_checkpoint
 from loco_timm.data import find_fashion_mnist
-from loco_timm.stage_parallel import balance
 from loco_timm.stage_training import step_costs
 
 HERE = Path(__file__).parent
@@ -171,13 +170,6 @@ def test_stage_groups_need_a_multiple_of_their_count_of_processes(tmp_path):
         train(cfg)
 
 
-def test_balance_counts_the_second_forward_of_a_groups_top_stage():
-    assert balance([1, 1, 1, 1], 2) == [[0, 1], [2, 3]]
-    # pipelined: a group ending at stage 1 also runs stage 1 again (forward and backward, cost 2): the cut moves
-    assert balance([1, 1, 1, 1], 2, top=[0, 2, 0, 0]) == [[0], [1, 2, 3]]
-    assert balance([1, 1, 1, 1], 2, top=[0, 0.5, 0, 0]) == [[0, 1], [2, 3]]
-
-
 def test_step_costs_measure_every_stage_and_leave_the_learner_as_it_was():
     import timm
     torch.manual_seed(0)
@@ -185,8 +177,8 @@ def test_step_costs_measure_every_stage_and_leave_the_learner_as_it_was():
     before = {k: v.clone() for k, v in learner.state_dict().items()}
     h = torch.randn(8, 3, 32, 32)
     rng = torch.get_rng_state()
-    costs, alone = step_costs(learner, h, repeats=2)
-    assert len(costs) == len(alone) == len(learner.stages) and all(c > 0 and a > 0 for c, a in zip(costs, alone))
+    costs = step_costs(learner, h, repeats=2)
+    assert len(costs) == len(learner.stages) and all(c > 0 for c in costs)
     assert all(torch.equal(v, before[k]) for k, v in learner.state_dict().items())  # BatchNorm statistics too
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in learner.parameters())

@@ -140,7 +140,10 @@ class _Namespace:
         self.__dict__['_model'] = model
 
     def __getattr__(self, name: str):
-        return getattr(self.__dict__['_model'], name)
+        model = self.__dict__.get('_model')
+        if model is None:  # not set up yet (copy.deepcopy, pickle): a plain missing attribute
+            raise AttributeError(name)
+        return getattr(model, name)
 
 
 def _flat_nodes(value: Any) -> list[fx.Node]:

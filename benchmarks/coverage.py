@@ -9,7 +9,7 @@
 Writes ``benchmarks/results/coverage.json`` (one row per family: model, input size, stages, feature shapes and
 layouts, composition check, LoCo step, seconds, or the reason it fails) and ``coverage.md``, and rewrites the
 "Supported backbone families" table of README.md between its markers. The protocol is
-:func:`loco_timm.coverage.check_model`.
+:func:`loco_timm.evaluation.coverage.check_model`.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loco_timm.coverage import check_model, param_count, smallest_models  # noqa: E402
+from loco_timm.evaluation.coverage import check_model, param_count, smallest_models  # noqa: E402
 from readme_block import replace_block  # noqa: E402
 
 RESULTS = ROOT / 'benchmarks' / 'results'

@@ -11,7 +11,7 @@ blur (p 0.5):
   applied twice to the decoded image, all on the CPU;
 * ``anchor, crop and flip only``: the same without the colour and blur steps (uint8 out), what the anchor's CPUs
   would do if those steps ran on the GPU, the like-for-like comparison with ``ours``;
-* ``ours``: ``loco_timm``'s loader item (:mod:`loco_timm.sources`): JPEG draft decoding at the smallest scale no
+* ``ours``: ``loco_timm``'s loader item (:mod:`loco_timm.data.sources`): JPEG draft decoding at the smallest scale no
   crop upsamples, both views cut from the whole image; flip, colour and blur run batched on the training device;
 * ``ours, no draft``: the same at full decode;
 * ``ours + CPU augmentation``: ``ours`` plus the batched augmentation on the CPU (batches of 64), for training
@@ -79,8 +79,8 @@ def anchor_dataset(root: Path, colour: bool = True):
 
 
 def ours_dataset(root: Path, draft: bool):
-    from loco_timm.crops import KEY_STRIDE, ViewCropSpec
-    from loco_timm.data import build_dataset
+    from loco_timm.data.crops import KEY_STRIDE, ViewCropSpec
+    from loco_timm.data.datasets import build_dataset
     ds = build_dataset('imagefolder', 'pretrain', root, SIZE, crops=ViewCropSpec(SIZE, SCALE), draft=draft)
     return ds, KEY_STRIDE
 
@@ -99,7 +99,7 @@ def _rates(pipelines: dict, count: int, repeats: int) -> dict:
 
 
 def measure(root: Path, count: int, repeats: int, batch: int = 64) -> dict:
-    from loco_timm.augment import SimCLRAugment
+    from loco_timm.data.augment import SimCLRAugment
     torch.set_num_threads(1)
     anchor, crop_only = anchor_dataset(root), anchor_dataset(root, colour=False)
     (ours, stride), (no_draft, _) = ours_dataset(root, True), ours_dataset(root, False)

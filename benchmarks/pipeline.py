@@ -6,7 +6,7 @@ Every configuration trains the same model from the same weights with SGD (moment
 ``--warmup`` + ``--steps`` steps; img/s is the global batch over the median time of the timed steps of process 0
 (after a barrier per step for the synchronous configurations; the pipelined ones run free, so their median step is
 the steady state). Memory per process: parameters it holds plus the peak bytes autograd saves over the timed steps
-(:class:`loco_timm.memory.SavedTensorMeter`; pipelined, this includes the top stage's graph and weight copies kept
+(:class:`loco_timm.core.memory.SavedTensorMeter`; pipelined, this includes the top stage's graph and weight copies kept
 into the next step), the largest over processes. Each stage-parallel configuration gets the
 placement ``loco-timm train`` would measure for it (:func:`placements`). The parameters each process holds on a
 model of equal blocks (a ViT) are counted without training (:func:`parameter_split`; ``--parameters-only`` adds them
@@ -63,7 +63,7 @@ EVEN = dict(model='vit_small_patch16_224', size=224, placement=[[0, 1], [2, 3]])
 
 def parameter_split(model: str, size: int, placement: list) -> dict:
     """Parameters each process of a LoCo stage-parallel ``placement`` holds (its stages and the decoders of the units
-    ending there, as :class:`loco_timm.stage_parallel.StageParallel` keeps them), counted without running it."""
+    ending there, as :class:`loco_timm.training.stage_parallel.StageParallel` keeps them), counted without running it."""
     import timm
 
     from loco_timm import LocalLearner
@@ -80,11 +80,11 @@ def parameter_split(model: str, size: int, placement: list) -> dict:
 
 def placements(model: str) -> tuple[dict[str, list], dict]:
     """Each stage-parallel configuration's placement, balanced as ``loco-timm train`` balances it: by the stages'
-    measured step times (:func:`loco_timm.stage_training.step_costs`, one thread; forward and backward with the
+    measured step times (:func:`loco_timm.training.stage_training.step_costs`, one thread; forward and backward with the
     units' decoders and losses; E2E by its own stage costs). Also the cost model of pipelined LoCo: the measured
     costs, each process's share of one step and the speed-up they estimate (single-process step over the largest process's; transfers and overlap not counted)."""
-    from loco_timm.stage_parallel import balance
-    from loco_timm.stage_training import step_costs
+    from loco_timm.training.stage_parallel import balance
+    from loco_timm.training.stage_training import step_costs
     torch.set_num_threads(1)
     spec, found = MODELS[model], {}
     h = torch.randn(2 * spec['batch'], spec['chans'], spec['size'], spec['size'])
@@ -120,7 +120,7 @@ def _gpipe_step(schedule, rank: int, world: int, views, microbatches: int, tempe
     """E2E SimCLR through a GPipe schedule with the NT-Xent over the whole batch, as GradCache does: a forward-only
     pass gives every micro-batch's embeddings, the loss of the whole batch gives their gradients, and a second pass
     backpropagates each micro-batch's slice (loss = embeddings . gradient)."""
-    from loco_timm.losses import nt_xent_loss
+    from loco_timm.core.losses import nt_xent_loss
     n = views[0].shape[0] // microbatches if views is not None else 0
     x = torch.cat([torch.cat([v[m * n:(m + 1) * n] for v in views]) for m in range(microbatches)]) \
         if rank == 0 else None
@@ -144,8 +144,8 @@ def worker(rank: int, world: int, port: int, model: str, config: str, placement:
            out: str) -> None:
     import torch.distributed as dist
 
-    from loco_timm.memory import SavedTensorMeter
-    from loco_timm.stage_parallel import StageParallel
+    from loco_timm.core.memory import SavedTensorMeter
+    from loco_timm.training.stage_parallel import StageParallel
     torch.set_num_threads(1)
     mode, _, how = CONFIGS[config]
     spec = MODELS[model]

@@ -43,11 +43,11 @@ def _port() -> int:
 
 def train(run: Path, seed: int, extra: list[str]) -> None:
     """Two gloo processes, one thread each, through accelerate launch (resumes an interrupted run)."""
-    from loco_timm.checkpoint import latest_checkpoint
+    from loco_timm.training.checkpoint import latest_checkpoint
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'ACCELERATE_USE_CPU': '1'}
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
            '--num_machines', '1', '--main_process_ip', '127.0.0.1', '--main_process_port', str(_port()),
-           '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'loco_timm.train', '--config', TAG,
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'loco_timm', 'train', '--config', TAG,
            '--pipeline', '2', '--seed', str(seed), '--trackers', 'none', '--out-dir', str(run), *extra]
     if latest_checkpoint(run) is not None:
         cmd.append('--resume')
@@ -55,7 +55,7 @@ def train(run: Path, seed: int, extra: list[str]) -> None:
 
 
 def finished(run: Path) -> bool:
-    from loco_timm.checkpoint import latest_checkpoint
+    from loco_timm.training.checkpoint import latest_checkpoint
     done = run / 'readout.json'
     latest = latest_checkpoint(run)
     return done.is_file() and latest is not None and json.loads(done.read_text())['checkpoint'] == str(latest)
@@ -124,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     reused = recorded(args.reuse)
     from loco_timm.config import ReadoutConfig, from_dict
-    from loco_timm.readout import readout
+    from loco_timm.evaluation.readout import readout
     from loco_timm.recipes import load_recipe
     runs = Path(args.runs)
     readout_cfg = from_dict(ReadoutConfig, load_recipe(TAG).get('readout') or {})

@@ -1,7 +1,7 @@
 """What local learning saves: peak activation memory and step time of E2E, GIM and LoCo, as ratios to E2E.
 
 Memory is the peak of live bytes autograd saves for backward during ``LocalLearner.step`` (each storage once, no
-parameters; :class:`loco_timm.memory.SavedTensorMeter`), which is deterministic on CPU. Time is the median of several
+parameters; :class:`loco_timm.core.memory.SavedTensorMeter`), which is deterministic on CPU. Time is the median of several
 steps after warm-up (noisy on shared machines: compare ratios from one run, not absolute times across runs).
 Configurations: the same decoder on both sides (mlp everywhere: the schedule's own cost), the paper's (conv
 decoders for GIM/LoCo against E2E with mlp), and LoCo with recomputation. Also the loader's img/s for the small-image
@@ -23,7 +23,7 @@ import torch
 
 import loco_timm  # noqa: F401  (registers loco_* models)
 from loco_timm import LocalLearner
-from loco_timm.memory import SavedTensorMeter
+from loco_timm.core.memory import SavedTensorMeter
 from readme_block import replace_block
 
 MODELS = {  # name: (timm model, input size, batch per view, model arguments)
@@ -68,8 +68,8 @@ def measure(model_name: str, input_size: tuple, batch: int, kwargs: dict, mode: 
 def stage_shares(model_name: str, input_size: tuple, batch: int, kwargs: dict) -> dict[str, list[float]]:
     """Percent of the network's activations each stage saves for backward (each stage measured alone on its input),
     and what a conv decoder on each stage's output saves, in percent of the same total."""
-    from loco_timm.memory import saved_bytes
-    from loco_timm.stages import detach_stage_output, stage_tensors
+    from loco_timm.core.memory import saved_bytes
+    from loco_timm.core.stages import detach_stage_output, stage_tensors
     torch.manual_seed(0)
     learner = LocalLearner(timm.create_model(model_name, in_chans=input_size[0], **kwargs), mode='e2e',
                            input_size=input_size)
@@ -88,8 +88,8 @@ def stage_shares(model_name: str, input_size: tuple, batch: int, kwargs: dict) -
 def loader_throughput(batch: int = 128, batches: int = 20) -> float | None:
     """img/s of the small-image recipe's input pipeline: Fashion-MNIST uint8 batches and both SimCLR views."""
     from torch.utils.data import DataLoader
-    from loco_timm.augment import SimCLRAugment
-    from loco_timm.data import NORMALIZATION, build_dataset, find_fashion_mnist
+    from loco_timm.data.augment import SimCLRAugment
+    from loco_timm.data.datasets import NORMALIZATION, build_dataset, find_fashion_mnist
     if find_fashion_mnist() is None:
         return None
     dataset = build_dataset('fashion_mnist', 'pretrain', None, 28, None)

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='loco-timm', description='LoCo / GIM / SimCLR training and evaluation for '
                                      'timm backbones (arXiv:2008.01342).')
     sub = parser.add_subparsers(dest='command', required=True)
-    train = sub.add_parser('train', help='pre-train a backbone (also: accelerate launch -m loco_timm.train ...)',
+    train = sub.add_parser('train', help='pre-train a backbone (also: accelerate launch -m loco_timm train ...)',
                            description='Pre-train with LoCo, GIM or end-to-end SimCLR through Accelerate.')
     train.add_argument('--config', help='recipe YAML file (its train: section)')
     train.add_argument('--resume', action='store_true', help='continue from the latest checkpoint in --out-dir')
@@ -119,35 +119,35 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == 'train':
-            from .train import train
+            from .training.train import train
             train(train_config_from_args(args), resume=args.resume)
         elif args.command == 'readout':
             import torch
-            from .readout import readout
+            from .evaluation.readout import readout
             device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
             readout(args.checkpoint, readout_config_from_args(args), args.out, device=device,
                     reference_cache=args.reference_cache)
         elif args.command == 'export':
-            from .export import export
+            from .zoo.export import export
             export(args.checkpoint, args.config, args.out, args.readout_dir)
         elif args.command == 'publish':
-            from .hub import publish
+            from .zoo.hub import publish
             publish(args.folder, args.repo_id, token=args.token, revision=args.revision, private=args.private)
         elif args.command == 'study':
-            from .study import run_study
+            from .evaluation.study import run_study
             train_overrides = apply_overrides({}, dict(args.set), TrainConfig)
             readout_overrides = apply_overrides({}, dict(args.readout_set), ReadoutConfig)
             run_study(args.out, args.config, args.seeds, args.arms, train_overrides, readout_overrides)
             from pathlib import Path
-            from .card import STUDY_RESULTS, update_cards
+            from .zoo.card import STUDY_RESULTS, update_cards
             if (Path(args.out) / 'results.md').resolve() == STUDY_RESULTS.resolve() and Path('README.md').is_file():
                 print(f'updated: {", ".join(update_cards(".")) or "nothing"}')  # the repository's study tables
         elif args.command == 'trend':
-            from .trend import write_trend
+            from .evaluation.trend import write_trend
             report = write_trend(args.folders, args.out)
             print(f'{len(report["budgets"])} budget(s): {args.out}/trend.md, {args.out}/trend.png')
         elif args.command == 'cards':
-            from .card import update_cards
+            from .zoo.card import update_cards
             changed = update_cards(args.root, check=args.check)
             verb = 'out of date' if args.check else 'written'
             print(f'{verb}: {", ".join(changed)}' if changed else 'MODEL_CARD.md and README model table up to date')
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as err:
         if type(err).__name__ == 'Preempted':
-            from .runlock import PREEMPTED_EXIT
+            from .training.runlock import PREEMPTED_EXIT
             print(f'loco-timm {args.command}: {err}', file=sys.stderr)
             return PREEMPTED_EXIT
         if type(err).__name__ not in ('NonFiniteLossError', 'PublishError') and 'unreadable image' not in str(err):

@@ -1,7 +1,7 @@
 """Recipes: typed training and readout configurations, loaded from YAML and overridden from the command line.
 
 A recipe file is YAML (read with ``yaml.safe_load``) with a ``train:`` and an optional ``readout:`` section; the files
-in ``hub_configs/`` (:mod:`loco_timm.tags`) are recipes too, named by their weight tag, and carry further sections
+in ``hub_configs/`` (:mod:`loco_timm.zoo.tags`) are recipes too, named by their weight tag, and carry further sections
 (``model``, ``hub``, ``metrics``, ``card``). Every key is checked: an unknown key or a value of the wrong type or
 outside its choices raises :class:`ConfigError` with one line naming the key, the value and what is valid.
 """
@@ -52,7 +52,7 @@ class TrainConfig:
     recompute: bool = False  # run a waiting stage's forward again instead of keeping its activations
     decoder_blocks: typing.Optional[int] = None  # conv blocks before pooling (None: the decoder's own, conv 1, mlp 0)
     mlp_layers: int = 2  # linear layers of the projection MLP (the paper's "+ 2-layer MLP": 4)
-    sharing: str = 'full'  # LoCo's sharing ablation (loco_timm.sharing): full, none, upper, blocks, l2
+    sharing: str = 'full'  # LoCo's sharing ablation (loco_timm.core.sharing): full, none, upper, blocks, l2
     sharing_blocks: int = 1  # sharing: blocks: first blocks of the next stage a unit includes
     sharing_l2: float = 1e-3  # sharing: l2: penalty coefficient
     # data
@@ -80,7 +80,7 @@ class TrainConfig:
     mixed_precision: str = 'no'
     channels_last: bool = False
     sync_bn: bool = False
-    # stage parallelism (loco_timm.stage_parallel): the stages on `pipeline` processes as contiguous groups
+    # stage parallelism (loco_timm.training.stage_parallel): the stages on `pipeline` processes as contiguous groups
     pipeline: typing.Optional[int] = None  # stage groups P (processes = P x replicas); None or 1: off
     placement: typing.Optional[list] = None  # stage indices per group, e.g. [[0, 1], [2, 3]]; None: balanced
     pipelined: bool = False  # LoCo/GIM: don't wait for the one-hop gradient; a group's top stage steps one batch late
@@ -179,7 +179,7 @@ DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'stl10', 'imagefolder')
 
 
 def _check_dataset(cfg: 'TrainConfig') -> None:
-    from .sources import DEFAULT_SPLITS, is_timm_source
+    from .data.sources import DEFAULT_SPLITS, is_timm_source
     if cfg.dataset not in DATASETS and not is_timm_source(cfg.dataset):
         raise ConfigError(f'dataset={cfg.dataset!r} is not valid: choose one of {", ".join(DATASETS)} or a timm '
                           f'dataset name (torch/<name>, hfds/<name>, hfids/<name>, wds/<name>, tfds/<name>)')

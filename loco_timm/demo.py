@@ -14,8 +14,8 @@ import timm
 import torch
 
 from . import zoo  # noqa: F401  (registers loco_resnet18_small)
-from .data import fashion_mnist
-from .learner import MODES, LocalLearner
+from .data.datasets import fashion_mnist
+from .core.learner import MODES, LocalLearner
 
 __all__ = ['real_batch', 'main']
 

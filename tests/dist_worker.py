@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-import loco_timm.losses  # noqa: E402
+import loco_timm.core.losses  # noqa: E402
 from dist_common import GLOBAL_BATCH, build_learner, global_views, trainable_grads  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def main(rank: int, world: int, port: int, out: str, gather: str) -> None:
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=world)
     if gather == 'detached':
-        loco_timm.losses.all_gather_with_grad = gather_without_grad
+        loco_timm.core.losses.all_gather_with_grad = gather_without_grad
     learner = build_learner()
     view1, view2 = global_views()
     part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)

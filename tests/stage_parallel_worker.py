@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 from loco_timm import LocalLearner  # noqa: E402
-from loco_timm.stage_parallel import StageParallel  # noqa: E402
+from loco_timm.training.stage_parallel import StageParallel  # noqa: E402
 
 STEPS, BATCH = 3, 6
 

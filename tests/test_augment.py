@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from loco_timm.augment import NUM_UNIFORMS, SimCLRAugment, sample_uniforms
+from loco_timm.data.augment import NUM_UNIFORMS, SimCLRAugment, sample_uniforms
 
 IDENTITY = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
 RAW = dict(mean=(0.0,), std=(1.0,))

@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from loco_timm.augment import NUM_UNIFORMS, SimCLRAugment, sample_uniforms
-from loco_timm.crops import KEY_STRIDE, ViewCropSpec, crop_box, split_key, view_crops
-from loco_timm.data import EpochSampler, build_dataset
+from loco_timm.data.augment import NUM_UNIFORMS, SimCLRAugment, sample_uniforms
+from loco_timm.data.crops import KEY_STRIDE, ViewCropSpec, crop_box, split_key, view_crops
+from loco_timm.data.datasets import EpochSampler, build_dataset
 
 SPEC = ViewCropSpec(size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed=3)
 

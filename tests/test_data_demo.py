@@ -3,7 +3,7 @@ import gzip
 
 import pytest
 
-from loco_timm import data
+from loco_timm.data import datasets as data
 
 
 def _write_idx_files(folder, packed):

@@ -8,13 +8,13 @@ import yaml
 from safetensors.torch import load_file
 
 import loco_timm  # noqa: F401
-from loco_timm.checkpoint import resolve_checkpoint
+from loco_timm.training.checkpoint import resolve_checkpoint
 from loco_timm.config import ConfigError
 from loco_timm.recipes import load_recipe
-from loco_timm.data import find_fashion_mnist
-from loco_timm.export import EXPORT_FILES, build_export_model, export
-from loco_timm.hub import PublishError, publish
-from loco_timm.tags import get_hub_config
+from loco_timm.data.datasets import find_fashion_mnist
+from loco_timm.zoo.export import EXPORT_FILES, build_export_model, export
+from loco_timm.zoo.hub import PublishError, publish
+from loco_timm.zoo.tags import get_hub_config
 from zoo_common import FMNIST, cli, reference_logits, train_and_read_out
 
 pytestmark = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST not installed')
@@ -158,7 +158,7 @@ def test_publish_uploads_the_folder_and_again_the_same(exported, monkeypatch):
 def test_a_loco_resnet50_export_names_resnet50_and_loads_in_plain_timm(tmp_path):
     import subprocess
     import sys
-    from loco_timm.export import save_timm_model
+    from loco_timm.zoo.export import save_timm_model
     hub = get_hub_config('loco_resnet50.simclr_in1k')
     torch.manual_seed(0)
     state = timm.create_model(hub.name).state_dict()

@@ -1,7 +1,7 @@
 """The generic splitter on timm families without an adapter: composition, boundaries, layouts, one LoCo step.
 
 Fast tests use timm's tiny test models and small hand-built models; the slow test runs the coverage protocol
-(:func:`loco_timm.coverage.check_model`) on the smallest model of every family that the committed coverage report
+(:func:`loco_timm.evaluation.coverage.check_model`) on the smallest model of every family that the committed coverage report
 (benchmarks/results/coverage.json, written by benchmarks/coverage.py) lists as passing.
 """
 import json
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from loco_timm import LocalLearner, split_stages
-from loco_timm.coverage import check_model
-from loco_timm.stages import Boundary, detach_stage_output, stage_feature
+from loco_timm.evaluation.coverage import check_model
+from loco_timm.core.stages import Boundary, detach_stage_output, stage_feature
 
 REPORT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results' / 'coverage.json'
 # tiny models of families the generic splitter handles: NHWC maps, hybrid conv/attention, relative position tokens

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from loco_timm.checkpoint import MANIFEST, _manifest, _prune, list_checkpoints, verify_checkpoint
-from loco_timm.data import find_fashion_mnist
+from loco_timm.training.checkpoint import MANIFEST, _manifest, _prune, list_checkpoints, verify_checkpoint
+from loco_timm.data.datasets import find_fashion_mnist
 from loco_timm.files import plain_permissions, umask
 from zoo_common import FMNIST, TINY_READOUT, cli
 
@@ -149,7 +149,7 @@ def _popen(args, threads='2', **kwargs):
 
 
 def _cli_args(*args):
-    return [sys.executable, '-m', 'loco_timm.cli', *map(str, args)]
+    return [sys.executable, '-m', 'loco_timm', *map(str, args)]
 
 
 def _wait_for_step(run: Path, step: int, proc, timeout: float = 300) -> None:
@@ -207,7 +207,7 @@ def test_two_processes_stop_after_the_same_step_and_resume_mid_epoch_exactly(tmp
             port = s.getsockname()[1]
         return _popen([sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
                        '--num_machines', '1', '--main_process_ip', '127.0.0.1', '--main_process_port', str(port),
-                       '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'loco_timm.train', '--out-dir',
+                       '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'loco_timm', 'train', '--out-dir',
                        str(run), *shorter, *extra], threads='1')  # one thread per process on two cores
 
     shorter = [('16' if previous == '--max-steps' else a) for previous, a in zip([None] + LONG, LONG)]

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loco_timm.data import find_fashion_mnist
-from loco_timm.export import export
-from loco_timm.tags import get_hub_config, hub_config_dir
+from loco_timm.data.datasets import find_fashion_mnist
+from loco_timm.zoo.export import export
+from loco_timm.zoo.tags import get_hub_config, hub_config_dir
 from zoo_common import FMNIST, reference_logits, train_and_read_out
 
 pytestmark = [pytest.mark.slow,

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from loco_timm.data import build_dataset
+from loco_timm.data.datasets import build_dataset
 
 
 def _folder(root, sizes=((40, 30), (20, 50))):

@@ -7,7 +7,7 @@ import torch
 
 from loco_timm import LocalLearner
 from loco_timm.config import TrainConfig
-from loco_timm.optim import build_optimizer, build_scheduler
+from loco_timm.training.optim import build_optimizer, build_scheduler
 
 
 def test_lars_excludes_biases_and_norms_from_decay_and_adaptation():

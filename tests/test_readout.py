@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from loco_timm.config import ConfigError, ReadoutConfig
-from loco_timm.readout import evaluate_features, knn_accuracy, select_lr, train_linear
+from loco_timm.evaluation.readout import evaluate_features, knn_accuracy, select_lr, train_linear
 
 
 def _blobs(n=600, dim=8, classes=3, seed=0, scale=4.0):
@@ -83,8 +83,8 @@ def _checkpoint(folder, **overrides):
     from safetensors.torch import save_file
 
     from loco_timm.config import TrainConfig
-    from loco_timm.factory import build_learner
-    from loco_timm.train import _as_json
+    from loco_timm.core.factory import build_learner
+    from loco_timm.training.train import _as_json
     cfg = TrainConfig(**dict(dict(backbone='test_resnet', dataset='fashion_mnist', image_size=28, seed=0), **overrides))
     torch.manual_seed(cfg.seed)
     learner = build_learner(cfg, 1, 10)
@@ -95,8 +95,8 @@ def _checkpoint(folder, **overrides):
 
 
 def test_reference_rows_are_computed_once_and_reused_only_with_the_same_key(tmp_path):
-    from loco_timm.data import find_fashion_mnist
-    from loco_timm.readout import readout
+    from loco_timm.data.datasets import find_fashion_mnist
+    from loco_timm.evaluation.readout import readout
     if find_fashion_mnist() is None:
         pytest.skip('Fashion-MNIST not installed')
     cfg = ReadoutConfig(epochs=2, train_subset=200, test_subset=100, knn_k=10)
@@ -163,8 +163,8 @@ def test_streamed_float32_readout_equals_the_in_memory_one_and_float16_stays_clo
 
 def test_features_are_written_into_one_allocation_per_stage_whose_size_is_said_first():
     from torch.utils.data import TensorDataset
-    from loco_timm.augment import SimCLRAugment
-    from loco_timm.readout import extract_features
+    from loco_timm.data.augment import SimCLRAugment
+    from loco_timm.evaluation.readout import extract_features
     images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
     dataset = TensorDataset(images, torch.arange(10) % 2, torch.arange(10))
     said = []

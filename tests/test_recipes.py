@@ -10,7 +10,7 @@ from PIL import Image
 from formats import hf_parquet, wds_shards
 from loco_timm.config import ReadoutConfig, TrainConfig, from_dict
 from loco_timm.recipes import load_recipe
-from loco_timm.tags import get_hub_config
+from loco_timm.zoo.tags import get_hub_config
 
 # arXiv:2008.01342 (../shared/PAPER.md): batch 4096, LARS lr 4.8 (= 0.3 x 4096/256), cosine, 10 warm-up epochs,
 # 800 epochs, 224 px, SimCLR augmentations; where the paper is silent, SimCLR's defaults: temperature 0.1, weight
@@ -108,7 +108,7 @@ def test_imagenet_recipe_dry_runs_with_only_size_overrides(tmp_path, source):
     overrides = [*data, '--out-dir', run, '--batch-size', '4', '--image-size', '32', '--max-steps', '2',
                  '--trackers', 'none']
     tag = 'loco_resnet50.simclr_in1k'
-    result = subprocess.run([sys.executable, '-m', 'loco_timm.cli', 'train', '--config', tag, *map(str, overrides)],
+    result = subprocess.run([sys.executable, '-m', 'loco_timm', 'train', '--config', tag, *map(str, overrides)],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     progress = json.loads(next(run.glob('checkpoints/step-*/progress.json')).read_text())
@@ -119,7 +119,7 @@ def test_imagenet_recipe_dry_runs_with_only_size_overrides(tmp_path, source):
     assert trained.base_lr * 4096 / 256 == pytest.approx(4.8)
     assert (trained.mixed_precision, trained.sync_bn) == ('bf16', True)
     only_model = ['--references', 'false'] if source != 'folder' else []  # the reference rows: once is enough
-    readout = subprocess.run([sys.executable, '-m', 'loco_timm.cli', 'readout', str(run), '--config', tag,
+    readout = subprocess.run([sys.executable, '-m', 'loco_timm', 'readout', str(run), '--config', tag,
                               '--epochs', '3', '--knn-k', '4', *only_model], env=env, capture_output=True, text=True,
                              timeout=600)
     assert readout.returncode == 0, readout.stderr[-3000:]

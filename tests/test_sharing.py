@@ -7,7 +7,7 @@ from torch import nn
 
 from loco_timm import LocalLearner
 from loco_timm.config import TrainConfig
-from loco_timm.factory import build_learner
+from loco_timm.core.factory import build_learner
 from reference import assert_close, grads, ref_nt_xent, ref_unit_loss, resnet_stage_fns, resnet_stage_params, views
 
 T = 0.1

@@ -12,9 +12,9 @@ from PIL import Image
 
 from formats import CLASSES, SPLITS, hf_parquet, image_folder, tar_splits, wds_shards
 from loco_timm.config import ConfigError, TrainConfig
-from loco_timm.crops import ViewCropSpec, needed_size, view_crops
-from loco_timm.data import build_dataset
-from loco_timm.sources import decode
+from loco_timm.data.crops import ViewCropSpec, needed_size, view_crops
+from loco_timm.data.datasets import build_dataset
+from loco_timm.data.sources import decode
 
 pytest.importorskip('datasets')
 pytest.importorskip('webdataset')
@@ -103,7 +103,7 @@ def test_streams_shuffle_by_seed_and_epoch_and_repeat_exactly(sources):
 def test_a_stream_trains_and_resumes_mid_epoch_to_the_same_weights(sources, tmp_path):
     from safetensors.torch import load_file
 
-    from loco_timm.train import train
+    from loco_timm.training.train import train
     name, data_dir = sources['wds']
     common = dict(backbone='test_resnet', dataset=name, data_dir=str(data_dir), image_size=24, batch_size=6,
                   max_steps=5, epochs=2, checkpoint_every=2, trackers='none', base_lr=0.1, decoder='mlp')
@@ -146,7 +146,7 @@ def test_bad_sources_fail_with_one_line_naming_the_fix(sources, tmp_path, monkey
 def test_torchvision_fashion_mnist_through_timm_matches_the_embedded_default():
     from torchvision.transforms import v2
 
-    from loco_timm.data import cache_dir
+    from loco_timm.data.datasets import cache_dir
     ours = build_dataset('fashion_mnist', 'test', image_size=28, subset=16)  # unpacks torchvision's layout
     through_timm = build_dataset('torch/fashion_mnist', 'test', cache_dir() / 'data', image_size=28, subset=16)
     assert len(through_timm) == 16 and through_timm.classes == ours.classes
@@ -158,7 +158,7 @@ def test_torchvision_fashion_mnist_through_timm_matches_the_embedded_default():
 
 
 def test_a_streams_epoch_is_the_same_with_loader_workers_and_keys_items_uniquely(sources):
-    from loco_timm.sources import StreamLoader
+    from loco_timm.data.sources import StreamLoader
     name, data_dir = sources['wds']
     ds = build_dataset(name, 'pretrain', data_dir, 24, crops=ViewCropSpec(24, seed=0), batch_size=3)
     loader = StreamLoader(ds, 3, num_workers=2, pin=False, seed=0, rank=0, device=torch.device('cpu'))
@@ -174,8 +174,8 @@ def test_a_streams_epoch_is_the_same_with_loader_workers_and_keys_items_uniquely
 def test_decoding_on_the_device_gives_the_loaders_crops_and_the_same_training(sources, tmp_path):
     from safetensors.torch import load_file
 
-    from loco_timm.sources import collate_encoded, decode_views
-    from loco_timm.train import train
+    from loco_timm.data.sources import collate_encoded, decode_views
+    from loco_timm.training.train import train
     name, data_dir = sources['folder']
     spec = ViewCropSpec(24, seed=2)
     png = tmp_path / 'mixed' / 'train' / 'cat'

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loco_timm.stage_parallel import balance, check_placement
+from loco_timm.training.stage_parallel import balance, check_placement
 from stage_parallel_worker import pipelined_reference, reference
 
 HERE = os.path.dirname(__file__)
@@ -103,7 +103,7 @@ def test_stashed_forward_keeps_the_weights_and_statistics_of_its_forward():
     place), the kept graph still gives the gradient at the weights of its forward; the statistics are updated once."""
     import copy
     from torch import nn
-    from loco_timm.gradients import stashed_forward
+    from loco_timm.core.gradients import stashed_forward
     torch.manual_seed(0)
     stage = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double()
     x, grad = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 4, 6, 6, dtype=torch.float64)

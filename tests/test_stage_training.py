@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from loco_timm import LocalLearner
-from loco_timm.checkpoint import list_checkpoints, read_progress, verify_checkpoint
-from loco_timm.data import find_fashion_mnist
-from loco_timm.stage_training import step_costs
+from loco_timm.training.checkpoint import list_checkpoints, read_progress, verify_checkpoint
+from loco_timm.data.datasets import find_fashion_mnist
+from loco_timm.training.stage_training import step_costs
 
 HERE = Path(__file__).parent
 FMNIST = 'loco_resnet18_small.simclr_fmnist'
@@ -38,13 +38,13 @@ def _port():
 
 
 def _launch(run, *extra, processes=2):
-    """`accelerate launch -m loco_timm.train` on gloo CPU processes, one thread each, in a new session."""
+    """`accelerate launch -m loco_timm train` on gloo CPU processes, one thread each, in a new session."""
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'ACCELERATE_USE_CPU': '1', 'PYTHONUNBUFFERED': '1'}
     launch = (['--cpu', '--num_processes', '1'] if processes == 1 else
               ['--multi_gpu', '--num_processes', str(processes), '--main_process_ip', '127.0.0.1',
                '--main_process_port', str(_port())])
     return subprocess.Popen([sys.executable, '-m', 'accelerate.commands.launch', *launch, '--num_machines', '1',
-                             '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'loco_timm.train',
+                             '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'loco_timm', 'train',
                              '--out-dir', str(run), *SHORT, *map(str, extra)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -163,7 +163,7 @@ def test_bad_stage_parallel_recipes_are_one_line_errors(tmp_path, capsys, args, 
 @slow
 def test_stage_groups_need_a_multiple_of_their_count_of_processes(tmp_path):
     from loco_timm.config import ConfigError, TrainConfig
-    from loco_timm.train import train
+    from loco_timm.training.train import train
     cfg = TrainConfig(backbone='test_resnet', image_size=32, subset=64, batch_size=16, pipeline=2, trackers='none',
                       out_dir=str(tmp_path))
     with pytest.raises(ConfigError, match=r'2 stage groups need a multiple of 2 processes \(P x replicas\), not 1'):

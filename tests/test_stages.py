@@ -171,7 +171,7 @@ def test_a_model_that_is_no_timm_model_is_a_value_error():
 
 
 def test_a_registered_adapter_splits_its_family_into_chains_of_atoms():
-    from loco_timm.stages import adapters
+    from loco_timm.core.stages import adapters
 
     class Chain(nn.Module):
         feature_info = [dict(module='blocks.0', num_chs=4, reduction=1), dict(module='blocks.1', num_chs=4,

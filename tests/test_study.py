@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from loco_timm.data import find_fashion_mnist
-from loco_timm.study import CLAIMS, results_markdown, summarize
+from loco_timm.data.datasets import find_fashion_mnist
+from loco_timm.evaluation.study import CLAIMS, results_markdown, summarize
 from zoo_common import cli
 
 pytestmark = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST not installed')
@@ -88,7 +88,7 @@ def test_ablation_arms_are_paired_with_the_arm_they_change_next_to_the_papers_di
 
 
 def test_arm_groups_expand_to_the_arms_and_their_references():
-    from loco_timm.study import ABLATIONS, ARMS, expand_arms
+    from loco_timm.evaluation.study import ABLATIONS, ARMS, expand_arms
     assert expand_arms(None) == list(ARMS)
     ablations = expand_arms(['ablations'])
     assert set(ablations) == set(ABLATIONS) | {'loco_conv', 'gim_conv', 'gim_mlp', 'e2e_mlp'}
@@ -118,7 +118,7 @@ def test_runs_recorded_in_a_committed_results_file_count_as_finished(tmp_path):
     """A study spans machines: the run folders are not committed, results.json is."""
     import copy
     from loco_timm.recipes import load_recipe
-    from loco_timm.study import run_study
+    from loco_timm.evaluation.study import run_study
     recipe = load_recipe('loco_resnet18_small.simclr_fmnist')
     recorded = [dict(_run('loco_conv', 0, [50, 80.0]), steps=3), dict(_run('e2e_mlp', 0, [50, 81.0]), steps=3)]
     results = dict(config='loco_resnet18_small.simclr_fmnist', recipe=recipe, train_overrides={'max_steps': 3},

@@ -8,7 +8,7 @@ import torch
 import torchvision.datasets.cifar as tv_cifar
 from torchvision.datasets import CIFAR10, CIFAR100, STL10
 
-from loco_timm.data import build_dataset
+from loco_timm.data.datasets import build_dataset
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loco_timm.checkpoint import latest_checkpoint, list_checkpoints
-from loco_timm.data import find_fashion_mnist
+from loco_timm.training.checkpoint import latest_checkpoint, list_checkpoints
+from loco_timm.data.datasets import find_fashion_mnist
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST not installed')]
@@ -117,7 +117,7 @@ def test_non_finite_loss_on_one_process_stops_every_process_and_keeps_the_checkp
 
 
 def test_batch_not_divisible_by_processes_is_a_one_line_error(tmp_path):
-    cmd = ACCELERATE + _launch_args(2) + ['-m', 'loco_timm.train', '--backbone', 'test_convnext', '--image-size', '32',
+    cmd = ACCELERATE + _launch_args(2) + ['-m', 'loco_timm', 'train', '--backbone', 'test_convnext', '--image-size', '32',
                                           '--subset', '64', '--batch-size', '15', '--out-dir', str(tmp_path)]
     result = _run(cmd)
     assert result.returncode != 0
@@ -126,7 +126,7 @@ def test_batch_not_divisible_by_processes_is_a_one_line_error(tmp_path):
 
 
 def _cli(*args):
-    return [sys.executable, '-m', 'loco_timm.cli', *args]
+    return [sys.executable, '-m', 'loco_timm', *args]
 
 
 def _tiny_cli_args(out_dir, **changes):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from loco_timm.trend import judge, trend, trend_markdown, write_trend
+from loco_timm.evaluation.trend import judge, trend, trend_markdown, write_trend
 
 
 def _study(folder, epochs, linear, recipe_epochs=3, extra=None):

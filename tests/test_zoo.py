@@ -10,11 +10,11 @@ import torch
 import yaml
 
 import loco_timm  # noqa: F401
-from loco_timm.card import update_cards, zoo_card
+from loco_timm.zoo.card import update_cards, zoo_card
 from loco_timm.config import ConfigError, ReadoutConfig, TrainConfig, from_dict
 from loco_timm.recipes import load_recipe
-from loco_timm.data import NORMALIZATION
-from loco_timm.tags import get_hub_config, hub_config_dir, list_hub_configs, load_hub_config
+from loco_timm.data.datasets import NORMALIZATION
+from loco_timm.zoo.tags import get_hub_config, hub_config_dir, list_hub_configs, load_hub_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = 'loco_resnet18_small.simclr_fmnist'
@@ -154,7 +154,7 @@ def test_metrics_in_hub_configs_say_how_they_were_measured():
 
 
 def test_cards_carry_the_study_results_when_there_are_some(tmp_path):
-    from loco_timm.card import STUDY_RESULTS, STUDY_START, STUDY_END, TABLE_START, TABLE_END
+    from loco_timm.zoo.card import STUDY_RESULTS, STUDY_START, STUDY_END, TABLE_START, TABLE_END
     (tmp_path / 'README.md').write_text(f'# x\n{TABLE_START}\n{TABLE_END}\n\n{STUDY_START}\n{STUDY_END}\nend\n')
     assert sorted(update_cards(tmp_path)) == [str(tmp_path / 'MODEL_CARD.md'), str(tmp_path / 'README.md')]
     assert 'Not run yet' in (tmp_path / 'README.md').read_text()

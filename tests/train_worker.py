@@ -11,9 +11,9 @@ import json
 import sys
 
 
-import loco_timm.learner
+import loco_timm.core.learner
 from loco_timm.config import TrainConfig, from_dict
-from loco_timm.train import NonFiniteLossError, train
+from loco_timm.training.train import NonFiniteLossError, train
 
 
 def main() -> int:
@@ -29,13 +29,13 @@ def main() -> int:
     rank = int(__import__('os').environ.get('RANK', 0))
     if args.nan_rank is not None and rank == args.nan_rank:
         calls = [0]
-        original = loco_timm.learner.NTXentLoss.forward
+        original = loco_timm.core.learner.NTXentLoss.forward
 
         def poisoned(self, z1, z2):
             calls[0] += 1
             loss = original(self, z1, z2)
             return loss * float('nan') if calls[0] >= args.nan_step else loss
-        loco_timm.learner.NTXentLoss.forward = poisoned
+        loco_timm.core.learner.NTXentLoss.forward = poisoned
 
     def after_backward(step, learner):
         if step == 0 and args.dump_grads and rank == 0:

@@ -14,7 +14,7 @@ TINY_READOUT = ['--epochs', '2', '--train-subset', '256', '--test-subset', '128'
 
 def cli(*args, env=None, timeout=300):
     env = {**os.environ, 'OMP_NUM_THREADS': '2', **(env or {})}
-    return subprocess.run([sys.executable, '-m', 'loco_timm.cli', *map(str, args)], env=env, capture_output=True,
+    return subprocess.run([sys.executable, '-m', 'loco_timm', *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -29,8 +29,8 @@ def train_and_read_out(run_dir: Path, config: str = FMNIST) -> Path:
 
 def reference_logits(run_dir: Path, x: torch.Tensor) -> torch.Tensor:
     """Logits of the trained encoder (through the learner) and the readout head, computed without the export."""
-    from loco_timm.checkpoint import resolve_checkpoint
-    from loco_timm.readout import _learner_from_checkpoint
+    from loco_timm.training.checkpoint import resolve_checkpoint
+    from loco_timm.evaluation.readout import _learner_from_checkpoint
     learner = _learner_from_checkpoint(resolve_checkpoint(run_dir))[0].eval()
     head = load_file(str(run_dir / 'readout_head.safetensors'))
     with torch.no_grad():

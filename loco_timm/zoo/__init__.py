@@ -1,4 +1,4 @@
-"""Model zoo: the timm registrations of loco-timm's architectures and weight tags.
+"""Model zoo: the timm registrations of loco-timm's architectures and weight tags, and their way to the Hub.
 
 LoCo: Local Contrastive Representation Learning (Xiong, Ren & Urtasun, NeurIPS 2020, arXiv:2008.01342).
 
@@ -10,11 +10,13 @@ LoCo: Local Contrastive Representation Learning (Xiong, Ren & Urtasun, NeurIPS 2
   ``catavgmax``, 512 features): on a map this small, max pooling keeps where a part responds, which an average
   loses. timm's ResNet cannot express a stem without max-pool, so loading it needs ``import loco_timm``.
 
-The weight tags come from ``hub_configs/`` (:mod:`loco_timm.tags`), one file per tag; per architecture the LoCo tag
+The weight tags come from ``hub_configs/`` (:mod:`.tags`), one file per tag; per architecture the LoCo tag
 comes first, so an untagged name (``loco_resnet50``) resolves to it. Every tag has an ``hf_hub_id`` and is listed by
 ``timm.list_pretrained``, published or not: ``pretrained=True`` downloads through huggingface_hub (``HF_ENDPOINT``
 mirrors, offline mode and the cache apply) and, where the weights are missing, raises
-:class:`PretrainedWeightsNotFound` with the tag, the repository and how to produce them.
+:class:`PretrainedWeightsNotFound` with the tag, the repository and how to produce them. A trained checkpoint becomes
+a Hub repository through :mod:`.export` (timm model, config, model card from :mod:`.card`) and :mod:`.hub`
+(``loco-timm publish``).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from timm.models import build_model_with_cfg
 from torch import nn
 
 from ..files import file_digest
-from ..tags import list_hub_configs
+from .tags import list_hub_configs
 
 __all__ = ['PretrainedWeightsNotFound', 'tag_cfgs', 'create']
 

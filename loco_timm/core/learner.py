@@ -43,7 +43,7 @@ class LocalLearner(nn.Module):
     Args:
         backbone: A timm model (or a timm model name, created without pretrained weights).
         mode: ``"loco"``, ``"gim"`` or ``"e2e"``.
-        decoder: ``"conv"`` or ``"mlp"`` (see :mod:`loco_timm.decoders`); None: conv for gim/loco, mlp for e2e.
+        decoder: ``"conv"`` or ``"mlp"`` (see :mod:`loco_timm.core.decoders`); None: conv for gim/loco, mlp for e2e.
         num_stages: Number of stages K (see :func:`loco_timm.split_stages`); None: the model's default.
         units: Custom units, a list of inclusive ``(first, last)`` stage indices (overrides ``mode``'s units).
         top_unit: LoCo: add a unit on the last stage alone.
@@ -60,7 +60,7 @@ class LocalLearner(nn.Module):
             mlp: 0); the paper's decoder-depth ablation.
         mlp_layers: Linear layers of every decoder's projection MLP (2; the paper's "+ 2-layer MLP": 4).
         sharing: LoCo only: how overlapping units share a stage, ``"full"`` (LoCo), ``"none"``, ``"upper"``,
-            ``"blocks"`` or ``"l2"`` (see :mod:`loco_timm.sharing`).
+            ``"blocks"`` or ``"l2"`` (see :mod:`loco_timm.core.sharing`).
         sharing_blocks: ``"blocks"``: how many first blocks of the next stage a unit includes.
         sharing_l2: ``"l2"``: the penalty coefficient.
 
@@ -263,7 +263,7 @@ class LocalLearner(nn.Module):
         1``). Returns the schedule and stage ``stop``'s output (default: up to the active units' last stage).
 
         ``stash`` (pipelined stage parallelism): stage ``stop`` runs with its weights stashed
-        (:func:`~loco_timm.gradients.stashed_forward`) and keeps its graph until the units above deliver, even
+        (:func:`~loco_timm.core.gradients.stashed_forward`) and keeps its graph until the units above deliver, even
         across an optimizer step: its weight gradient is then that of the weights of this forward."""
         spans = {j: self.units[j] for j in active}
         top = max(last for _, last in spans.values()) if stop is None else stop

@@ -19,12 +19,12 @@ Communication is ``torch.distributed`` point-to-point (gloo on CPU, NCCL on GPU)
 (dtype, shape) and the tensor.
 
 Pipelined (``pipelined=True``, LoCo and GIM): see :meth:`StageParallel.step`. A process's top stage runs with its
-weights stashed (PipeDream's weight stashing, :func:`~loco_timm.gradients.stashed_forward`) and keeps its graph for
+weights stashed (PipeDream's weight stashing, :func:`~loco_timm.core.gradients.stashed_forward`) and keeps its graph for
 one step, so its delayed gradient, computed with the weights of its forward, costs no second forward. The delayed
 gradient is computed into its own buffers and added after the step's own gradients; :meth:`StageParallel.settle`
 computes it early (before a checkpoint) and :meth:`StageParallel.delayed_state` / :meth:`StageParallel.load_delayed`
 carry it through one, so a resumed run adds the same numbers in the same order. ``loco-timm train`` drives all of it
-through :mod:`loco_timm.stage_training`.
+through :mod:`loco_timm.training.stage_training`.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .stages import stage_tensors
+from ..core.stages import stage_tensors
 
 __all__ = ['balance', 'check_placement', 'StageParallel']
 

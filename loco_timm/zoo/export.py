@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from .card import model_card
-from .checkpoint import read_progress, resolve_checkpoint
-from .files import plain_permissions
-from .config import ConfigError, TrainConfig, from_dict
+from ..training.checkpoint import read_progress, resolve_checkpoint
+from ..files import plain_permissions
+from ..config import ConfigError, TrainConfig, from_dict
 from .tags import HubConfig, get_hub_config
 
 __all__ = ['export', 'build_export_model', 'save_timm_model', 'EXPORT_FILES']
@@ -41,7 +41,6 @@ def build_export_model(hub: HubConfig, encoder_state: dict[str, torch.Tensor],
                        head_state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The tag's timm model (``architecture.tag``, its pretrained config) holding the encoder and readout head."""
     import timm
-    from . import zoo  # noqa: F401  (registers loco_* architectures)
     kwargs = dict(dict(num_classes=hub.model['num_classes'], in_chans=hub.model['input_size'][0]), **hub.model_args)
     if hub.name in timm.list_pretrained(hub.name):  # a registered tag: its pretrained config comes with it
         model = timm.create_model(hub.name, pretrained=False, **kwargs)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import file_digest
+from ..files import file_digest
 
 __all__ = ['save_checkpoint', 'latest_checkpoint', 'list_checkpoints', 'load_weights', 'read_progress',
            'resolve_checkpoint', 'verify_checkpoint']
@@ -113,7 +113,7 @@ def save_checkpoint(accelerator: Any, learner: torch.nn.Module, out_dir: str | o
     ``exists_ok``: keep an existing checkpoint of this step instead (the one a finished run was resumed from);
     otherwise one of the same step (e.g. damaged, skipped by the resume) is replaced. ``write(folder)``: every
     process writes its own files too; ``state(folder)``: the main process's learner state dict, after them
-    (stage parallelism: :mod:`loco_timm.stage_training`)."""
+    (stage parallelism: :mod:`loco_timm.training.stage_training`)."""
     root = Path(out_dir) / 'checkpoints'
     final = root / f'step-{step:08d}'
     tmp = root / f'{final.name}.tmp'

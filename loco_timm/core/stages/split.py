@@ -4,8 +4,8 @@ LoCo (Xiong, Ren & Urtasun, NeurIPS 2020, arXiv:2008.01342) and Greedy InfoMax t
 stages. :func:`split_stages` cuts a timm model into ``K`` modules whose composition is exactly
 ``model.forward_features(x)``:
 
-* a family with a registered adapter (:mod:`loco_timm.stages.adapters`) is split into chains of its atoms;
-* every other model is traced with torch.fx (:mod:`loco_timm.stages.graph`) and cut after timm's ``feature_info``
+* a family with a registered adapter (:mod:`loco_timm.core.stages.adapters`) is split into chains of its atoms;
+* every other model is traced with torch.fx (:mod:`loco_timm.core.stages.graph`) and cut after timm's ``feature_info``
   modules. Levels at stride 2 or less are merged into the first stage while more than 4 levels remain (ResNet-50:
   stem+res2, res3, res4, res5; VGG: the two full-resolution levels join the first stage); the last level and
   everything after it (final norm) form the last stage. A model whose levels do not downsample (a ViT, whose
@@ -199,7 +199,7 @@ def split_stages(model: nn.Module, num_stages: int | None = None, first_blocks: 
 
     Returns:
         ``nn.ModuleList`` of K stages sharing the model's modules and parameters. Applying them in order equals
-        ``model.forward_features(x)``. A stage returns a tensor, or a :class:`~loco_timm.stages.Boundary` when
+        ``model.forward_features(x)``. A stage returns a tensor, or a :class:`~loco_timm.core.stages.Boundary` when
         more than one value crosses the cut after it.
 
     Raises:

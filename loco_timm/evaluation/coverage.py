@@ -98,7 +98,7 @@ def check_model(name: str, side: int = SIDE, batch: int = 2, seed: int = 0) -> d
     first failing check and its reason."""
     import timm
 
-    from .learner import LocalLearner
+    from ..core.learner import LocalLearner
     start = time.perf_counter()
     row: dict = dict(model=name, ok=False)
     try:

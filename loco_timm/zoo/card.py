@@ -1,4 +1,4 @@
-"""Model cards, written from the hub configs (:mod:`loco_timm.tags`) so that no fact about a tag is typed twice.
+"""Model cards, written from the hub configs (:mod:`loco_timm.zoo.tags`) so that no fact about a tag is typed twice.
 
 * :func:`model_card` - the ``README.md`` of an exported repository: Hub front matter (``library_name: timm``, tags,
   license, datasets, ``model-index`` metrics) and a body with use, recipe, per-stage readout, limitations, BibTeX;
@@ -89,7 +89,7 @@ def model_card(hub: HubConfig, results: dict | None = None, train_summary: dict 
                          tags=['image-classification', 'timm', 'self-supervised', 'contrastive', 'loco', hub.mode],
                          datasets=[dataset_id] if dataset_id else None, pipeline_tag='image-classification',
                          model_name=hub.name, eval_results=evals or None)
-    from .zoo import ARCHITECTURES
+    from . import ARCHITECTURES
     native = hub.export_architecture not in ARCHITECTURES  # plain timm builds it from config.json
     load = (f"model = timm.create_model('hf-hub:{hub.repo_id}', pretrained=True)  # plain timm: config.json names "
             f"`{hub.export_architecture}`; `import loco_timm` not needed" if native else

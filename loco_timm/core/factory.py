@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig
 from .learner import LocalLearner
 
 __all__ = ['build_learner', 'fixed_input_size']

@@ -18,8 +18,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .config import ReadoutConfig, TrainConfig, from_dict
-from .recipes import load_recipe
+from ..config import ReadoutConfig, TrainConfig, from_dict
+from ..recipes import load_recipe
 
 __all__ = ['ARMS', 'ABLATIONS', 'arm_overrides', 'expand_arms', 'run_study', 'summarize', 'CLAIMS']
 
@@ -246,9 +246,9 @@ def _loss_curves(run_dir: Path) -> dict[str, dict[str, list]]:
 def run_study(out: str | Path, config: str, seeds: list[int], arms: list[str] | None = None,
               train_overrides: dict | None = None, readout_overrides: dict | None = None, log=print) -> dict:
     """Train and read out every (arm, seed) not finished yet, then rewrite the study's results and plots."""
-    from .checkpoint import latest_checkpoint
+    from ..training.checkpoint import latest_checkpoint
     from .readout import readout
-    from .train import train
+    from ..training.train import train
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe(config)

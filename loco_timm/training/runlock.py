@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from ..config import ConfigError
 
 __all__ = ['RunLock', 'lock_run', 'Preemption', 'Preempted', 'PREEMPTED_EXIT']
 

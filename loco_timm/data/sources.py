@@ -7,7 +7,7 @@ Hugging Face dataset by its folder, ``hfds//data/imagenet``), or ``imagefolder``
 ``data_dir`` as timm's ``root``; the split of each use (``pretrain``, readout ``train``, readout ``test``) comes from
 ``splits`` (:data:`DEFAULT_SPLITS` otherwise). Items are ``(image, label, index)``:
 
-* pre-training: the views' random resized crops of the *whole* image (:mod:`loco_timm.crops`), ``(views, 3, size,
+* pre-training: the views' random resized crops of the *whole* image (:mod:`loco_timm.data.crops`), ``(views, 3, size,
   size)``, both from one decode; a JPEG is decoded at the smallest scale (1/1, 1/2, 1/4 or 1/8, libjpeg's DCT
   scaling through PIL's ``Image.draft``) at which no crop is upsampled;
 * evaluation: the image resized so its shorter side is ``load_size`` and centre-cropped (JPEGs again drafted);
@@ -316,7 +316,7 @@ class StreamLoader:
                 yield [t.to(self.device, non_blocking=self.pin) for t in batch]
             if count == steps:
                 return
-        from .config import ConfigError
+        from ..config import ConfigError
         raise ConfigError(f'the stream of {self.dataset.name} gave {count} batches of {self.batch_size} in epoch '
                           f'{epoch}, fewer than the {steps} an epoch needs: give its info file the right '
                           f'num_samples, or set subset')

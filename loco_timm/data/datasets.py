@@ -1,5 +1,5 @@
 """Datasets: Fashion-MNIST (the embedded default), CIFAR-10/100 and STL-10 as uint8 image tensors, and every source
-timm reads (:mod:`loco_timm.sources`).
+timm reads (:mod:`loco_timm.data.sources`).
 
 Fashion-MNIST is looked up, in order, in ``data_dir``, ``$LOCO_TIMM_DATA``, and where Debian's package
 ``dataset-fashion-mnist`` installs it (``/usr/share/datasets/fashion-mnist``). Its IDX files (``.gz`` or not) are
@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .crops import KEY_STRIDE, ViewCropSpec
-from .files import plain_permissions
+from ..files import plain_permissions
 from .sources import build_source, is_stream, is_timm_source
 
 __all__ = ['FASHION_MNIST_FILES', 'DEBIAN_FASHION_MNIST', 'find_fashion_mnist', 'fashion_mnist', 'cache_dir',
@@ -104,7 +104,7 @@ def fashion_mnist(train: bool = True, data_dir: str | os.PathLike | None = None,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Datasets as uint8 image tensors: augmentation runs batched on the device (loco_timm.augment)
+# Datasets as uint8 image tensors: augmentation runs batched on the device (loco_timm.data.augment)
 
 NORMALIZATION = {
     'fashion_mnist': ((0.2860,), (0.3530,)),
@@ -164,7 +164,7 @@ def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLik
     Args:
         name: ``fashion_mnist``, ``cifar10``, ``cifar100``, ``stl10``, or a source read through timm
             (``imagefolder``, ``torch/...``, ``hfds/...``, ``hfids/...``, ``wds/...``, ``tfds/...``;
-            :mod:`loco_timm.sources`).
+            :mod:`loco_timm.data.sources`).
         split: ``pretrain`` (STL-10: the unlabeled split; else the training split), ``train`` or ``test``
             (timm sources: the split ``splits`` names for it, by default train, train and validation).
         data_dir: Where the files are (required for imagefolder and wds; timm's ``root`` for the others).
@@ -179,7 +179,7 @@ def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLik
             worker's share of an epoch up to whole batches).
         draft: Decode JPEGs of timm sources at a reduced scale where no crop needs the full resolution.
         encoded: Random-access timm sources' pre-training: items keep the JPEG bytes and crop boxes, for
-            :func:`loco_timm.sources.decode_views` on the training device.
+            :func:`loco_timm.data.sources.decode_views` on the training device.
 
     Raises:
         ValueError: Unknown name or split. FileNotFoundError: missing or empty data.

@@ -2,8 +2,8 @@
 
 A hub config is named ``<architecture>.<tag>.yaml`` (timm's ``arch.tag``) and is the single source of truth for its
 tag: the timm registry (:mod:`loco_timm.zoo`), the training and readout recipe (``loco-timm train --config TAG``),
-the exported repository's ``config.json`` and model card (:mod:`loco_timm.export`) and the zoo's ``MODEL_CARD.md``
-(:mod:`loco_timm.card`) all read it. Its sections:
+the exported repository's ``config.json`` and model card (:mod:`loco_timm.zoo.export`) and the zoo's ``MODEL_CARD.md``
+(:mod:`loco_timm.zoo.card`) all read it. Its sections:
 
 * ``model:`` ``model_args`` (JSON-serialisable timm arguments), ``timm_architecture`` (the plain timm name that builds
   the same module, if any: then the exported repository loads without loco_timm), the pretrained config (``input_size``,
@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, RECIPE_SECTIONS
+from ..config import ConfigError, RECIPE_SECTIONS
 
 __all__ = ['HubConfig', 'hub_config_dir', 'list_hub_configs', 'get_hub_config', 'load_hub_config', 'MODE_ORDER']
 
@@ -42,7 +42,7 @@ _NAME = re.compile(r'^(?P<arch>[a-z0-9_]+)\.(?P<tag>[a-z0-9_]+)$')
 
 def hub_config_dir() -> Path:
     """The folder of hub configs: installed with the package, or ``hub_configs/`` of a source checkout."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     for candidate in (package / 'hub_configs', package.parent / 'hub_configs'):
         if candidate.is_dir() and any(candidate.glob('*.yaml')):
             return candidate

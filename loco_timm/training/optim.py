@@ -12,7 +12,7 @@ import torch
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 __all__ = ['build_optimizer', 'build_scheduler']
 

@@ -15,7 +15,7 @@ Pipeline (in this order):
 
 1. RandomResizedCrop to ``size`` and horizontal flip, as one ``affine_grid`` + bilinear ``grid_sample``
    (no antialiasing when the crop is shrunk, unlike torchvision's RandomResizedCrop). For decoded image files
-   (ImageFolder) the loader cuts the crop from the whole image instead (:mod:`loco_timm.crops`, same draws) and
+   (ImageFolder) the loader cuts the crop from the whole image instead (:mod:`loco_timm.data.crops`, same draws) and
    only the flip is left here (``cropped=True``).
 2. With probability ``jitter_p``, colour jitter in the fixed order brightness, contrast, saturation, hue
    (torchvision draws a random order), clamping to [0, 1] after each; hue rotates the chroma in YIQ space.
@@ -227,7 +227,7 @@ class SimCLRAugment(torch.nn.Module):
             epoch: epoch number.
             view: view number.
             cropped: The images are this view's random resized crops already, cut from the whole decoded image by
-                the loader with the same draws (:mod:`loco_timm.crops`): only the flip of step 1 remains.
+                the loader with the same draws (:mod:`loco_timm.data.crops`): only the flip of step 1 remains.
 
         Returns:
             float32 ``(N, C, size, size)`` normalised with mean/std, on ``images.device``.

@@ -1,13 +1,13 @@
 """Stage parallelism in ``loco-timm train``: the recipe keys ``pipeline`` (stage groups P), ``placement`` and
-``pipelined`` (:mod:`loco_timm.stage_parallel`).
+``pipelined`` (:mod:`loco_timm.training.stage_parallel`).
 
 The processes form a grid of P stage groups x D replicas (``accelerate launch --num_processes`` P x D; global rank
 = replica x P + stage group). Process ``(d, p)`` holds the stages of ``placement[p]``, their units' decoders and the
 optimizer state of those parameters; the first stage group's process of replica ``d`` alone loads images, share ``d``
-of every global batch (:class:`~loco_timm.data.ShareSampler`); gradients are averaged over the D replicas of a stage
+of every global batch (:class:`~loco_timm.data.datasets.ShareSampler`); gradients are averaged over the D replicas of a stage
 group, and NT-Xent gathers its negatives over them.
 
-Placement: ``placement`` as given, or :func:`~loco_timm.stage_parallel.balance` of each stage's step time, measured
+Placement: ``placement`` as given, or :func:`~loco_timm.training.stage_parallel.balance` of each stage's step time, measured
 on the main process (:func:`step_costs`: the stage's forward and backward with its units' decoders and losses, on one
 replica's batch), broadcast so every process uses the same. A resumed run keeps its checkpoint's placement.
 
@@ -17,7 +17,7 @@ step; a step that logs, checkpoints or ends the run waits for its own.
 
 Checkpoints stay whole-model, in the usual format: the replica-0 process of each stage group writes its tensors and
 its optimizer state by parameter name (safetensors), every process its settled delayed gradient (pipelined:
-:meth:`~loco_timm.stage_parallel.StageParallel.settle`), and the main process merges the tensors into
+:meth:`~loco_timm.training.stage_parallel.StageParallel.settle`), and the main process merges the tensors into
 ``learner.safetensors`` (with those no process trains, e.g. the classifier, kept from the start). A resume loads each
 process's part by name.
 """
@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, TrainConfig
-from .losses import nt_xent_loss
+from ..config import ConfigError, TrainConfig
+from ..core.losses import nt_xent_loss
 from .stage_parallel import StageParallel, balance, check_placement
-from .stages import detach_stage_output, stage_tensors
+from ..core.stages import detach_stage_output, stage_tensors
 
 __all__ = ['StageTraining', 'step_costs', 'resolve_placement']
 
@@ -144,11 +144,11 @@ class StageTraining:
         self._inflight: list = []  # (step, loss sums, stop flag, works) of reductions not yet waited for
 
     def loader(self, dataset, sampler, collate_fn=None):
-        """The first stage group's loader (a :class:`~loco_timm.data.ShareSampler` of ``sampler``); None elsewhere."""
+        """The first stage group's loader (a :class:`~loco_timm.data.datasets.ShareSampler` of ``sampler``); None elsewhere."""
         if not self.first:
             return None
         from torch.utils.data import DataLoader
-        from .data import ShareSampler
+        from ..data.datasets import ShareSampler
         cfg = self.cfg
         self.batch_sampler = ShareSampler(sampler, cfg.batch_size, self.replica, self.replicas)
         return DataLoader(dataset, batch_sampler=self.batch_sampler, num_workers=cfg.num_workers,

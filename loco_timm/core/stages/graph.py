@@ -284,7 +284,7 @@ class GraphStage(nn.Module):
     ``stage.parameters()`` lists exactly what the stage uses); it runs the generated code of its nodes.
 
     Input: the image batch (first stage) or the previous stage's output. Output: one tensor, or a
-    :class:`~loco_timm.stages.boundary.Boundary` when more than the feature crosses the next cut; the last stage
+    :class:`~loco_timm.core.stages.boundary.Boundary` when more than the feature crosses the next cut; the last stage
     returns what ``forward_features`` returns.
     """
 

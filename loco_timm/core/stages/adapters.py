@@ -1,6 +1,6 @@
 """Stage adapters: a model family's ``forward_features`` listed by hand as *atoms*.
 
-timm's families need none: the generic splitter (:mod:`loco_timm.stages.graph`) traces ``forward_features`` and
+timm's families need none: the generic splitter (:mod:`loco_timm.core.stages.graph`) traces ``forward_features`` and
 cuts it after timm's ``feature_info`` modules. An adapter is how a user teaches :func:`~loco_timm.split_stages` a
 model the tracer cannot follow (data-dependent control flow), or overrides where a family is cut: it lists the
 modules ``forward_features`` applies one after another, at block granularity (``conv1``, ``bn1``, ...,

@@ -1,7 +1,7 @@
 """Gradient book-keeping of :meth:`loco_timm.LocalLearner.step`: where each unit's gradient is, per tensor of a
 stage output (a stage may hand several tensors over a cut), and the autograd calls that carry it down a stage.
 
-A gradient here is a list aligned with :func:`loco_timm.stages.stage_tensors` of a stage output: one entry per
+A gradient here is a list aligned with :func:`loco_timm.core.stages.stage_tensors` of a stage output: one entry per
 tensor, ``None`` where no gradient arrived (a plain value, a tensor no loss reached).
 """
 from __future__ import annotations

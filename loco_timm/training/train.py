@@ -1,4 +1,4 @@
-"""Training with Accelerate: ``loco-timm train`` or ``accelerate launch -m loco_timm.train``.
+"""Training with Accelerate: ``loco-timm train`` or ``accelerate launch -m loco_timm train``.
 
 One function, :func:`train`, in Accelerate's order: accelerator, seed, data, model, optimizer and schedule,
 ``prepare``, resume, loop, save, summary. The learner is not wrapped in DDP (it runs several backward passes per
@@ -8,13 +8,12 @@ augmentations (drawn from seed, epoch and sample index) do not depend on the num
 workers; the result does where batch statistics or randomness are per process (BatchNorm without ``sync_bn``,
 dropout and drop-path seeded per process), and otherwise up to float reduction order. The main process holds a lock
 on the run folder; SIGTERM/SIGINT stop every process after the same step with a checkpoint
-(:mod:`loco_timm.runlock`).
+(:mod:`loco_timm.training.runlock`).
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,20 +22,20 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset
 
-from . import zoo  # noqa: F401  (registers loco_* models)
-from .augment import SimCLRAugment
+from .. import zoo  # noqa: F401  (registers loco_* models)
+from ..data.augment import SimCLRAugment
 from .checkpoint import (latest_checkpoint, list_checkpoints, load_weights, read_progress, save_checkpoint,
                          verify_checkpoint)
 from .runlock import Preempted, Preemption, lock_run
-from .config import ConfigError, TrainConfig
-from .crops import ViewCropSpec
-from .data import EpochSampler, build_dataset, normalization
-from .sources import StreamLoader, collate_encoded, decode_views
-from .factory import build_learner
-from .learner import LocalLearner
+from ..config import ConfigError, TrainConfig
+from ..data.crops import ViewCropSpec
+from ..data.datasets import EpochSampler, build_dataset, normalization
+from ..data.sources import StreamLoader, collate_encoded, decode_views
+from ..core.factory import build_learner
+from ..core.learner import LocalLearner
 from .optim import build_optimizer, build_scheduler, steps_for
 
-__all__ = ['train', 'NonFiniteLossError', 'RESUME_KEYS', 'main']
+__all__ = ['train', 'NonFiniteLossError', 'RESUME_KEYS']
 
 # recipe keys that must match to resume a run
 RESUME_KEYS = ('backbone', 'model_args', 'mode', 'decoder', 'num_stages', 'units', 'top_unit', 'temperature',
@@ -152,14 +151,14 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
                                 draft=cfg.decode_draft, encoded=cfg.decode_device)
     except (FileNotFoundError, ImportError) as err:
         raise ConfigError(str(err)) from None
-    cropped = dataset.crops is not None  # the loader cut the views from the whole image (loco_timm.crops)
+    cropped = dataset.crops is not None  # the loader cut the views from the whole image (loco_timm.data.crops)
     if len(dataset) < cfg.batch_size:
         raise ConfigError(f'batch_size={cfg.batch_size} is larger than the dataset ({len(dataset)} images)')
-    stream = isinstance(dataset, IterableDataset)  # each process reads its own shards (loco_timm.sources)
+    stream = isinstance(dataset, IterableDataset)  # each process reads its own shards (loco_timm.data.sources)
     if stream and groups > 1:
         raise ConfigError(f'{cfg.dataset} is streamed: stage parallelism reads random-access sources only (a folder, '
                           f'tars, hfds/): convert it, or leave pipeline out')
-    encoded = getattr(dataset, 'encoded', False)  # JPEG bytes decoded on the device (loco_timm.sources.decode_views)
+    encoded = getattr(dataset, 'encoded', False)  # JPEG bytes decoded on the device (loco_timm.data.sources.decode_views)
     pin = accelerator.device.type == 'cuda'
     if stream:
         sampler = None
@@ -177,7 +176,7 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     learner.to(memory_format=memory_format)
     stage = None
-    if groups > 1:  # stage parallelism: this process keeps its stages (loco_timm.stage_training)
+    if groups > 1:  # stage parallelism: this process keeps its stages (loco_timm.training.stage_training)
         from .stage_training import StageTraining, resolve_placement
         placement = resolve_placement(cfg, learner, accelerator, cfg.batch_size // parts, dataset.channels,
                                       _saved_placement(out_dir) if resume else None)
@@ -319,7 +318,7 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
 def _load_newest_intact(cfg: TrainConfig, out_dir: Path, learner: LocalLearner, accelerator,
                         stage=None) -> tuple[Path, int]:
     """Load the newest checkpoint that verifies and loads, saying in one line why each newer one is skipped
-    (``stage``: a :class:`~loco_timm.stage_training.StageTraining` loads its own part too).
+    (``stage``: a :class:`~loco_timm.training.stage_training.StageTraining` loads its own part too).
 
     Raises:
         ConfigError: None is intact (nothing is deleted), or the recipe differs from the checkpoint's.
@@ -371,7 +370,7 @@ def _as_json(cfg: TrainConfig) -> dict:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
     return __version__
 
 
@@ -382,12 +381,3 @@ def _has_tensorboard() -> bool:
     except ImportError:
         return False
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``accelerate launch -m loco_timm.train [train options]``."""
-    from .cli import main as cli_main
-    return cli_main(['train'] + list(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == '__main__':
-    sys.exit(main())

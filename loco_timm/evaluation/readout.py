@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import SimCLRAugment
-from .checkpoint import load_weights, read_progress, resolve_checkpoint
-from .config import ReadoutConfig, TrainConfig, from_dict
-from .data import build_dataset, normalization
-from .factory import build_learner
-from .learner import LocalLearner
+from ..data.augment import SimCLRAugment
+from ..training.checkpoint import load_weights, read_progress, resolve_checkpoint
+from ..config import ReadoutConfig, TrainConfig, from_dict
+from ..data.datasets import build_dataset, normalization
+from ..core.factory import build_learner
+from ..core.learner import LocalLearner
 
 __all__ = ['extract_features', 'train_linear', 'select_lr', 'knn_accuracy', 'evaluate_features', 'readout',
            'plot_readout', 'reference_key']

@@ -8,9 +8,9 @@ Every configuration trains the same model from the same weights with SGD (moment
 the steady state). Memory per process: parameters it holds plus the peak bytes autograd saves over the timed steps
 (:class:`loco_timm.core.memory.SavedTensorMeter`; pipelined, this includes the top stage's graph and weight copies kept
 into the next step), the largest over processes. Each stage-parallel configuration gets the
-placement ``loco-timm train`` would measure for it (:func:`placements`). The parameters each process holds on a
-model of equal blocks (a ViT) are counted without training (:func:`parameter_split`; ``--parameters-only`` adds them
-to an existing JSON). The baseline a user would otherwise pick,
+placement ``loco-timm train`` would measure for it (:func:`placements`). Besides the two ResNets
+(whose last stage holds most of the parameters) a model of equal blocks, ViT-Ti, shows the parameter split a
+time-balanced placement gives when parameters follow compute. The baseline a user would otherwise pick,
 end-to-end SimCLR pipeline-parallel, runs through ``torch.distributed.pipelining`` (GPipe, 1 to 8 micro-batches)
 with the NT-Xent over the whole batch as GradCache computes it: a forward-only pass for the embeddings, the loss and
 its gradient on the last process, then a forward-backward pass seeding each micro-batch with its slice (so every
@@ -36,7 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from readme_block import cpu_name, write_report  # noqa: E402
 
-MODELS = {'loco_resnet18_small': dict(size=28, chans=1, batch=64), 'resnet50': dict(size=128, chans=3, batch=8)}
+MODELS = {'loco_resnet18_small': dict(size=28, chans=1, batch=64), 'resnet50': dict(size=128, chans=3, batch=8),
+          'vit_tiny_patch16_224': dict(size=224, chans=3, batch=8)}  # the last: a model of equal blocks
+EQUAL_BLOCKS = 'vit_tiny_patch16_224'
 CONFIGS = {  # name: (mode, processes, how)
     'LoCo, 1 process': ('loco', 1, 'single'),
     'LoCo, 2 stage groups, synchronous': ('loco', 2, 'sync'),
@@ -48,37 +50,27 @@ CONFIGS = {  # name: (mode, processes, how)
 }
 
 
-def build(model: str, mode: str):
+def build(model: str, mode: str, device: torch.device | str = 'cpu'):
     import timm
 
     from loco_timm import LocalLearner  # importing loco_timm registers the loco_* models
     spec = MODELS[model]
     torch.manual_seed(0)
     backbone = timm.create_model(model, in_chans=spec['chans'])
-    return LocalLearner(backbone, mode=mode, input_size=(spec['chans'], spec['size'], spec['size']))
+    return LocalLearner(backbone, mode=mode, input_size=(spec['chans'], spec['size'], spec['size'])).to(device)
 
 
-EVEN = dict(model='vit_small_patch16_224', size=224, placement=[[0, 1], [2, 3]])  # a model of equal blocks
+def transport(world: int, device: str) -> tuple[str, bool]:
+    """The process group's backend for ``world`` processes on ``device`` and whether ``torch.distributed.pipelining``
+    can run there: NCCL with one GPU per process; with fewer GPUs than processes (several sharing one, a valid check of
+    the schedule) gloo, which stages the tensors on the CPU and which the pipelining schedules cannot use with CUDA
+    tensors."""
+    if device != 'cuda':
+        return 'gloo', True
+    return ('nccl', True) if world <= torch.cuda.device_count() else ('gloo', False)
 
 
-def parameter_split(model: str, size: int, placement: list) -> dict:
-    """Parameters each process of a LoCo stage-parallel ``placement`` holds (its stages and the decoders of the units
-    ending there, as :class:`loco_timm.training.stage_parallel.StageParallel` keeps them), counted without running it."""
-    import timm
-
-    from loco_timm import LocalLearner
-    learner = LocalLearner(timm.create_model(model), mode='loco', input_size=(3, size, size))
-    held = []
-    for group in placement:
-        ids = {id(p) for k in group for p in learner.stages[k].parameters()}
-        ids |= {id(p) for j, (_, last) in enumerate(learner.units) if last in group
-                for p in learner.decoders[j].parameters()}
-        held.append(sum(p.numel() for p in learner.parameters() if id(p) in ids))
-    return dict(model=model, placement=placement, params_m=[round(n / 1e6, 1) for n in held],
-                shares=[round(n / sum(held), 2) for n in held])
-
-
-def placements(model: str) -> tuple[dict[str, list], dict]:
+def placements(model: str, batch: int, device: str = 'cpu') -> tuple[dict[str, list], dict]:
     """Each stage-parallel configuration's placement, balanced as ``loco-timm train`` balances it: by the stages'
     measured step times (:func:`loco_timm.training.stage_training.step_costs`, one thread; forward and backward with the
     units' decoders and losses; E2E by its own stage costs). Also the cost model of pipelined LoCo: the measured
@@ -87,8 +79,9 @@ def placements(model: str) -> tuple[dict[str, list], dict]:
     from loco_timm.training.stage_training import step_costs
     torch.set_num_threads(1)
     spec, found = MODELS[model], {}
-    h = torch.randn(2 * spec['batch'], spec['chans'], spec['size'], spec['size'])
-    costs = {mode: step_costs(build(model, mode), h) for mode in ('loco', 'gim', 'e2e')}
+    h = torch.randn(2 * batch, spec['chans'], spec['size'], spec['size'], device=device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
+        costs = {mode: step_costs(build(model, mode, device), h) for mode in ('loco', 'gim', 'e2e')}
     for config, (mode, processes, how) in CONFIGS.items():
         if processes > 1 and how != 'data':
             found[config] = balance(costs[mode], 2)
@@ -141,7 +134,7 @@ def _gpipe_step(schedule, rank: int, world: int, views, microbatches: int, tempe
 
 
 def worker(rank: int, world: int, port: int, model: str, config: str, placement: list, warmup: int, steps: int,
-           out: str) -> None:
+           out: str, batch: int, device_type: str = 'cpu') -> None:
     import torch.distributed as dist
 
     from loco_timm.core.memory import SavedTensorMeter
@@ -149,11 +142,16 @@ def worker(rank: int, world: int, port: int, model: str, config: str, placement:
     torch.set_num_threads(1)
     mode, _, how = CONFIGS[config]
     spec = MODELS[model]
+    device = torch.device('cpu')
+    if device_type == 'cuda':
+        device = torch.device('cuda', rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    backend, _ = transport(world, device_type)
     if world > 1:
         os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-        dist.init_process_group('gloo', rank=rank, world_size=world)
-    learner = build(model, mode)
-    batch = spec['batch'] // (world if how == 'data' else 1)
+        dist.init_process_group(backend, rank=rank, world_size=world)
+    learner = build(model, mode, device)
+    batch //= world if how == 'data' else 1
     sp = StageParallel(learner, placement, pipelined=how == 'pipelined') if how in ('sync', 'pipelined') else None
     params = sp.parameters() if sp is not None else list(learner.parameters())
     schedule = None
@@ -161,12 +159,13 @@ def worker(rank: int, world: int, port: int, model: str, config: str, placement:
         from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
         part = _Part(learner, placement[rank])
         params = list(part.parameters())
-        stage = PipelineStage(part, rank, world, torch.device('cpu'))
+        stage = PipelineStage(part, rank, world, device)
         schedule = ScheduleGPipe(stage, n_microbatches=int(how[5:]), loss_fn=lambda out, grad: (out * grad).sum(),
                                  scale_grads=False)  # each micro-batch's slice of the whole-batch gradient
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(rank)
-    views = [torch.randn(batch, spec['chans'], spec['size'], spec['size'], generator=g) for _ in range(2)]
+    views = [torch.randn(batch, spec['chans'], spec['size'], spec['size'], generator=g).to(device) for _ in range(2)]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
     times = []
     # one meter over all steps: pipelined, a top stage's graph lives into the next step
     with SavedTensorMeter(exclude=params) as meter:
@@ -175,20 +174,24 @@ def worker(rank: int, world: int, port: int, model: str, config: str, placement:
                 dist.barrier()
             if i == warmup:
                 meter.reset_peak()
+            _sync(device)
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            if schedule is not None:
-                _gpipe_step(schedule, rank, world, views, int(how[5:]), learner.loss.temperature)
-            elif sp is not None:
-                sp.step(*views) if rank == 0 else sp.step()
-            else:
-                learner.step(*views)
-                if how == 'data':
-                    for p in params:
-                        if p.grad is not None:
-                            dist.all_reduce(p.grad)
-                            p.grad /= world
+            with autocast:
+                if schedule is not None:
+                    _gpipe_step(schedule, rank, world, views, int(how[5:]), learner.loss.temperature)
+                elif sp is not None:
+                    sp.step(*views, device=device) if rank == 0 else sp.step(device=device)
+                else:
+                    learner.step(*views)
+            if how == 'data':
+                for p in params:
+                    if p.grad is not None:
+                        grad = p.grad if backend == 'nccl' else p.grad.cpu()  # gloo reduces CPU tensors
+                        dist.all_reduce(grad)
+                        p.grad.copy_(grad / world)
             optimizer.step()
+            _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
         peak = meter.peak
@@ -201,41 +204,50 @@ def worker(rank: int, world: int, port: int, model: str, config: str, placement:
         dist.destroy_process_group()
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
 
 
-def run(model: str, config: str, placement: list, warmup: int, steps: int) -> dict:
+def run(model: str, config: str, placement: list, warmup: int, steps: int, batch: int, device: str = 'cpu') -> dict:
     world = CONFIGS[config][1]
     with tempfile.TemporaryDirectory() as tmp:
         out, port = str(Path(tmp) / 'result'), _free_port()
         env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-        procs = [subprocess.Popen([sys.executable, __file__, '--worker', str(r), str(world), str(port), model, config,
-                                   json.dumps(placement), str(warmup), str(steps), out], env=env)
-                 for r in range(world)]
+        procs = [subprocess.Popen([sys.executable, __file__, '--worker', json.dumps(dict(
+            rank=r, world=world, port=port, model=model, config=config, placement=placement, warmup=warmup,
+            steps=steps, out=out, batch=batch, device_type=device))], env=env) for r in range(world)]
         for p in procs:
             if p.wait(timeout=3600):
                 raise SystemExit(f'{config} on {model}: a process failed')
         ranks = [json.loads(Path(f'{out}.{r}').read_text()) for r in range(world)]
     step = ranks[0]['step_s']
-    return dict(img_per_s=round(MODELS[model]['batch'] / step, 2), step_s=round(step, 4),
+    return dict(img_per_s=round(batch / step, 2), step_s=round(step, 4),
                 memory_mb=round(max(r['held'] + r['saved'] for r in ranks) / 2 ** 20, 1),
                 params_mb=[round(r['held'] / 2 ** 20, 1) for r in ranks])
 
 
 def markdown(report: dict) -> str:
-    lines = [f'Measured {report["date"]} on {report["machine"]}, one thread per process (`python '
-             f'benchmarks/pipeline.py`):', '']
+    command = 'python benchmarks/pipeline.py' + (' --device cuda' if report.get('device') == 'cuda' else '')
+    how = 'bf16 autocast, ' + report.get('backend', '') if report.get('device') == 'cuda' else 'one thread per process'
+    lines = [f'Measured {report["date"]} on {report["machine"]}, {how} (`{command}`):', '']
     for model, rows in report['models'].items():
         spec = MODELS[model]
         base = rows['LoCo, 1 process']['img_per_s']
-        lines += [f'{model} at {spec["size"]} px, batch {spec["batch"]}:', '',
+        lines += [f'{model} at {spec["size"]} px, batch {report.get("batch", {}).get(model, spec["batch"])}:', '',
                   '| configuration | placement | img/s | vs 1-process LoCo | peak memory per process (MB) | '
                   'parameters per process (MB) |', '|---|---|---:|---:|---:|---|']
         for name, row in rows.items():
             where = report['placements'][model].get(name, '')
+            if 'skipped' in row:
+                lines.append(f'| {name} | {where} | not run: {row["skipped"]} | | | |')
+                continue
             lines.append(f'| {name} | {where} | {row["img_per_s"]} | {row["img_per_s"] / base:.2f}x | '
                          f'{row["memory_mb"]} | {", ".join(map(str, row["params_mb"]))} |')
         cost = report.get('cost_model', {}).get(model)
@@ -243,48 +255,69 @@ def markdown(report: dict) -> str:
             lines += ['', f'Placement cost model of pipelined LoCo (stage step times {cost["step_s"]} s): the '
                           f'processes carry {cost["process_loads"]} of one '
                           f'single-process step, an estimated speed-up of {cost["estimate"]}x.']
+        held = rows['LoCo, 2 stage groups, pipelined']['params_mb']
+        lines.append(f'Pipelined LoCo: the processes hold {" / ".join(f"{x / sum(held):.2f}" for x in held)} of the '
+                     f'parameters (stages and decoders).')
         lines.append('')
-    split = report.get('parameter_split')
-    if split:
-        lines.append(f'Parameters per process on a model of equal blocks ({split["model"]}, LoCo, placement '
-                     f'{split["placement"]}, counted without training): {" / ".join(map(str, split["params_m"]))} '
-                     f'M, shares {" / ".join(map(str, split["shares"]))}.')
     return '\n'.join(lines)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == '--worker':
-        a = sys.argv[2:]
-        return worker(int(a[0]), int(a[1]), int(a[2]), a[3], a[4], json.loads(a[5]), int(a[6]), int(a[7]), a[8])
+        return worker(**json.loads(sys.argv[2]))
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--steps', type=int, default=6)
-    parser.add_argument('--out', default='benchmarks/results/pipeline_cpu.json')
+    parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu',
+                        help='cuda: one process per GPU over NCCL, or 2 processes sharing one GPU over gloo')
+    parser.add_argument('--batch-scale', type=int, default=1, help='multiply each model\'s batch (e.g. 8 on a GPU)')
+    parser.add_argument('--out', help='default: benchmarks/results/pipeline_{cpu,gpu}.json')
     parser.add_argument('--no-readme', action='store_true')
-    parser.add_argument('--parameters-only', action='store_true',
-                        help='only count the parameter split into the existing --out JSON and rewrite its README block')
     args = parser.parse_args()
-    if args.parameters_only:
-        report = json.loads(Path(args.out).read_text())
-        report['parameter_split'] = parameter_split(EVEN['model'], EVEN['size'], EVEN['placement'])
-        return write_report(report, args.out, 'pipeline', markdown(report), readme=not args.no_readme)
-    report = dict(date=str(date.today()), machine=cpu_name(), models={}, placements={}, cost_model={})
+    gpu = args.device == 'cuda'
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit('--device cuda needs a CUDA GPU; leave it out to measure on the CPU')
+    out = args.out or f'benchmarks/results/pipeline_{"gpu" if gpu else "cpu"}.json'
+    backend, pipelining = transport(2, args.device)
+    report = dict(date=str(date.today()), machine=torch.cuda.get_device_name() if gpu else cpu_name(),
+                  device=args.device, backend=backend, models={}, placements={}, cost_model={}, batch={})
     for model in args.models:
-        found, report['cost_model'][model] = placements(model)
+        batch = report['batch'][model] = MODELS[model]['batch'] * args.batch_scale
+        found, report['cost_model'][model] = placements(model, batch, args.device)
         report['placements'][model] = found
         rows = report['models'][model] = {}
         for config in CONFIGS:
-            rows[config] = run(model, config, found.get(config, [[0]]), args.warmup, args.steps)
+            if 'torch pipelining' in config and not pipelining:
+                rows[config] = dict(skipped='2 processes share one GPU: NCCL needs one GPU per process')
+            else:
+                rows[config] = run(model, config, found.get(config, [[0]]), args.warmup, args.steps, batch,
+                                   args.device)
             print(model, config, rows[config], flush=True)
-    report['parameter_split'] = parameter_split(EVEN['model'], EVEN['size'], EVEN['placement'])
-    if 'resnet50' in report['models']:
-        r = report['models']['resnet50']
-        pipelined = r['LoCo, 2 stage groups, pipelined']['img_per_s']
-        report['pipelined_loco_vs_single_process_loco'] = round(pipelined / r['LoCo, 1 process']['img_per_s'], 2)
-        report['pipelined_loco_vs_e2e_pipeline_m4'] = round(
-            pipelined / r['E2E, 2 stage groups, torch pipelining, 4 micro-batches']['img_per_s'], 2)
-    write_report(report, args.out, 'pipeline', markdown(report), readme=not args.no_readme)
+    report.update(ratios(report['models']))
+    write_report(report, out, 'pipeline-gpu' if gpu else 'pipeline', markdown(report), readme=not args.no_readme)
+
+
+def ratios(models: dict) -> dict:
+    """The headline ratios: pipelined LoCo at P = 2 against single-process LoCo and against E2E through
+    ``torch.distributed.pipelining`` with 4 micro-batches (ResNet-50), and the same with the parameter shares on the
+    model of equal blocks, where a time-balanced placement also splits the parameters."""
+    found = {}
+
+    def pair(rows: dict) -> dict:
+        pipelined, gpipe = rows['LoCo, 2 stage groups, pipelined'], rows[
+            'E2E, 2 stage groups, torch pipelining, 4 micro-batches']
+        return dict(pipelined_loco_vs_single_process_loco=round(
+            pipelined['img_per_s'] / rows['LoCo, 1 process']['img_per_s'], 2),
+            pipelined_loco_vs_e2e_pipeline_m4=round(pipelined['img_per_s'] / gpipe['img_per_s'], 2)
+            if 'img_per_s' in gpipe else None)
+    if EQUAL_BLOCKS in models:
+        held = models[EQUAL_BLOCKS]['LoCo, 2 stage groups, pipelined']['params_mb']
+        found['equal_blocks'] = dict(model=EQUAL_BLOCKS, **pair(models[EQUAL_BLOCKS]),
+                                     parameter_shares=[round(x / sum(held), 2) for x in held])
+    if 'resnet50' in models:
+        found.update(pair(models['resnet50']))
+    return found
 
 
 if __name__ == '__main__':

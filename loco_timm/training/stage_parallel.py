@@ -82,30 +82,40 @@ def check_placement(placement: Sequence[Sequence[int]], num_stages: int) -> list
     return groups
 
 
+def _wire(group, device: torch.device) -> torch.device:
+    """The device tensors travel from: NCCL moves only CUDA tensors, gloo only CPU ones (several processes sharing
+    one GPU, which NCCL refuses, communicate through gloo and stage their tensors on the CPU)."""
+    return device if dist.get_backend(group) == 'nccl' else torch.device('cpu')
+
+
 def _send(t: torch.Tensor, dst: int, group) -> None:
-    header = torch.tensor([_DTYPES.index(t.dtype), t.ndim, *t.shape], dtype=torch.int64)
-    dist.send(torch.tensor([len(header)], dtype=torch.int64), dst, group=group)
-    dist.send(header, dst, group=group)
-    dist.send(t.contiguous(), dst, group=group)
+    for x in _message(t, group):
+        dist.send(x, dst, group=group)
 
 
 def _isend(t: torch.Tensor, dst: int, group) -> list:
     """Like :func:`_send` without waiting: the works (which keep their tensors alive) to wait on later."""
-    t = t.contiguous()
-    header = torch.tensor([_DTYPES.index(t.dtype), t.ndim, *t.shape], dtype=torch.int64)
-    size = torch.tensor([len(header)], dtype=torch.int64)
-    return [(dist.isend(x, dst, group=group), x) for x in (size, header, t)]
+    return [(dist.isend(x, dst, group=group), x) for x in _message(t, group)]
+
+
+def _message(t: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A tensor as its three messages: the header's length, the header (dtype and shape), the data."""
+    wire = _wire(group, t.device)
+    header = torch.tensor([_DTYPES.index(t.dtype), t.ndim, *t.shape], dtype=torch.int64, device=wire)
+    size = torch.tensor([len(header)], dtype=torch.int64, device=wire)
+    return size, header, t.to(wire).contiguous()
 
 
 def _recv(src: int, group, device: torch.device) -> torch.Tensor:
-    size = torch.empty(1, dtype=torch.int64)
+    wire = _wire(group, torch.device(device))
+    size = torch.empty(1, dtype=torch.int64, device=wire)
     dist.recv(size, src, group=group)
-    header = torch.empty(int(size), dtype=torch.int64)
+    header = torch.empty(int(size), dtype=torch.int64, device=wire)
     dist.recv(header, src, group=group)
-    dtype, ndim = _DTYPES[int(header[0])], int(header[1])
-    t = torch.empty(header[2:2 + ndim].tolist(), dtype=dtype, device=device)
+    header = header.tolist()
+    t = torch.empty(header[2:2 + header[1]], dtype=_DTYPES[header[0]], device=wire)
     dist.recv(t, src, group=group)
-    return t
+    return t.to(device)
 
 
 class StageParallel:

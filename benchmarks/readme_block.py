@@ -3,7 +3,6 @@ benchmark that produces it, so README tables are never typed by hand."""
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
@@ -27,14 +26,11 @@ def replace_block(name: str, text: str, readme: Path = README) -> None:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), for the machine a benchmark names."""
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name, for the machine a benchmark names (as a training run's summary names it)."""
+    import torch
+
+    from loco_timm.training.train import machine_name
+    return machine_name(torch.device('cpu'))
 
 
 def write_report(report: dict, out: str | Path, block: str, text: str, readme: bool = True) -> None:

@@ -33,15 +33,17 @@ def test_summary_pairs_seeds_and_checks_the_claims():
 
 
 def test_results_give_the_time_the_runs_took():
-    runs = [dict(_run('loco_conv', 0, [80.0]), train_seconds=600.4, readout_seconds=240.0),
-            dict(_run('e2e_mlp', 0, [81.0]), train_seconds=500.0, readout_seconds=100.6),
+    runs = [dict(_run('loco_conv', 0, [80.0]), train_seconds=600.4, readout_seconds=240.0, machine='CPU B'),
+            dict(_run('e2e_mlp', 0, [81.0]), train_seconds=500.0, readout_seconds=100.6, machine='CPU A'),
+            dict(_run('e2e_mlp', 1, [81.0]), train_seconds=500.0, readout_seconds=100.6),  # recorded before machines
             _run('gim_conv', 0, [79.0])]  # a run without timings (an older results file) is left out of them
     timing = summarize(runs)['timing']
-    assert timing == dict(train=[500.0, 600.4], readout=[100.6, 240.0], hours=pytest.approx(1441 / 3600),
-                      runs=2)
+    assert timing == dict(train=[500.0, 600.4], readout=[100.6, 240.0], hours=pytest.approx(2041.6 / 3600),
+                      runs=3, machines=['CPU A', 'CPU B'])
     assert results_markdown(summarize(runs), 3).endswith(
-        'training 500-600 s, readout 101-240 s; 0.4 hours for 2 runs.')
-    assert summarize(runs[2:])['timing'] is None and 'Time per run' not in results_markdown(summarize(runs[2:]), 3)
+        'Time per run on the machines that ran them (CPU A, CPU B where recorded): training 500-600 s, '
+        'readout 101-240 s; 0.6 hours for 3 runs.')
+    assert summarize(runs[3:])['timing'] is None and 'Time per run' not in results_markdown(summarize(runs[3:]), 3)
 
 
 @pytest.mark.slow
@@ -58,6 +60,7 @@ def test_study_trains_every_arm_and_seed_once_and_resumes(tmp_path):
     units = {'e2e_mlp': 1, 'gim_conv': 4, 'loco_conv': 3}
     for run in results['runs']:
         assert run['steps'] == 3 and len(run['linear']) == 4 and len(run['losses']) == units[run['arm']]
+        assert run['machine']  # the CPU's model name here, recorded by the training summary
     assert results['summary']['pairs']['LoCo - E2E']['seeds'] == [0, 1]
     # reference rows read out once: the pixel row for all six runs, the random-init row once per seed
     assert len(list((tmp_path / 'references').iterdir())) == 3 and first.stdout.count('(cached:') == 6 * 2 - 3

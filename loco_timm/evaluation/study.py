@@ -122,8 +122,8 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
     timed = [r for r in runs if r.get('train_seconds') is not None and r.get('readout_seconds') is not None]
     timing = dict(train=[min(r['train_seconds'] for r in timed), max(r['train_seconds'] for r in timed)],
                   readout=[min(r['readout_seconds'] for r in timed), max(r['readout_seconds'] for r in timed)],
-                  hours=sum(r['train_seconds'] + r['readout_seconds'] for r in timed) / 3600, runs=len(timed)) \
-        if timed else None
+                  hours=sum(r['train_seconds'] + r['readout_seconds'] for r in timed) / 3600, runs=len(timed),
+                  machines=sorted({r['machine'] for r in timed if r.get('machine')})) if timed else None
     ablations = {}
     for name, (_, reference, label, paper, paper_reference) in ABLATIONS.items():
         if name in arms and reference in arms:
@@ -176,7 +176,9 @@ def results_markdown(summary: dict, seeds: int) -> str:
         lines.append(f'- {claim}: ' + ('not measured yet' if held is None else 'held' if held else '**did not hold**'))
     timing = summary.get('timing')
     if timing:
-        lines += ['', f'Time per run on the machine that ran them: training {timing["train"][0]:.0f}-'
+        machines = timing.get('machines')
+        where = 'the machines that ran them' + (f' ({", ".join(machines)} where recorded)' if machines else '')
+        lines += ['', f'Time per run on {where}: training {timing["train"][0]:.0f}-'
                       f'{timing["train"][1]:.0f} s, readout {timing["readout"][0]:.0f}-{timing["readout"][1]:.0f} s; '
                       f'{timing["hours"]:.1f} hours for {timing["runs"]} runs.']
     return '\n'.join(lines)
@@ -319,7 +321,7 @@ def _write_results(out: Path, config: str, seeds: list[int], recipe: dict, train
                              knn=result['rows']['model']['knn'], linear_lr=result['rows']['model'].get('lr'),
                              references={k: v['linear'] for k, v in result['rows'].items() if k != 'model'},
                              train_seconds=summary['wall_seconds'], readout_seconds=result.get('seconds'),
-                             steps=summary['steps'],
+                             steps=summary['steps'], machine=summary.get('machine'),
                              losses=_loss_curves(run_dir)))
     here = {(r['arm'], r['seed']) for r in runs}
     runs += [r for key, r in recorded.items() if key not in here]  # runs whose folders are on another machine

@@ -307,7 +307,8 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
     summary = dict(steps=step, wall_seconds=round(wall, 1), checkpoint=str(final), last_losses=last,
                    img_per_s=round(images_seen / wall, 1) if wall else None,
                    loader_img_per_s=round(images_seen / data_time, 1) if data_time else None,
-                   model_img_per_s=round(images_seen / step_time, 1) if step_time else None, processes=world)
+                   model_img_per_s=round(images_seen / step_time, 1) if step_time else None, processes=world,
+                   machine=machine_name(accelerator.device))
     if accelerator.is_main_process and (step > start_step or not (out_dir / 'train_summary.json').is_file()):
         (out_dir / 'train_summary.json').write_text(json.dumps(summary, indent=2))  # not for a finished run re-read
     accelerator.print(f'trained {step} steps in {wall:.0f} s; checkpoint {final}')
@@ -381,3 +382,18 @@ def _has_tensorboard() -> bool:
     except ImportError:
         return False
 
+
+
+def machine_name(device: torch.device) -> str:
+    """The accelerator's name, or the CPU's model name (``/proc/cpuinfo``) on the CPU: what a run's summary records
+    as the machine that trained it."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()

@@ -74,7 +74,8 @@ def placements(model: str, batch: int, device: str = 'cpu') -> tuple[dict[str, l
     """Each stage-parallel configuration's placement, balanced as ``loco-timm train`` balances it: by the stages'
     measured step times (:func:`loco_timm.training.stage_training.step_costs`, one thread; forward and backward with the
     units' decoders and losses; E2E by its own stage costs). Also the cost model of pipelined LoCo: the measured
-    costs, each process's share of one step and the speed-up they estimate (single-process step over the largest process's; transfers and overlap not counted)."""
+    costs, each process's share of one step and the speed-up they estimate (single-process step over the largest
+    process's; transfers and overlap not counted)."""
     from loco_timm.training.stage_parallel import balance
     from loco_timm.training.stage_training import step_costs
     torch.set_num_threads(1)
@@ -236,11 +237,14 @@ def run(model: str, config: str, placement: list, warmup: int, steps: int, batch
 def markdown(report: dict) -> str:
     command = 'python benchmarks/pipeline.py' + (' --device cuda' if report.get('device') == 'cuda' else '')
     how = 'bf16 autocast, ' + report.get('backend', '') if report.get('device') == 'cuda' else 'one thread per process'
-    lines = [f'Measured {report["date"]} on {report["machine"]}, {how} (`{command}`):', '']
+    lines = [f'{how.capitalize()} (`{command}`; `--models M` measures one model again); each model\'s ratios come '
+             f'from one run on one machine:', '']
     for model, rows in report['models'].items():
         spec = MODELS[model]
         base = rows['LoCo, 1 process']['img_per_s']
-        lines += [f'{model} at {spec["size"]} px, batch {report.get("batch", {}).get(model, spec["batch"])}:', '',
+        when = report.get('measured', {}).get(model, dict(date=report['date'], machine=report['machine']))
+        lines += [f'{model} at {spec["size"]} px, batch {report.get("batch", {}).get(model, spec["batch"])}, measured '
+                  f'{when["date"]} on {when["machine"]}:', '',
                   '| configuration | placement | img/s | vs 1-process LoCo | peak memory per process (MB) | '
                   'parameters per process (MB) |', '|---|---|---:|---:|---:|---|']
         for name, row in rows.items():
@@ -281,8 +285,18 @@ def main() -> None:
     out = args.out or f'benchmarks/results/pipeline_{"gpu" if gpu else "cpu"}.json'
     backend, pipelining = transport(2, args.device)
     report = dict(date=str(date.today()), machine=torch.cuda.get_device_name() if gpu else cpu_name(),
-                  device=args.device, backend=backend, models={}, placements={}, cost_model={}, batch={})
+                  device=args.device, backend=backend, models={}, placements={}, cost_model={}, batch={}, measured={})
+    if Path(out).is_file():  # the models not measured again keep their rows, with the date and machine of their run
+        kept = json.loads(Path(out).read_text())
+        for model in kept['models']:
+            if model not in args.models and model in MODELS:
+                for key in ('models', 'placements', 'cost_model', 'batch'):
+                    if model in kept.get(key, {}):
+                        report[key][model] = kept[key][model]
+                report['measured'][model] = kept.get('measured', {}).get(
+                    model, dict(date=kept['date'], machine=kept['machine']))
     for model in args.models:
+        report['measured'][model] = dict(date=report['date'], machine=report['machine'])
         batch = report['batch'][model] = MODELS[model]['batch'] * args.batch_scale
         found, report['cost_model'][model] = placements(model, batch, args.device)
         report['placements'][model] = found
@@ -294,6 +308,7 @@ def main() -> None:
                 rows[config] = run(model, config, found.get(config, [[0]]), args.warmup, args.steps, batch,
                                    args.device)
             print(model, config, rows[config], flush=True)
+    report['models'] = {m: report['models'][m] for m in MODELS if m in report['models']}  # the table order
     report.update(ratios(report['models']))
     write_report(report, out, 'pipeline-gpu' if gpu else 'pipeline', markdown(report), readme=not args.no_readme)
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from loco_timm.evaluation.trend import judge, trend, trend_markdown, write_trend
+from loco_timm.evaluation.trend import change, judge, trend, trend_markdown, write_trend
 
 
 def _study(folder, epochs, linear, recipe_epochs=3, extra=None):
@@ -37,10 +37,24 @@ def test_paired_differences_their_standard_errors_and_claims_per_budget(tmp_path
     assert report['budgets'][1]['pairs']['LoCo - E2E']['claim'] == 'held'  # 0.05 +- 0.1 within 0.5
     assert report['budgets'][1]['pairs']['LoCo - GIM']['sem'] is None  # one seed
     assert report['budgets'][1]['per_stage']['loco_conv'] == dict(seeds=[0, 1], linear=[50.0, 87.05])
+    moved = report['budgets'][1]['pairs']['LoCo - E2E']['change']  # seeds 0, 1: 0.0 - (-0.5), 0.1 - 1.0
+    assert moved['seeds'] == [0, 1] and moved['deltas'] == [0.5, -0.9] and moved['mean'] == pytest.approx(-0.2)
+    assert moved['sem'] == pytest.approx(1.4 / math.sqrt(2) / math.sqrt(2), abs=1e-3)  # stdev of 2 = |gap| / sqrt 2
+    assert moved['direction'] == 'unresolved' and 'change' not in report['budgets'][0]['pairs']['LoCo - E2E']
     table = trend_markdown(report)
     assert '| 3 | 0, 1, 2 | -0.17 +- 0.60 | unresolved | +1.33 +- 0.17 | held |' in table
+    assert '| 10 | LoCo - E2E | 3 | 0, 1 | -0.20 +- 0.70 | unresolved |' in table
+    assert '| 10 | LoCo - GIM | 3 | 0 | +0.00 (1 seed) | unresolved |' in table  # 1.0 at both budgets
     write_trend([short, long], tmp_path / 'out')
     assert {p.name for p in (tmp_path / 'out').iterdir()} == {'trend.json', 'trend.md', 'trend.png'}
+
+
+def test_a_change_between_budgets_is_resolved_when_two_standard_errors_exclude_zero():
+    before = dict(seeds=[0, 1, 2], diffs=[-1.0, -0.8, -1.2])
+    assert change(before, dict(seeds=[0, 1, 2], diffs=[0.0, 0.1, -0.1]), 3)['direction'] == 'up'  # +1.0 +- 0.06
+    assert change(before, dict(seeds=[1, 2, 5], diffs=[-1.8, -2.2, 9.0]), 3) == dict(
+        since=3, seeds=[1, 2], deltas=[-1.0, -1.0], mean=-1.0, sem=0.0, direction='down')  # seed 5: no pair
+    assert change(before, dict(seeds=[0, 1], diffs=[-0.5, -1.3]), 3)['direction'] == 'unresolved'  # +0.5, -0.5
 
 
 def test_the_claims_are_judged_on_mean_plus_minus_two_standard_errors():

@@ -4,7 +4,9 @@ budget (``loco-timm study --out study/fmnist-10ep --set epochs 10 ...``), compar
 For each budget: LoCo - E2E and LoCo - GIM at the last stage, per seed, with mean and standard error (sample std /
 sqrt(seeds)), and each of the paper's two main claims judged with an approximate 95 % interval (mean +- 2 standard
 errors): *held* when the whole interval satisfies the claim, *did not hold* when none of it does, *unresolved*
-otherwise (the seeds cannot tell). Also the per-stage linear readout of the three arms per budget. ``loco-timm trend``
+otherwise (the seeds cannot tell). How each difference moved from the shortest budget is paired per seed too
+(the change of a seed's difference, mean +- standard error, *up* / *down* when mean +- 2 standard errors excludes 0,
+else *unresolved*). Also the per-stage linear readout of the three arms per budget. ``loco-timm trend``
 writes ``trend.json``, ``trend.md`` and ``trend.png``; ``loco-timm cards`` puts ``study/trend/trend.md`` into the
 README and MODEL_CARD.
 """
@@ -16,7 +18,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ['ARMS', 'budget', 'judge', 'trend', 'trend_markdown', 'write_trend']
+__all__ = ['ARMS', 'budget', 'change', 'judge', 'trend', 'trend_markdown', 'write_trend']
 
 ARMS = ('e2e_mlp', 'loco_conv', 'gim_conv')
 PAIRS = {'LoCo - E2E': ('loco_conv', 'e2e_mlp'), 'LoCo - GIM': ('loco_conv', 'gim_conv')}
@@ -77,7 +79,28 @@ def trend(folders: list[str | Path]) -> dict[str, Any]:
                 entry['per_stage'][arm] = dict(seeds=sorted(runs[arm]),
                                                linear=[round(statistics.fmean(s), 2) for s in stages])
         budgets[epochs] = entry
-    return dict(budgets=[budgets[e] for e in sorted(budgets)])
+    ordered = [budgets[e] for e in sorted(budgets)]
+    for entry in ordered[1:]:
+        for label, pair in entry['pairs'].items():
+            if label in ordered[0]['pairs']:
+                pair['change'] = change(ordered[0]['pairs'][label], pair, ordered[0]['epochs'])
+    return dict(budgets=ordered)
+
+
+def change(before: dict, after: dict, epochs: float) -> dict:
+    """How a paired difference moved between two budgets, on the seeds both have: each seed's difference at the
+    later budget minus the same seed's at ``epochs``, with mean, standard error and the direction (``up``, ``down``,
+    or ``unresolved`` when mean +- 2 standard errors includes 0)."""
+    was = dict(zip(before['seeds'], before['diffs']))
+    deltas = [d - was[s] for s, d in zip(after['seeds'], after['diffs']) if s in was]
+    seeds = [s for s in after['seeds'] if s in was]
+    if not deltas:
+        return dict(since=epochs, seeds=[], deltas=[], mean=None, sem=None, direction='unresolved')
+    mean = statistics.fmean(deltas)
+    sem = statistics.stdev(deltas) / math.sqrt(len(deltas)) if len(deltas) > 1 else None
+    direction = 'unresolved' if sem is None or abs(mean) <= 2 * sem else 'up' if mean > 0 else 'down'
+    return dict(since=epochs, seeds=seeds, deltas=[round(d, 2) for d in deltas], mean=round(mean, 3),
+                sem=None if sem is None else round(sem, 3), direction=direction)
 
 
 def _epochs(value: float) -> str:
@@ -99,6 +122,16 @@ def trend_markdown(report: dict) -> str:
             cells += [f'{pair["mean"]:+.2f}{sem}', pair['claim']]
         seeds = entry['pairs'].get('LoCo - E2E', {}).get('seeds', [])
         lines.append(f'| {_epochs(entry["epochs"])} | {", ".join(map(str, seeds))} | ' + ' | '.join(cells) + ' |')
+    moved = [(entry, label, pair['change']) for entry in report['budgets'] for label, pair in entry['pairs'].items()
+             if pair.get('change', {}).get('seeds')]
+    if moved:
+        lines += ['', 'How each difference moved from the shortest budget (each seed\'s difference minus its own '
+                      'at that budget):', '', '| epochs | difference | since | seeds | change (mean +- s.e.) | moved |',
+                  '|---:|---|---:|---|---:|---|']
+        for entry, label, c in moved:
+            sem = f' +- {c["sem"]:.2f}' if c['sem'] is not None else ' (1 seed)'
+            lines.append(f'| {_epochs(entry["epochs"])} | {label} | {_epochs(c["since"])} | '
+                         f'{", ".join(map(str, c["seeds"]))} | {c["mean"]:+.2f}{sem} | {c["direction"]} |')
     lines += ['', 'Per-stage linear top-1 (mean over seeds):', '', '| epochs | arm | seeds | per stage |',
               '|---:|---|---|---|']
     for entry in report['budgets']:
@@ -109,10 +142,14 @@ def trend_markdown(report: dict) -> str:
 
 
 def _plot(report: dict, path: Path) -> None:
+    """The paired differences per budget (each seed a dot, mean +- 2 s.e.) and the per-stage readout of the three
+    arms per budget."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(PAIRS), figsize=(5 * len(PAIRS), 3.6), squeeze=False)
+    from matplotlib.ticker import NullFormatter
+    epochs = [entry['epochs'] for entry in report['budgets']]
+    fig, axes = plt.subplots(1, len(PAIRS) + 1, figsize=(5 * (len(PAIRS) + 1), 3.6), squeeze=False)
     for ax, label in zip(axes[0], PAIRS):
         for entry in report['budgets']:
             pair = entry['pairs'].get(label)
@@ -126,9 +163,23 @@ def _plot(report: dict, path: Path) -> None:
             for y in (-MARGIN, MARGIN):
                 ax.axhline(y, color='gray', lw=0.8, ls='--')
         ax.set_xscale('log')
+        ax.set_xticks(epochs, [_epochs(e) for e in epochs])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel('epochs')
         ax.set_ylabel(f'{label}, last stage (pt)')
-        ax.set_title(f'{label}: seeds (dots), mean +- 2 s.e.')
+        ax.set_title(f'{label}: seeds (dots), mean +- 2 s.e.', fontsize=10)
+    ax = axes[0][-1]
+    colors = dict(zip(ARMS, ('tab:gray', 'tab:blue', 'tab:orange')))
+    styles = ['--', '-', ':', '-.']
+    for i, entry in enumerate(report['budgets']):
+        for arm, row in entry['per_stage'].items():
+            ax.plot(range(1, len(row['linear']) + 1), row['linear'], marker='o', ms=3, color=colors[arm],
+                    ls=styles[i % len(styles)], label=f'{arm}, {_epochs(entry["epochs"])} ep')
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel('stage')
+    ax.set_ylabel('linear top-1 (%), mean over seeds')
+    ax.set_title('per-stage readout per budget', fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -278,11 +278,20 @@ def main() -> None:
     parser.add_argument('--batch-scale', type=int, default=1, help='multiply each model\'s batch (e.g. 8 on a GPU)')
     parser.add_argument('--out', help='default: benchmarks/results/pipeline_{cpu,gpu}.json')
     parser.add_argument('--no-readme', action='store_true')
+    parser.add_argument('--readme-only', action='store_true',
+                        help='measure nothing: rewrite the README block from the --out JSON (e.g. one a GPU machine '
+                             'wrote with --no-readme)')
     args = parser.parse_args()
     gpu = args.device == 'cuda'
+    out = args.out or f'benchmarks/results/pipeline_{"gpu" if gpu else "cpu"}.json'
+    if args.readme_only:
+        if not Path(out).is_file():
+            raise SystemExit(f'{out} does not exist: measure first (leave out --readme-only)')
+        report = json.loads(Path(out).read_text())
+        return write_report(report, out, 'pipeline-gpu' if report.get('device') == 'cuda' else 'pipeline',
+                            markdown(report))
     if gpu and not torch.cuda.is_available():
         raise SystemExit('--device cuda needs a CUDA GPU; leave it out to measure on the CPU')
-    out = args.out or f'benchmarks/results/pipeline_{"gpu" if gpu else "cpu"}.json'
     backend, pipelining = transport(2, args.device)
     report = dict(date=str(date.today()), machine=torch.cuda.get_device_name() if gpu else cpu_name(),
                   device=args.device, backend=backend, models={}, placements={}, cost_model={}, batch={}, measured={})

@@ -185,12 +185,14 @@ def worker(rank: int, world: int, port: int, model: str, config: str, placement:
                     sp.step(*views, device=device) if rank == 0 else sp.step(device=device)
                 else:
                     learner.step(*views)
-            if how == 'data':
-                for p in params:
-                    if p.grad is not None:
-                        grad = p.grad if backend == 'nccl' else p.grad.cpu()  # gloo reduces CPU tensors
-                        dist.all_reduce(grad)
-                        p.grad.copy_(grad / world)
+            if how == 'data':  # one all-reduce of every gradient, as `loco-timm train` averages them
+                grads = [p.grad for p in params if p.grad is not None]
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                flat = flat if backend == 'nccl' else flat.cpu()  # gloo reduces CPU tensors
+                dist.all_reduce(flat)
+                parts = (flat.to(grads[0].device) / world).split([g.numel() for g in grads])
+                for g, part in zip(grads, parts):
+                    g.copy_(part.view_as(g))
             optimizer.step()
             _sync(device)
             if i >= warmup:

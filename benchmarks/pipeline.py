@@ -239,7 +239,7 @@ def run(model: str, config: str, placement: list, warmup: int, steps: int, batch
 def markdown(report: dict) -> str:
     command = 'python benchmarks/pipeline.py' + (' --device cuda' if report.get('device') == 'cuda' else '')
     how = 'bf16 autocast, ' + report.get('backend', '') if report.get('device') == 'cuda' else 'one thread per process'
-    lines = [f'{how.capitalize()} (`{command}`; `--models M` measures one model again); each model\'s ratios come '
+    lines = [f'{how[0].upper()}{how[1:]} (`{command}`; `--models M` measures one model again); each model\'s ratios come '
              f'from one run on one machine:', '']
     for model, rows in report['models'].items():
         spec = MODELS[model]

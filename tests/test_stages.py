@@ -4,7 +4,7 @@ import timm
 import torch
 from torch import nn
 
-from loco_timm import register_stage_adapter, split_stages, supported_families
+from loco_timm import LocalLearner, register_stage_adapter, split_stages, supported_families
 
 # (model name, create kwargs, default K, channels of the last stage or None)
 FAMILIES = [
@@ -163,6 +163,90 @@ def test_an_untraceable_forward_is_a_value_error_naming_model_and_reason():
 
     with pytest.raises(ValueError, match=r'^cannot split Branchy: torch.fx cannot trace its forward_features \(Trace'):
         split_stages(Branchy())
+
+
+class ShapeBranchy(nn.Module):
+    """Branches on shapes, as Gemma 4's ViT does (raw images or pre-patchified tokens; the feature map's width),
+    and builds a tensor from traced sizes: torch.fx alone refuses it."""
+    feature_info = [dict(module='a', num_chs=4, reduction=2), dict(module='b', num_chs=4, reduction=4)]
+
+    def __init__(self, batch_branch=False):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, 2, 1)
+        self.b = nn.Conv2d(4, 4, 3, 2, 1)
+        self.batch_branch = batch_branch
+
+    def forward_features(self, x):
+        if x.ndim == 3:  # (B, N, C) tokens: never for images
+            x = x.transpose(1, 2).reshape(x.shape[0], 3, 8, -1)
+        h = self.a(x)
+        weight = torch.ones(h.shape[0], 1, h.shape[-2], h.shape[-1])
+        if h.shape[-1] > 8:
+            h = h * weight * 2
+        if self.batch_branch and x.shape[0] > 2:
+            h = h + 1
+        return self.b(h) + h.mean()
+
+
+@pytest.mark.parametrize('side', [32, 8])
+def test_a_forward_branching_on_shapes_is_traced_for_the_input_size(side):
+    model = ShapeBranchy().eval()
+    stages = split_stages(model, input_size=(3, side, side))
+    assert len(stages) == 2
+    for batch in (1, 3, 5):  # traced with batches of 2 and 3; the graph reads the batch size when it runs
+        x = torch.randn(batch, 3, side, side)
+        with torch.no_grad():
+            assert torch.equal(stages[1](stages[0](x)), model.forward_features(x))
+    learner = LocalLearner(model, 'gim', decoder='mlp', input_size=(3, side, side)).train()
+    learner.step(torch.randn(4, 3, side, side), torch.randn(4, 3, side, side))
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_stages_traced_for_one_input_size_refuse_another_in_one_line():
+    stages = split_stages(ShapeBranchy(), input_size=(3, 32, 32))
+    with pytest.raises(ValueError, match=r'^ShapeBranchy is split for 3x32x32 inputs \(its forward_features branches '
+                                         r'on tensor shapes.*stage 0 got \(3, 16, 16\) instead of \(3, 32, 32\)'):
+        stages[0](torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match=r'stage 1 got \(4, 8, 8\) instead of \(4, 16, 16\)'):
+        stages[1](torch.randn(2, 4, 8, 8))
+
+
+def test_a_forward_branching_on_the_batch_size_is_refused():
+    with pytest.raises(ValueError, match=r'^cannot split ShapeBranchy: its forward_features branches on the batch '
+                                         r'size'):
+        split_stages(ShapeBranchy(batch_branch=True), input_size=(3, 32, 32))
+
+
+def test_a_traced_model_keeps_no_trace_constants_after_a_refused_trace():
+    class ValueBranchy(ShapeBranchy):
+        def forward_features(self, x):
+            h = self.a(x) * torch.ones(1)  # a constant tensor the trace adds to the model
+            return self.b(h) if h.sum() > 0 else h
+
+    model = ValueBranchy()
+    before = set(vars(model))
+    with pytest.raises(ValueError, match='torch.fx cannot trace its forward_features'):
+        split_stages(model, input_size=(3, 32, 32))
+    assert set(vars(model)) == before
+
+
+@pytest.mark.skipif(not timm.is_model('gemma4_vit_167m'), reason='timm without Gemma 4')
+def test_gemma4_vit_splits_at_its_encoder_blocks_and_trains_one_loco_step():
+    """Gemma 4's forward_features branches on the input's rank, and its classifier names its levels relative to
+    the encoder it wraps (blocks.3 for encoder.blocks.3)."""
+    torch.manual_seed(0)
+    model = timm.create_model('gemma4_vit_167m', depth=8, embed_dim=64, num_heads=2, head_dim=32,
+                              intermediate_size=128, position_embedding_size=64).eval()
+    learner = LocalLearner(model, 'loco', input_size=(3, 32, 32))
+    assert [s.level for s in learner.stages] == ['encoder.blocks.1', 'encoder.blocks.3', 'encoder.blocks.5', None]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(learner(x)[-1], model.forward_features(x))
+    learner.train()
+    losses = learner.step(torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))
+    assert len(losses) == 3 and all(torch.isfinite(v) for v in losses.values())
+    used = [p for n, p in model.named_parameters() if not n.startswith(('head.', 'norm.'))]
+    assert all(p.grad is not None for p in used)
 
 
 def test_a_model_that_is_no_timm_model_is_a_value_error():

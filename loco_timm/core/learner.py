@@ -112,7 +112,9 @@ class LocalLearner(nn.Module):
             backbone = timm.create_model(backbone)
         self.encoder = backbone
         first_blocks = sharing_blocks if sharing == 'blocks' else 0
-        self.__dict__['_stages'] = split_stages(backbone, num_stages, first_blocks=first_blocks)
+        self.input_size = tuple(input_size or self._default_input_size())
+        self.__dict__['_stages'] = split_stages(backbone, num_stages, first_blocks=first_blocks,
+                                                input_size=self.input_size)
         levels = num_stages = len(self.stages)
         if sharing == 'blocks':
             levels = (num_stages + 1) // 2
@@ -126,7 +128,6 @@ class LocalLearner(nn.Module):
                            mlp_layers=mlp_layers, sharing=sharing, sharing_blocks=sharing_blocks,
                            sharing_l2=sharing_l2)
         self.recompute = recompute
-        self.input_size = tuple(input_size or self._default_input_size())
         self.stage_shapes = self._infer_stage_shapes()
         channels_last = getattr(backbone, 'output_fmt', 'NCHW') == 'NHWC'
         self.layouts = [feature_layout(shape, (getattr(stage, 'feature_info', None) or {}).get('num_chs'),
@@ -144,7 +145,7 @@ class LocalLearner(nn.Module):
         if sharing == 'l2':  # a copy of each stage that is the top of one unit and the bottom of another
             starts = {first for first, _ in self.units}
             shared = [last for first, last in self.units if last != first and last in starts]
-            self.sharing_copies = SoftSharing(backbone, num_stages, shared, sharing_l2)
+            self.sharing_copies = SoftSharing(backbone, num_stages, shared, sharing_l2, self.input_size)
 
     @property
     def stages(self) -> nn.ModuleList:

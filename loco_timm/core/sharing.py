@@ -66,14 +66,16 @@ class SoftSharing(nn.Module):
         num_stages: The learner's stage count (the copy is split the same way).
         shared: Stages m that get a copy.
         coef: Penalty coefficient of ``coef * sum ||copy - original||^2``.
+        input_size: ``(C, H, W)``, for a model split for one input size (see :func:`loco_timm.split_stages`).
     """
 
-    def __init__(self, encoder: nn.Module, num_stages: int, shared: list[int], coef: float):
+    def __init__(self, encoder: nn.Module, num_stages: int, shared: list[int], coef: float,
+                 input_size: tuple[int, ...] | None = None):
         super().__init__()
         if coef < 0:
             raise ValueError(f'sharing_l2={coef} must be >= 0')
         self.encoder_copy = copy.deepcopy(encoder)
-        stages = split_stages(self.encoder_copy, num_stages)
+        stages = split_stages(self.encoder_copy, num_stages, input_size=input_size)
         self.__dict__['copies'] = {m: stages[m] for m in shared}
         self.coef = coef
 

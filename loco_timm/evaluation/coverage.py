@@ -62,20 +62,29 @@ def param_count(name: str) -> int:
 
 
 def input_size_for(model: torch.nn.Module, side: int = SIDE) -> tuple[int, int, int]:
-    """``side`` px, or the model's own input size where it is fixed or ``side`` px does not run."""
+    """``side`` px; else the model's smallest input size (``min_input_size``), where ``side`` px does not run (a
+    patch size that does not divide it); else the model's own input size (also where it is fixed)."""
     cfg = model.pretrained_cfg
     default = tuple(cfg.get('input_size', (3, 224, 224)))
     if cfg.get('fixed_input_size', False):
         return default
+    candidates = [(default[0], side, side)]
+    smallest = tuple(cfg.get('min_input_size') or ())
+    if len(smallest) == 3 and smallest[1] * smallest[2] < default[1] * default[2]:
+        candidates.append(smallest)
+    was = model.training
+    model.eval()
     try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            model.forward_features(torch.zeros(1, default[0], side, side))
-            model.train(was)
-        return (default[0], side, side)
-    except Exception:  # noqa: BLE001 - the model needs its own size
-        return default
+        for size in candidates:
+            try:
+                with torch.no_grad():
+                    model.forward_features(torch.zeros(1, *size))
+                return size
+            except Exception:  # noqa: BLE001 - the model needs another size
+                continue
+    finally:
+        model.train(was)
+    return default
 
 
 def _allclose(a, b) -> tuple[bool, float]:
@@ -93,9 +102,9 @@ def _describe(error: Exception) -> str:
     return f'{type(error).__name__}: {text}'[:300]
 
 
-def check_model(name: str, side: int = SIDE, batch: int = 2, seed: int = 0) -> dict:
-    """Run the protocol on one timm model (untrained). Returns a dict with ``ok`` and the measurements, or the
-    first failing check and its reason."""
+def check_model(name: str, side: int = SIDE, batch: int = 2, seed: int = 0, model_args: dict | None = None) -> dict:
+    """Run the protocol on one timm model (untrained), built with ``model_args`` if given. Returns a dict with
+    ``ok`` and the measurements, or the first failing check and its reason."""
     import timm
 
     from ..core.learner import LocalLearner
@@ -103,7 +112,7 @@ def check_model(name: str, side: int = SIDE, batch: int = 2, seed: int = 0) -> d
     row: dict = dict(model=name, ok=False)
     try:
         torch.manual_seed(seed)
-        model = timm.create_model(name)
+        model = timm.create_model(name, **(model_args or {}))
         size = input_size_for(model, side)
         row['input_size'] = list(size)
         learner = LocalLearner(model, mode='loco', input_size=size)

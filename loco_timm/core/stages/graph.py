@@ -28,46 +28,9 @@ import torch.fx as fx
 from torch import nn
 
 from .boundary import Boundary
+from .tracer import CallTracer, ShapeTracer
 
 __all__ = ['TracedFeatures', 'trace_features', 'GraphSplit', 'GraphStage']
-
-
-def _notrace() -> tuple[list, list]:
-    """timm's modules and functions that FX does not trace through (their location moved in timm 1.0.13)."""
-    try:
-        from timm.layers import get_notrace_functions, get_notrace_modules
-        return list(get_notrace_modules()), list(get_notrace_functions())
-    except ImportError:  # timm <= 1.0.12
-        from timm.models import _features_fx as fx_registry
-        return list(fx_registry._leaf_modules), list(fx_registry._autowrap_functions)
-
-
-class _Tracer(fx.Tracer):
-    traced_func_name = 'forward_features'
-
-    def __init__(self):
-        leaves, functions = _notrace()
-        super().__init__(autowrap_functions=tuple(f for f in functions if callable(f)))
-        self.leaf_types = tuple(leaves)
-        self.path = ''
-        self.starts: dict[str, int] = {}
-        self.ends: dict[str, int] = {}
-        self.outputs: dict[str, Any] = {}
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
-
-    def call_module(self, m: nn.Module, forward, args, kwargs):
-        outer = self.path
-        try:
-            self.path = self.path_of_module(m)
-            self.starts.setdefault(self.path, len(self.graph.nodes))
-            out = super().call_module(m, forward, args, kwargs)
-            self.ends[self.path] = len(self.graph.nodes)  # nodes created until this call returned
-            self.outputs[self.path] = out
-            return out
-        finally:
-            self.path = outer
 
 
 class TracedFeatures:
@@ -80,10 +43,14 @@ class TracedFeatures:
         outputs: Module path -> what its last call returned, with graph nodes in place of traced values.
         constants: Tensors the trace met that are no attribute of the model (``_tensor_constant*``).
         concrete: The other arguments of ``forward_features`` with the defaults they were traced with.
+        input_size: ``(C, H, W)`` the trace is specialised for (its forward branches on shapes), else None.
+        shapes: Graph node -> shape of its value at ``input_size`` (specialised traces only).
     """
 
-    def __init__(self, graph: fx.Graph, starts: dict, ends: dict, outputs: dict, constants: dict, concrete: dict):
+    def __init__(self, graph: fx.Graph, starts: dict, ends: dict, outputs: dict, constants: dict, concrete: dict,
+                 input_size: tuple[int, ...] | None = None, shapes: dict | None = None):
         self.graph, self.starts, self.ends, self.constants, self.concrete = graph, starts, ends, constants, concrete
+        self.input_size, self.shapes = input_size, shapes or {}
         self.outputs = {k: fx.node.map_aggregate(v, lambda p: p.node if isinstance(p, fx.Proxy) else p)
                         for k, v in outputs.items()}
 
@@ -104,32 +71,62 @@ def _tensor_caches(model: nn.Module) -> list[tuple[nn.Module, str, dict]]:
     return found
 
 
-def trace_features(model: nn.Module) -> TracedFeatures:
+def trace_features(model: nn.Module, input_size: tuple[int, ...] | None = None) -> TracedFeatures:
     """Trace ``model.forward_features`` with timm's FX set-up, in the modules' current train/eval modes.
 
+    A forward that torch.fx refuses is traced again with :class:`~loco_timm.core.stages.tracer.ShapeTracer`, which
+    decides conditions on tensor shapes for inputs of ``input_size``; the result is then specialised to that size.
+
+    Args:
+        model: A timm model.
+        input_size: ``(C, H, W)`` for a forward that branches on shapes (default: the model's data config).
+
     Raises:
-        ValueError: If the forward cannot be traced (data-dependent control flow), with the tracer's reason.
+        ValueError: If the forward cannot be traced (control flow on tensor values or on the batch size), with the
+            tracer's reason.
     """
     if not hasattr(model, 'forward_features'):
         raise ValueError(f'cannot split {type(model).__name__}: it has no forward_features method (not a timm model)')
     params = list(inspect.signature(model.forward_features).parameters.values())[1:]
     concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    try:
+        tracer, graph, constants = _trace(model, CallTracer(), concrete)
+        return TracedFeatures(graph, tracer.starts, tracer.ends, tracer.outputs, constants, concrete)
+    except Exception as e:  # noqa: BLE001 - any tracing failure is reported as the reason
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        refused = (f'cannot split {type(model).__name__}: torch.fx cannot trace its forward_features '
+                   f'({type(e).__name__}: {reason[:200]})')
+    if input_size is None:
+        from timm.data import resolve_model_data_config
+        input_size = resolve_model_data_config(model)['input_size']
+    input_size = tuple(input_size)
+    try:
+        tracer, graph, constants = _trace(model, ShapeTracer((2, *input_size)), concrete)
+        other = _trace(model, ShapeTracer((3, *input_size)), concrete)[0]
+    except Exception:  # noqa: BLE001 - the plain tracer's reason names the first obstacle
+        raise ValueError(refused) from None
+    if other.decisions != tracer.decisions:
+        raise ValueError(f'cannot split {type(model).__name__}: its forward_features branches on the batch size, '
+                         f'and torch.fx traces one branch only')
+    specialised = input_size if tracer.decisions else None
+    return TracedFeatures(graph, tracer.starts, tracer.ends, tracer.outputs, constants, concrete, specialised,
+                          tracer.shapes if specialised else None)
+
+
+def _trace(model: nn.Module, tracer: CallTracer, concrete: dict) -> tuple[CallTracer, fx.Graph, dict]:
+    """``tracer.trace(model)``, with the model's tensor caches emptied meanwhile; returns the tracer, the graph and
+    the constants the trace added to the model (removed from it)."""
     caches = _tensor_caches(model)
     before = set(vars(model))
-    tracer = _Tracer()
     for m, name, _ in caches:
         setattr(m, name, {})
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
-    except Exception as e:  # noqa: BLE001 - any tracing failure is reported as the reason
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f'cannot split {type(model).__name__}: torch.fx cannot trace its forward_features '
-                         f'({type(e).__name__}: {reason[:200]})') from None
     finally:
         for m, name, value in caches:
             setattr(m, name, value)
-    constants = {name: vars(model).pop(name) for name in set(vars(model)) - before}
-    return TracedFeatures(graph, tracer.starts, tracer.ends, tracer.outputs, constants, concrete)
+        added = {name: vars(model).pop(name) for name in set(vars(model)) - before}
+    return tracer, graph, added
 
 
 class _Namespace:
@@ -180,6 +177,11 @@ class _Compiled:
             carried = [n for n in stage_of if stage_of[n] < b <= last_use[n]]
             carried += [n for n in _flat_nodes(features[b - 1]) if n not in carried]
             self.live.append(sorted(carried, key=pos.get))
+        # a trace specialised to one input size: per stage, the per-sample shape of each tensor it reads
+        self.input_size = traced.input_size
+        self.expected = None if traced.input_size is None else [
+            tuple(traced.shapes[n][1:] if n in traced.shapes else None for n in ([inp] if s == 0 else self.live[s - 1]))
+            for s in range(k)]
         self.functions, self.feature_index, self.params, self.buffers, self.modules = [], [], [], [], []
         namespace_constants = traced.constants
         for s in range(k):
@@ -251,11 +253,14 @@ class GraphSplit:
         model: A timm model.
         cut_modules: Module paths, in the order their calls end in ``forward_features``.
         traced: A trace of the model in its current modes, if already made.
+        input_size: ``(C, H, W)`` for a forward that branches on shapes (see :func:`trace_features`).
     """
 
-    def __init__(self, model: nn.Module, cut_modules: list[str], traced: TracedFeatures | None = None):
+    def __init__(self, model: nn.Module, cut_modules: list[str], traced: TracedFeatures | None = None,
+                 input_size: tuple[int, ...] | None = None):
         self.model, self.cut_modules = model, list(cut_modules)
-        traced = traced or trace_features(model)
+        traced = traced or trace_features(model, input_size)
+        self.input_size = traced.input_size or input_size
         missing = [m for m in self.cut_modules if m not in traced.ends]
         if missing:
             raise ValueError(f'cannot cut {type(model).__name__} after {missing}: forward_features never calls them')
@@ -271,7 +276,7 @@ class GraphSplit:
     def compiled(self) -> _Compiled:
         key = self._mode_key()
         if key not in self._compiled:
-            self._compiled[key] = _Compiled(trace_features(self.model), self.cut_modules, self.model)
+            self._compiled[key] = _Compiled(trace_features(self.model, self.input_size), self.cut_modules, self.model)
         return self._compiled[key]
 
     def stages(self) -> nn.ModuleList:
@@ -304,6 +309,8 @@ class GraphStage(nn.Module):
     def forward(self, x: Any) -> Any:
         compiled = self.__dict__['_split'].compiled()
         values = x.values if isinstance(x, Boundary) else (x,)
+        if compiled.expected is not None:
+            self._check_shapes(values, compiled)
         out = compiled.functions[self.index](compiled.namespace, *values)
         feature = compiled.feature_index[self.index]
         if feature is None:
@@ -311,6 +318,17 @@ class GraphStage(nn.Module):
         if feature == 0 and len(out) == 1 and isinstance(out[0], torch.Tensor):
             return out[0]
         return Boundary(tuple(out), feature)
+
+    def _check_shapes(self, values: tuple, compiled: _Compiled) -> None:
+        for value, shape in zip(values, compiled.expected[self.index]):
+            if shape is not None and isinstance(value, torch.Tensor) and tuple(value.shape[1:]) != shape:
+                model = type(self.__dict__['_split'].model).__name__
+                size = 'x'.join(map(str, compiled.input_size))
+                raise ValueError(f'{model} is split for {size} inputs (its forward_features branches on tensor '
+                                 f'shapes, so its stages are traced for one size), but stage {self.index} got '
+                                 f'{tuple(value.shape[1:])} instead of {shape} per sample: split it for this size '
+                                 f'(split_stages(model, input_size=(C, H, W)), LocalLearner(input_size=...), '
+                                 f'recipe key image_size)')
 
     def extra_repr(self) -> str:
         return f'index={self.index}, level={self.level!r}'

@@ -78,6 +78,18 @@ def _matches(shape: tuple, channels: int, reduction: int, size: tuple) -> bool:
     return False
 
 
+def _nested_name(name: str, traced: TracedFeatures) -> str | None:
+    """``name`` inside the one wrapped submodule that has it (Gemma 4's classifier names its encoder's levels
+    ``blocks.0`` for ``encoder.blocks.0``), or None."""
+    found = set()
+    for m in traced.ends:
+        dotted = f'.{m}.'
+        at = dotted.find(f'.{name}.', 1)
+        if at > 0:
+            found.add(m[:at + len(name)])
+    return found.pop() if len(found) == 1 else None
+
+
 def _resolve_levels(model: nn.Module, traced: TracedFeatures) -> list[dict]:
     """``feature_info`` levels with a module ``forward_features`` calls. A container that is never called itself
     (an ``nn.ModuleList``) stands for its last called block. A name that is no module (Twins, MViT-v2: ``block.0``),
@@ -89,6 +101,8 @@ def _resolve_levels(model: nn.Module, traced: TracedFeatures) -> list[dict]:
     by_name, unresolved = [], []
     for i, f in enumerate(info):
         name = f['module']
+        if name not in traced.ends and not any(m.startswith(name + '.') for m in traced.ends):
+            name = _nested_name(name, traced) or name
         if name not in traced.ends:
             inside = [m for m in traced.ends if m.startswith(name + '.')]
             name = max(inside, key=lambda m: (traced.ends[m], -m.count('.'))) if inside else None
@@ -185,7 +199,8 @@ def _cut_first_blocks(model: nn.Module, traced: TracedFeatures, cuts: list[int],
     return sorted(cuts + extra)
 
 
-def split_stages(model: nn.Module, num_stages: int | None = None, first_blocks: int = 0) -> nn.ModuleList:
+def split_stages(model: nn.Module, num_stages: int | None = None, first_blocks: int = 0,
+                 input_size: tuple[int, ...] | None = None) -> nn.ModuleList:
     """Split a timm model's ``forward_features`` into sequential stages.
 
     Args:
@@ -196,6 +211,9 @@ def split_stages(model: nn.Module, num_stages: int | None = None, first_blocks: 
         first_blocks: Also cut every stage but the first after its first ``first_blocks`` blocks, so stage k >= 1
             becomes two: its head blocks and the rest (LoCo's ablation sharing only part of the next stage).
             Traced models only.
+        input_size: ``(C, H, W)`` of the inputs, for a model whose ``forward_features`` branches on tensor shapes
+            (Gemma 4's ViT): its stages are traced for this size and refuse another with one line (default: the
+            model's data config). Other models' stages take any size the model takes.
 
     Returns:
         ``nn.ModuleList`` of K stages sharing the model's modules and parameters. Applying them in order equals
@@ -210,7 +228,7 @@ def split_stages(model: nn.Module, num_stages: int | None = None, first_blocks: 
             raise ValueError(f'first_blocks: {type(model).__name__} is split by a registered adapter, which cuts '
                              f'only where its atoms end; use the traced splitter (unregister the adapter)')
         return split_atoms(model, num_stages)
-    traced = trace_features(model)
+    traced = trace_features(model, input_size)
     levels, all_levels = default_levels(model, traced)
     cuts = [traced.ends[f['module']] for f in levels[:-1]]
     flat = len({f.get('reduction') for f in all_levels}) < 2  # a ViT: every level (block) may end a stage
@@ -234,7 +252,7 @@ def split_stages(model: nn.Module, num_stages: int | None = None, first_blocks: 
         cuts = _cut_first_blocks(model, traced, cuts, blocks, first_blocks)
     names = list(traced.ends)
     cut_modules = [_module_at(traced, end, [f['module'] for f in all_levels] + names) for end in cuts]
-    split = GraphSplit(model, cut_modules, traced)
+    split = GraphSplit(model, cut_modules, traced, input_size)
     stages = split.stages()
     for stage, level in zip(stages, _stage_levels(model, levels, all_levels, cut_modules)):
         stage.feature_info = level

@@ -4,7 +4,7 @@
     loco-timm readout runs/fmnist [--epochs 10]
     loco-timm export runs/fmnist --config loco_resnet18_small.simclr_fmnist --out exports/fmnist
     loco-timm publish exports/fmnist --repo-id ORG/NAME
-    loco-timm cards [--check]
+    loco-timm cards [--check] [--from-study study/fmnist]
 
 Every key of the recipe's ``train:`` (or ``readout:``) section is also an option (``--batch-size 256``; values are
 read as YAML, so ``--units "[[0, 1], [1, 2]]"`` works). Bad input prints one line naming the problem and exits 2.
@@ -90,9 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     trend_p.add_argument('--out', default='study/trend', help='output folder (default: study/trend)')
     cards = sub.add_parser('cards', help='regenerate MODEL_CARD.md and the README model table from hub_configs/',
                            description='Write MODEL_CARD.md and the README model table from hub_configs/ '
-                                       '(--check: only report whether they are up to date, exit 1 if not).')
+                                       '(--check: only report whether they are up to date, exit 1 if not; '
+                                       '--from-study: first write the metrics of every tag a study trained with '
+                                       'its recipe into its hub config).')
     cards.add_argument('--root', default='.', help='the repository checkout (default: .)')
     cards.add_argument('--check', action='store_true', help='do not write; exit 1 when a file is out of date')
+    cards.add_argument('--from-study', nargs='+', default=[], metavar='STUDY',
+                       help='study folders whose runs measured tags: their metrics go into hub_configs/ (a tag '
+                            'measured otherwise, by the paper or the main job, keeps its metrics)')
     return parser
 
 
@@ -147,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             report = write_trend(args.folders, args.out)
             print(f'{len(report["budgets"])} budget(s): {args.out}/trend.md, {args.out}/trend.png')
         elif args.command == 'cards':
+            from pathlib import Path
             from .zoo.card import update_cards
+            if args.from_study and args.check:
+                raise ValueError('--from-study writes hub configs: run it without --check')
+            for study in args.from_study:
+                from .zoo.metrics import record_study_metrics
+                recorded = record_study_metrics(study, Path(args.root) / 'hub_configs')
+                print(f'{study}: recorded metrics in {", ".join(recorded) or "no hub config (none new)"}')
             changed = update_cards(args.root, check=args.check)
             verb = 'out of date' if args.check else 'written'
             print(f'{verb}: {", ".join(changed)}' if changed else 'MODEL_CARD.md and README model table up to date')

@@ -129,3 +129,11 @@ def test_every_hub_config_is_a_valid_recipe():
         recipe = load_recipe(path)
         from_dict(TrainConfig, recipe['train'], where=f'{path} train')
         from_dict(ReadoutConfig, recipe.get('readout') or {}, where=f'{path} readout')
+
+
+def test_cli_cards_from_a_missing_study_or_with_check_is_one_line_exit_2(tmp_path, capsys):
+    line = _cli_error(capsys, 'cards', '--root', str(tmp_path), '--from-study', str(tmp_path / 'nowhere'))
+    assert line == (f'loco-timm cards: error: {tmp_path / "nowhere" / "results.json"}: no study results here; run '
+                    f'loco-timm study --out {tmp_path / "nowhere"} first')
+    line = _cli_error(capsys, 'cards', '--check', '--from-study', 'study/fmnist')
+    assert line == 'loco-timm cards: error: --from-study writes hub configs: run it without --check'

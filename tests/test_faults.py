@@ -195,6 +195,8 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_resume_ends_as_unint
     assert last.startswith(f'loco-timm train: stopped by {signum} after step ') and 'continue with --resume' in last
     stopped = list_checkpoints(run)[-1]
     assert verify_checkpoint(stopped) is None and 3 <= int(stopped.name[5:]) < 40
+    if signum == 'SIGINT':
+        return  # the resume from a stop's checkpoint does not depend on the signal (SIGTERM checks it)
     result = cli('train', '--out-dir', run, *LONG, '--resume', timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_weights(run, uninterrupted)

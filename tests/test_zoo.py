@@ -148,8 +148,8 @@ def test_metrics_in_hub_configs_say_how_they_were_measured():
     for hub in list_hub_configs():
         if hub.metrics:
             assert hub.metrics.get('source') and hub.metrics.get('evaluation'), hub.name
-            if 'paper' not in hub.metrics['source']:
-                assert hub.metrics.get('command') and hub.metrics.get('date'), hub.name
+            if 'paper' not in hub.metrics['source']:  # a study's runs record no date: its command says where
+                assert hub.metrics.get('command') and (hub.metrics.get('date') or 'study' in hub.metrics['source'])
         assert yaml.safe_load(hub.path.read_text())['hub']['published'] in (True, False)
 
 
@@ -167,3 +167,47 @@ def test_cards_carry_the_study_results_when_there_are_some(tmp_path):
         assert '| loco_conv | 85.00 +- 0.00 |' in text and 'Not run yet' not in text
     assert (tmp_path / 'README.md').read_text().endswith(f'{STUDY_END}\nend\n')
     assert update_cards(tmp_path, check=True) == []
+
+
+def test_a_study_records_the_metrics_of_the_tags_it_trained_and_nothing_else(tmp_path):
+    """The committed Fashion-MNIST study trained every small tag's recipe at seed 0 (its arms differ only in mode and
+    decoder); the 10-epoch study matches no tag. Only the metrics section changes, comments included."""
+    import json
+    import shutil
+
+    from loco_timm.zoo.metrics import STUDY_SOURCE, record_study_metrics, study_metrics
+    study = ROOT / 'study' / 'fmnist'
+    runs = {(r['arm'], r['seed']): r for r in json.loads((study / 'results.json').read_text())['runs']}
+    found = study_metrics(study)
+    arms = {'loco_resnet18_small.simclr_fmnist': 'loco_conv', 'loco_resnet18_small.e2e_simclr_fmnist': 'e2e_mlp',
+            'loco_resnet18_small.gim_simclr_fmnist': 'gim_conv'}
+    assert set(found) == set(arms)
+    for tag, arm in arms.items():
+        assert found[tag]['linear_top1'] == runs[arm, 0]['linear'] and found[tag]['knn_top1'] == runs[arm, 0]['knn']
+        assert found[tag]['command'].endswith(f'--arms {arm} --seeds 0')
+    # the main job is the LoCo arm's seed 0: the same numbers, recorded by its own command
+    assert found[FMNIST]['linear_top1'] == get_hub_config(FMNIST).metrics['linear_top1']
+    assert study_metrics(ROOT / 'study' / 'fmnist-10ep') == {}
+
+    shutil.copytree(ROOT / 'hub_configs', tmp_path / 'hub_configs')  # a checkout: hub configs and the study
+    (tmp_path / 'study' / 'fmnist').mkdir(parents=True)
+    shutil.copy(study / 'results.json', tmp_path / 'study' / 'fmnist')
+    study = tmp_path / 'study' / 'fmnist'
+    before = {p.name: p.read_text() for p in (tmp_path / 'hub_configs').glob('*.yaml')}
+    changed = record_study_metrics(study, tmp_path / 'hub_configs')
+    if get_hub_config('loco_resnet18_small.e2e_simclr_fmnist').metrics.get('source') == STUDY_SOURCE:
+        assert changed == []  # already recorded in the repository
+    else:
+        assert sorted(Path(p).name for p in changed) == [f'{t}.yaml' for t in sorted(arms) if t != FMNIST]
+    for path in (tmp_path / 'hub_configs').glob('*.yaml'):
+        hub = load_hub_config(path)
+        if path.name in {f'{t}.yaml' for t in arms if t != FMNIST}:
+            assert hub.metrics == get_hub_config(hub.name).metrics  # as the repository has them
+            assert hub.metrics['linear_top1'] == found[hub.name]['linear_top1']
+            old, new = before[path.name].splitlines(), path.read_text().splitlines()
+            assert old[:old.index(next(x for x in old if x.startswith('metrics:')))] == \
+                new[:new.index('metrics:')]
+            assert old[old.index('card:'):] == new[new.index('card:'):]  # the section after it, as written
+        else:
+            assert path.read_text() == before[path.name]  # the paper's figures, the main job's measurement
+    assert record_study_metrics(study, tmp_path / 'hub_configs') == []

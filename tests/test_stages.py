@@ -211,6 +211,25 @@ def test_stages_traced_for_one_input_size_refuse_another_in_one_line():
         stages[1](torch.randn(2, 4, 8, 8))
 
 
+def test_tracing_for_shapes_leaves_batch_norm_statistics_as_they_were():
+    """The fallback runs leaf modules on fake tensors for their shapes; BatchNorm in train mode updates its
+    statistics in place there, which must not reach the model (the plain trace runs no module)."""
+    class Normed(ShapeBranchy):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.BatchNorm2d(4))
+
+    torch.manual_seed(0)
+    model, twin = Normed().train(), Normed().train()
+    twin.load_state_dict(model.state_dict())
+    stages = split_stages(model, input_size=(3, 32, 32))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.allclose(stages[1](stages[0](x)), twin.forward_features(x), atol=1e-6)
+    assert all(torch.allclose(a.float(), b.float()) for a, b in zip(model.state_dict().values(),
+                                                                    twin.state_dict().values()))
+
+
 def test_a_forward_branching_on_the_batch_size_is_refused():
     with pytest.raises(ValueError, match=r'^cannot split ShapeBranchy: its forward_features branches on the batch '
                                          r'size'):

@@ -166,9 +166,14 @@ class ShapeTracer(CallTracer):
         originals = {name: getattr(torch, name) for name in _CONSTRUCTORS}
         for name, original in originals.items():
             setattr(torch, name, _constructor(self, original))
+        # leaf modules run for their shapes may update buffers in place (BatchNorm's statistics): put them back
+        buffers = [(b, b.detach().clone()) for b in root.buffers()] if isinstance(root, nn.Module) else []
         try:
             graph = super().trace(root, concrete_args)
         finally:
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
             for name, original in originals.items():
                 setattr(torch, name, original)
             for n in self.graph.nodes:  # fake tensors do not outlive the trace

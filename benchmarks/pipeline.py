@@ -1,6 +1,8 @@
 """Stage parallelism on CPU: images/s and per-process memory of LoCo with its stages on 2 processes (synchronous
 and pipelined), GIM on 2 processes, and the data-parallel alternatives, against single-process LoCo, all at one
-thread per process, measured in one run.
+thread per process, measured in one run. Two independent processes, each training single-process LoCo on its own
+batch with nothing exchanged, give the most any 2-process configuration can reach on the machine (shared caches and
+memory bandwidth, other tenants), so the stage-parallel rows can be read against that ceiling as well as against 2x.
 
 Every configuration trains the same model from the same weights with SGD (momentum 0.9) on random images for
 ``--warmup`` + ``--steps`` steps; img/s is the global batch over the median time of the timed steps of process 0
@@ -45,6 +47,8 @@ CONFIGS = {  # name: (mode, processes, how)
     'LoCo, 2 stage groups, pipelined': ('loco', 2, 'pipelined'),
     'GIM, 2 stage groups': ('gim', 2, 'pipelined'),
     'LoCo, 2 data-parallel processes': ('loco', 2, 'data'),
+    # the machine's ceiling for 2 processes: each trains single-process LoCo on its own batch, nothing exchanged
+    'LoCo, 2 independent processes (no communication)': ('loco', 2, 'independent'),
     'E2E, 2 data-parallel processes': ('e2e', 2, 'data'),
     **{f'E2E, 2 stage groups, torch pipelining, {m} micro-batches': ('e2e', 2, f'gpipe{m}') for m in (1, 2, 4, 8)},
 }
@@ -84,7 +88,7 @@ def placements(model: str, batch: int, device: str = 'cpu') -> tuple[dict[str, l
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
         costs = {mode: step_costs(build(model, mode, device), h) for mode in ('loco', 'gim', 'e2e')}
     for config, (mode, processes, how) in CONFIGS.items():
-        if processes > 1 and how != 'data':
+        if processes > 1 and how not in ('data', 'independent'):
             found[config] = balance(costs[mode], 2)
     step = costs['loco']
     loads = [sum(step[k] for k in g) for g in found['LoCo, 2 stage groups, pipelined']]
@@ -171,7 +175,7 @@ def worker(rank: int, world: int, port: int, model: str, config: str, placement:
     # one meter over all steps: pipelined, a top stage's graph lives into the next step
     with SavedTensorMeter(exclude=params) as meter:
         for i in range(warmup + steps):
-            if world > 1 and how != 'pipelined':
+            if world > 1 and how not in ('pipelined', 'independent'):
                 dist.barrier()
             if i == warmup:
                 meter.reset_peak()
@@ -231,7 +235,8 @@ def run(model: str, config: str, placement: list, warmup: int, steps: int, batch
                 raise SystemExit(f'{config} on {model}: a process failed')
         ranks = [json.loads(Path(f'{out}.{r}').read_text()) for r in range(world)]
     step = ranks[0]['step_s']
-    return dict(img_per_s=round(batch / step, 2), step_s=round(step, 4),
+    images = batch * (world if CONFIGS[config][2] == 'independent' else 1)  # each process its own whole batch
+    return dict(img_per_s=round(images / step, 2), step_s=round(step, 4),
                 memory_mb=round(max(r['held'] + r['saved'] for r in ranks) / 2 ** 20, 1),
                 params_mb=[round(r['held'] / 2 ** 20, 1) for r in ranks])
 
@@ -240,13 +245,16 @@ def markdown(report: dict) -> str:
     command = 'python benchmarks/pipeline.py' + (' --device cuda' if report.get('device') == 'cuda' else '')
     how = 'bf16 autocast, ' + report.get('backend', '') if report.get('device') == 'cuda' else 'one thread per process'
     lines = [f'{how[0].upper()}{how[1:]} (`{command}`; `--models M` measures one model again); each model\'s ratios come '
-             f'from one run on one machine:', '']
+             f'from one invocation on one machine (`--repeat R`: every configuration R times round robin):', '']
     for model, rows in report['models'].items():
         spec = MODELS[model]
         base = rows['LoCo, 1 process']['img_per_s']
         when = report.get('measured', {}).get(model, dict(date=report['date'], machine=report['machine']))
+        repeat = report.get('repeat', {}).get(model, 1)
         lines += [f'{model} at {spec["size"]} px, batch {report.get("batch", {}).get(model, spec["batch"])}, measured '
-                  f'{when["date"]} on {when["machine"]}:', '',
+                  f'{when["date"]} on {when["machine"]}' + (f', every configuration {repeat} times round robin '
+                  f'(`--repeat {repeat}`): the median run, and in brackets every run\'s img/s' if repeat > 1 else '')
+                  + ':', '',
                   '| configuration | placement | img/s | vs 1-process LoCo | peak memory per process (MB) | '
                   'parameters per process (MB) |', '|---|---|---:|---:|---:|---|']
         for name, row in rows.items():
@@ -254,13 +262,20 @@ def markdown(report: dict) -> str:
             if 'skipped' in row:
                 lines.append(f'| {name} | {where} | not run: {row["skipped"]} | | | |')
                 continue
-            lines.append(f'| {name} | {where} | {row["img_per_s"]} | {row["img_per_s"] / base:.2f}x | '
+            every = f' ({", ".join(map(str, row["img_per_s_runs"]))})' if 'img_per_s_runs' in row else ''
+            lines.append(f'| {name} | {where} | {row["img_per_s"]}{every} | {row["img_per_s"] / base:.2f}x | '
                          f'{row["memory_mb"]} | {", ".join(map(str, row["params_mb"]))} |')
         cost = report.get('cost_model', {}).get(model)
         if cost:
             lines += ['', f'Placement cost model of pipelined LoCo (stage step times {cost["step_s"]} s): the '
                           f'processes carry {cost["process_loads"]} of one '
                           f'single-process step, an estimated speed-up of {cost["estimate"]}x.']
+        ceiling = rows.get('LoCo, 2 independent processes (no communication)', {}).get('img_per_s')
+        if ceiling:
+            lines.append(f'Two independent processes, each training single-process LoCo on its own batch with nothing '
+                         f'exchanged, reach {ceiling / base:.2f}x one process: the most 2 processes give on this '
+                         f'machine for this model. Pipelined LoCo reaches '
+                         f'{rows["LoCo, 2 stage groups, pipelined"]["img_per_s"] / ceiling:.2f} of that.')
         held = rows['LoCo, 2 stage groups, pipelined']['params_mb']
         lines.append(f'Pipelined LoCo: the processes hold {" / ".join(f"{x / sum(held):.2f}" for x in held)} of the '
                      f'parameters (stages and decoders).')
@@ -275,6 +290,9 @@ def main() -> None:
     parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--steps', type=int, default=6)
+    parser.add_argument('--repeat', type=int, default=1,
+                        help='measure every configuration R times, round robin, and report the median run (the '
+                             'machine\'s speed drifts between configurations measured one after another)')
     parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu',
                         help='cuda: one process per GPU over NCCL, or 2 processes sharing one GPU over gloo')
     parser.add_argument('--batch-scale', type=int, default=1, help='multiply each model\'s batch (e.g. 8 on a GPU)')
@@ -296,12 +314,13 @@ def main() -> None:
         raise SystemExit('--device cuda needs a CUDA GPU; leave it out to measure on the CPU')
     backend, pipelining = transport(2, args.device)
     report = dict(date=str(date.today()), machine=torch.cuda.get_device_name() if gpu else cpu_name(),
-                  device=args.device, backend=backend, models={}, placements={}, cost_model={}, batch={}, measured={})
+                  device=args.device, backend=backend, models={}, placements={}, cost_model={}, batch={}, measured={},
+                  repeat={})
     if Path(out).is_file():  # the models not measured again keep their rows, with the date and machine of their run
         kept = json.loads(Path(out).read_text())
         for model in kept['models']:
             if model not in args.models and model in MODELS:
-                for key in ('models', 'placements', 'cost_model', 'batch'):
+                for key in ('models', 'placements', 'cost_model', 'batch', 'repeat'):
                     if model in kept.get(key, {}):
                         report[key][model] = kept[key][model]
                 report['measured'][model] = kept.get('measured', {}).get(
@@ -311,17 +330,29 @@ def main() -> None:
         batch = report['batch'][model] = MODELS[model]['batch'] * args.batch_scale
         found, report['cost_model'][model] = placements(model, batch, args.device)
         report['placements'][model] = found
-        rows = report['models'][model] = {}
-        for config in CONFIGS:
-            if 'torch pipelining' in config and not pipelining:
-                rows[config] = dict(skipped='2 processes share one GPU: NCCL needs one GPU per process')
-            else:
-                rows[config] = run(model, config, found.get(config, [[0]]), args.warmup, args.steps, batch,
-                                   args.device)
-            print(model, config, rows[config], flush=True)
+        runs = {config: [] for config in CONFIGS}
+        for _ in range(args.repeat):  # round robin: a drift of the machine's speed reaches every configuration
+            for config in CONFIGS:
+                if 'torch pipelining' in config and not pipelining:
+                    runs[config] = [dict(skipped='2 processes share one GPU: NCCL needs one GPU per process')]
+                    continue
+                runs[config].append(run(model, config, found.get(config, [[0]]), args.warmup, args.steps, batch,
+                                        args.device))
+                print(model, config, runs[config][-1], flush=True)
+        report['models'][model] = {config: _median_run(found) for config, found in runs.items()}
+        if args.repeat > 1:
+            report['repeat'][model] = args.repeat
     report['models'] = {m: report['models'][m] for m in MODELS if m in report['models']}  # the table order
     report.update(ratios(report['models']))
     write_report(report, out, 'pipeline-gpu' if gpu else 'pipeline', markdown(report), readme=not args.no_readme)
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median img/s, and every run's img/s when there are several."""
+    if len(runs) == 1:
+        return runs[0]
+    ordered = sorted(runs, key=lambda r: r['img_per_s'])
+    return dict(ordered[(len(ordered) - 1) // 2], img_per_s_runs=[r['img_per_s'] for r in runs])
 
 
 def ratios(models: dict) -> dict:

@@ -339,7 +339,7 @@ def main() -> None:
                 runs[config].append(run(model, config, found.get(config, [[0]]), args.warmup, args.steps, batch,
                                         args.device))
                 print(model, config, runs[config][-1], flush=True)
-        report['models'][model] = {config: _median_run(found) for config, found in runs.items()}
+        report['models'][model] = {config: _median_run(measured) for config, measured in runs.items()}
         if args.repeat > 1:
             report['repeat'][model] = args.repeat
     report['models'] = {m: report['models'][m] for m in MODELS if m in report['models']}  # the table order
@@ -348,7 +348,8 @@ def main() -> None:
 
 
 def _median_run(runs: list[dict]) -> dict:
-    """The run with the median img/s, and every run's img/s when there are several."""
+    """The run with the median img/s (of an even number, the lower middle one), and every run's img/s when there
+    are several."""
     if len(runs) == 1:
         return runs[0]
     ordered = sorted(runs, key=lambda r: r['img_per_s'])

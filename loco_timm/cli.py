@@ -154,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == 'cards':
             from pathlib import Path
             from .zoo.card import update_cards
+            from .zoo.metrics import record_study_metrics
             if args.from_study and args.check:
                 raise ValueError('--from-study writes hub configs: run it without --check')
             for study in args.from_study:
-                from .zoo.metrics import record_study_metrics
                 recorded = record_study_metrics(study, Path(args.root) / 'hub_configs')
                 print(f'{study}: recorded metrics in {", ".join(recorded) or "no hub config (none new)"}')
             changed = update_cards(args.root, check=args.check)

@@ -79,7 +79,8 @@ def study_metrics(study: str | Path, configs: list[HubConfig] | None = None,
             metrics = dict(source=STUDY_SOURCE, command=f'{command} --arms {run["arm"]} --seeds {run["seed"]}')
             if run.get('machine'):
                 metrics['machine'] = run['machine']
-            metrics.update(evaluation=_evaluation(want_readout, _dataset_name(hub)), linear_top1=run['linear'], knn_top1=run['knn'])
+            metrics.update(evaluation=_evaluation(want_readout, _dataset_name(hub)), linear_top1=run['linear'],
+                           knn_top1=run['knn'])
             for name, values in (run.get('references') or {}).items():
                 metrics[f'{name}_linear_top1'] = values[-1] if len(values) == 1 else values
             metrics.update(train_seconds=round(run['train_seconds']), readout_seconds=round(run['readout_seconds']))

@@ -28,8 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loco_timm.evaluation.coverage import check_model, param_count, smallest_models  # noqa: E402
 from readme_block import replace_block  # noqa: E402
+
+from tools.coverage import check_model, param_count, smallest_models  # noqa: E402
 
 RESULTS = ROOT / 'benchmarks' / 'results'
 

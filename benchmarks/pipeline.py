@@ -36,7 +36,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository's tools/
 from readme_block import cpu_name, write_report  # noqa: E402
+
+from tools.memory import SavedTensorMeter  # noqa: E402
 
 MODELS = {'loco_resnet18_small': dict(size=28, chans=1, batch=64), 'resnet50': dict(size=128, chans=3, batch=8),
           'vit_tiny_patch16_224': dict(size=224, chans=3, batch=8)}  # the last: a model of equal blocks
@@ -142,7 +145,6 @@ def worker(rank: int, world: int, port: int, model: str, config: str, placement:
            out: str, batch: int, device_type: str = 'cpu') -> None:
     import torch.distributed as dist
 
-    from loco_timm.core.memory import SavedTensorMeter
     from loco_timm.training.stage_parallel import StageParallel
     torch.set_num_threads(1)
     mode, _, how = CONFIGS[config]

@@ -37,10 +37,9 @@ def grads(learner) -> dict:
 
 
 def worker(rank: int, port: int, microbatches: int, out: str) -> None:
+    import pipeline
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
-
-    import pipeline
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=2)
     learner = build()

@@ -123,9 +123,8 @@ def main() -> None:
     parser.add_argument('--no-readme', action='store_true')
     args = parser.parse_args()
     reused = recorded(args.reuse)
-    from loco_timm.config import ReadoutConfig, from_dict
+    from loco_timm.config import ReadoutConfig, from_dict, load_recipe
     from loco_timm.evaluation.readout import readout
-    from loco_timm.recipes import load_recipe
     runs = Path(args.runs)
     readout_cfg = from_dict(ReadoutConfig, load_recipe(TAG).get('readout') or {})
     for seed in args.seeds:

@@ -15,16 +15,19 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import timm
 import torch
 
-import loco_timm  # noqa: F401  (registers loco_* models)
-from loco_timm import LocalLearner
-from loco_timm.core.memory import SavedTensorMeter
-from readme_block import replace_block
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's tools/
+from readme_block import replace_block  # noqa: E402
+
+import loco_timm  # noqa: E402,F401  (registers loco_* models)
+from loco_timm import LocalLearner  # noqa: E402
+from tools.memory import SavedTensorMeter, saved_bytes  # noqa: E402
 
 MODELS = {  # name: (timm model, input size, batch per view, model arguments)
     'resnet50': ('resnet50', (3, 224, 224), 4, {}),
@@ -68,7 +71,6 @@ def measure(model_name: str, input_size: tuple, batch: int, kwargs: dict, mode: 
 def stage_shares(model_name: str, input_size: tuple, batch: int, kwargs: dict) -> dict[str, list[float]]:
     """Percent of the network's activations each stage saves for backward (each stage measured alone on its input),
     and what a conv decoder on each stage's output saves, in percent of the same total."""
-    from loco_timm.core.memory import saved_bytes
     from loco_timm.core.stages import detach_stage_output, stage_tensors
     torch.manual_seed(0)
     learner = LocalLearner(timm.create_model(model_name, in_chans=input_size[0], **kwargs), mode='e2e',
@@ -88,6 +90,7 @@ def stage_shares(model_name: str, input_size: tuple, batch: int, kwargs: dict) -
 def loader_throughput(batch: int = 128, batches: int = 20) -> float | None:
     """img/s of the small-image recipe's input pipeline: Fashion-MNIST uint8 batches and both SimCLR views."""
     from torch.utils.data import DataLoader
+
     from loco_timm.data.augment import SimCLRAugment
     from loco_timm.data.datasets import NORMALIZATION, build_dataset, find_fashion_mnist
     if find_fashion_mnist() is None:

@@ -12,17 +12,17 @@ import time
 
 import timm
 import torch
+from torchvision.transforms import v2
 
-from . import zoo  # noqa: F401  (registers loco_resnet18_small)
-from .data.datasets import fashion_mnist
+from . import models  # noqa: F401  (registers loco_resnet18_small)
 from .core.learner import MODES, LocalLearner
+from .data.datasets import fashion_mnist
 
 __all__ = ['real_batch', 'main']
 
 
 def real_batch(num_images: int, seed: int = 0, data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Two augmented views (random resized crop + flip) of ``num_images`` Fashion-MNIST training images."""
-    from torchvision.transforms import v2
     dataset = fashion_mnist(train=True, data_dir=data_dir)
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(dataset), generator=generator)[:num_images]

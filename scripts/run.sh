@@ -55,6 +55,8 @@ case "$job" in
     exec .venv/bin/python -m loco_timm.demo "$@" ;;
   test)
     setup
+    # the layering contract (pyproject.toml [tool.importlinter]): layers import only downwards, no import cycles
+    .venv/bin/lint-imports --no-cache
     # one pytest worker per core, one thread each: most of the suite is single-threaded Python (tracing, model
     # construction), so workers use the cores better than threads; tests that compare runs pin their own threads
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest -q -n "${LOCO_TEST_WORKERS:-auto}" "$@"

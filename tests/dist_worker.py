@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-import loco_timm.core.losses  # noqa: E402
 from dist_common import GLOBAL_BATCH, build_learner, global_views, trainable_grads  # noqa: E402
+
+import loco_timm.core.losses  # noqa: E402
 
 
 def gather_without_grad(x):

@@ -1,10 +1,23 @@
 """Recipes and the command line: validation with one-line errors (exit 2), help, overrides."""
+import dataclasses
+
 import pytest
 import yaml
 
 from loco_timm import cli
-from loco_timm.config import ConfigError, ReadoutConfig, TrainConfig, apply_overrides, from_dict
-from loco_timm.recipes import load_recipe
+from loco_timm.config import (
+    TRAIN_SECTIONS,
+    ConfigError,
+    ReadoutConfig,
+    TrainConfig,
+    apply_overrides,
+    declared_keys,
+    from_dict,
+    load_recipe,
+    resume_keys,
+)
+from loco_timm.config.keys import key
+from loco_timm.errors import MissingFileError
 
 
 def test_defaults_are_valid_and_lr_scales_with_batch():
@@ -14,7 +27,7 @@ def test_defaults_are_valid_and_lr_scales_with_batch():
 
 @pytest.mark.parametrize('values,match', [
     ({'bogus': 1}, r'unknown key\(s\) bogus in train: valid keys are backbone, model_args, mode'),
-    ({'mode': 'bp'}, "mode='bp' is not valid: choose one of loco, gim, e2e"),
+    ({'mode': 'bp'}, "mode='bp' is not valid: choose one of e2e, gim, loco"),
     ({'dataset': 'mnist'}, "dataset='mnist' is not valid: choose one of fashion_mnist"),
     ({'batch_size': 'big'}, "batch_size='big' has the wrong type: expected int"),
     ({'batch_size': 0}, 'batch_size=0 must be >= 1'),
@@ -69,7 +82,7 @@ def test_cli_unknown_recipe_key_is_one_line_exit_2(tmp_path, capsys):
 
 def test_cli_bad_value_is_one_line_exit_2(tmp_path, capsys):
     line = _cli_error(capsys, 'train', '--mode', 'backprop', '--out-dir', str(tmp_path))
-    assert line == "loco-timm train: error: mode='backprop' is not valid: choose one of loco, gim, e2e"
+    assert line == "loco-timm train: error: mode='backprop' is not valid: choose one of e2e, gim, loco"
 
 
 def test_cli_unwritable_out_dir(tmp_path, capsys):
@@ -131,9 +144,50 @@ def test_every_hub_config_is_a_valid_recipe():
         from_dict(ReadoutConfig, recipe.get('readout') or {}, where=f'{path} readout')
 
 
-def test_cli_cards_from_a_missing_study_or_with_check_is_one_line_exit_2(tmp_path, capsys):
-    line = _cli_error(capsys, 'cards', '--root', str(tmp_path), '--from-study', str(tmp_path / 'nowhere'))
-    assert line == (f'loco-timm cards: error: {tmp_path / "nowhere" / "results.json"}: no study results here; run '
-                    f'loco-timm study --out {tmp_path / "nowhere"} first')
-    line = _cli_error(capsys, 'cards', '--check', '--from-study', 'study/fmnist')
-    assert line == 'loco-timm cards: error: --from-study writes hub configs: run it without --check'
+def test_cards_tool_from_a_missing_study_names_it_and_refuses_check(tmp_path, capsys):
+    from tools import cards
+    with pytest.raises(MissingFileError, match='no study results here; run loco-timm study --out'):
+        cards.main(['--root', str(tmp_path), '--from-study', str(tmp_path / 'nowhere')])
+    with pytest.raises(SystemExit) as exit_info:
+        cards.main(['--check', '--from-study', 'study/fmnist'])
+    assert exit_info.value.code == 2
+    assert '--from-study writes hub configs: run it without --check' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('cls', [TrainConfig, ReadoutConfig])
+def test_every_recipe_key_is_declared_with_section_help_and_resume_rule(cls):
+    keys = declared_keys(cls)
+    assert [k.name for k in keys] == [f.name for f in dataclasses.fields(cls)]
+    for k in keys:
+        assert k.help and isinstance(k.resume, bool), k
+    assert {k.section for k in declared_keys(TrainConfig)} == set(TRAIN_SECTIONS)
+
+
+def test_a_key_declared_without_its_rules_is_refused():
+    @dataclasses.dataclass
+    class Sloppy:
+        declared: int = key(1, section='data', help='fine', resume=True)
+        forgotten: int = 2
+
+    with pytest.raises(TypeError, match='Sloppy.forgotten is not declared with'):
+        declared_keys(Sloppy)
+
+
+def test_resume_keys_come_from_the_declarations():
+    keys = resume_keys()
+    assert {'backbone', 'mode', 'batch_size', 'seed', 'crop_scale', 'pipelined', 'sync_bn', 'mixed_precision'} <= set(keys)
+    assert not {'out_dir', 'num_workers', 'data_dir', 'checkpoint_every', 'recompute', 'placement'} & set(keys)
+
+
+def test_choices_come_from_the_modules_that_define_them():
+    from loco_timm.core.decoders import NORMS
+    from loco_timm.core.sharing import SHARING
+    from loco_timm.core.units import MODES
+    choices = {k.name: k.choices for k in declared_keys(TrainConfig)}
+    assert choices['mode'] == MODES and choices['sharing'] == SHARING and choices['decoder_norm'] == NORMS
+
+
+@pytest.mark.parametrize('flag', ['--batch_size', '--batch-size'])
+def test_options_take_the_recipe_spelling_and_the_dashed_one(flag):
+    args = cli.build_parser().parse_args(['train', flag, '64', '--out_dir', 'x'])
+    assert cli.config_from_args(args, TrainConfig, 'train').batch_size == 64

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from dist_common import build_learner, global_views, trainable_grads
+from safetensors.torch import load_file
 
 HERE = os.path.dirname(__file__)
 

@@ -6,16 +6,15 @@ import timm
 import torch
 import yaml
 from safetensors.torch import load_file
+from zoo_common import FMNIST, cli, reference_logits, train_and_read_out
 
 import loco_timm  # noqa: F401
-from loco_timm.training.checkpoint import resolve_checkpoint
-from loco_timm.config import ConfigError
-from loco_timm.recipes import load_recipe
+from loco_timm.config import ConfigError, load_recipe
 from loco_timm.data.datasets import find_fashion_mnist
-from loco_timm.zoo.export import EXPORT_FILES, build_export_model, export
-from loco_timm.zoo.hub import PublishError, publish
-from loco_timm.zoo.tags import get_hub_config
-from zoo_common import FMNIST, cli, reference_logits, train_and_read_out
+from loco_timm.hub.export import EXPORT_FILES, build_export_model, export
+from loco_timm.hub.publish import publish
+from loco_timm.models.tags import get_hub_config
+from loco_timm.training.checkpoint import resolve_checkpoint
 
 pytestmark = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST not installed')
 
@@ -158,7 +157,8 @@ def test_publish_uploads_the_folder_and_again_the_same(exported, monkeypatch):
 def test_a_loco_resnet50_export_names_resnet50_and_loads_in_plain_timm(tmp_path):
     import subprocess
     import sys
-    from loco_timm.zoo.export import save_timm_model
+
+    from loco_timm.hub.export import save_timm_model
     hub = get_hub_config('loco_resnet50.simclr_in1k')
     torch.manual_seed(0)
     state = timm.create_model(hub.name).state_dict()

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from loco_timm import LocalLearner, split_stages
-from loco_timm.evaluation.coverage import check_model
 from loco_timm.core.stages import Boundary, detach_stage_output, stage_feature
+from tools.coverage import check_model
 
 REPORT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results' / 'coverage.json'
 # tiny models of families the generic splitter handles: NHWC maps, hybrid conv/attention, relative position tokens

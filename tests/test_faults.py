@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from zoo_common import FMNIST, TINY_READOUT, cli
 
-from loco_timm.training.checkpoint import MANIFEST, _manifest, _prune, list_checkpoints, verify_checkpoint
 from loco_timm.data.datasets import find_fashion_mnist
 from loco_timm.files import plain_permissions, umask
-from zoo_common import FMNIST, TINY_READOUT, cli
+from loco_timm.training.checkpoint import MANIFEST, _manifest, _prune, list_checkpoints, verify_checkpoint
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST not installed')]

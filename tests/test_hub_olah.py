@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from zoo_common import FMNIST, reference_logits, train_and_read_out
 
 from loco_timm.data.datasets import find_fashion_mnist
-from loco_timm.zoo.export import export
-from loco_timm.zoo.tags import get_hub_config, hub_config_dir
-from zoo_common import FMNIST, reference_logits, train_and_read_out
+from loco_timm.hub.export import export
+from loco_timm.models.tags import get_hub_config, hub_config_dir
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST not installed'),
@@ -139,7 +139,7 @@ def test_a_tag_missing_from_the_mirror_raises_the_clear_error(olah, tmp_path):
     result = _fresh_process(code, tmp_path, olah['endpoint'], tmp_path / 'cache')
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith('loco_timm.zoo.PretrainedWeightsNotFound: no pretrained weights for '
+    assert last.startswith('loco_timm.errors.PretrainedWeightsNotFound: no pretrained weights for '
                            'loco_resnet18_small.gim_simclr_fmnist at loco-timm/loco_resnet18_small.gim_simclr_fmnist '
                            f'on {olah["endpoint"]}')
     assert 'During handling of the above exception' not in result.stderr
@@ -164,7 +164,7 @@ def test_damaged_weights_in_the_hub_cache_are_one_clear_line(olah, published, tm
         result = _fresh_process(code, tmp_path, olah['endpoint'], cache, offline)
         assert result.returncode == 1
         last = result.stderr.strip().splitlines()[-1]
-        assert last.startswith(f'loco_timm.zoo.PretrainedWeightsNotFound: the cached weights of loco_resnet18_small '
+        assert last.startswith(f'loco_timm.errors.PretrainedWeightsNotFound: the cached weights of loco_resnet18_small '
                                f'at {cached} are damaged'), result.stderr[-2000:]
         assert '--force-download' in last and 'During handling of the above exception' not in result.stderr
 
@@ -192,6 +192,6 @@ def test_a_repository_with_only_pickled_weights_is_refused_without_unpickling(ol
     result = _fresh_process(code, tmp_path, olah['endpoint'], tmp_path / 'cache')
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith('loco_timm.zoo.PretrainedWeightsNotFound: test-org/pickled offers only pickled weights '
+    assert last.startswith('loco_timm.errors.PretrainedWeightsNotFound: test-org/pickled offers only pickled weights '
                            '(pytorch_model.bin)'), result.stderr[-2000:]
     assert not marker.exists() and not list((tmp_path / 'cache').rglob('pytorch_model.bin'))

@@ -3,9 +3,9 @@
 import pytest
 import timm
 import torch
+from reference import assert_close, grads, ref_nt_xent, ref_unit_loss, resnet_stage_fns, resnet_stage_params, views
 
 from loco_timm import LocalLearner, make_units
-from reference import assert_close, grads, ref_nt_xent, ref_unit_loss, resnet_stage_fns, resnet_stage_params, views
 
 T = 0.1
 DTYPE = torch.float64  # gradient comparisons in float64: differences are then rounding noise far below 1e-9

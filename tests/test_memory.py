@@ -5,8 +5,8 @@ import timm
 import torch
 
 from loco_timm import LocalLearner
-from loco_timm.core.memory import SavedTensorMeter, saved_bytes
 from loco_timm.core.stages import detach_stage_output, stage_feature, stage_tensors
+from tools.memory import SavedTensorMeter, saved_bytes
 
 TOLERANCE = 1.02  # the loss's own small saved tensors and bookkeeping
 

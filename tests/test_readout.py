@@ -83,8 +83,8 @@ def _checkpoint(folder, **overrides):
     from safetensors.torch import save_file
 
     from loco_timm.config import TrainConfig
-    from loco_timm.core.factory import build_learner
-    from loco_timm.training.train import _as_json
+    from loco_timm.config import to_json as _as_json
+    from loco_timm.training.factory import build_learner
     cfg = TrainConfig(**dict(dict(backbone='test_resnet', dataset='fashion_mnist', image_size=28, seed=0), **overrides))
     torch.manual_seed(cfg.seed)
     learner = build_learner(cfg, 1, 10)
@@ -163,6 +163,7 @@ def test_streamed_float32_readout_equals_the_in_memory_one_and_float16_stays_clo
 
 def test_features_are_written_into_one_allocation_per_stage_whose_size_is_said_first():
     from torch.utils.data import TensorDataset
+
     from loco_timm.data.augment import SimCLRAugment
     from loco_timm.evaluation.readout import extract_features
     images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)

@@ -5,12 +5,11 @@ import subprocess
 import sys
 
 import pytest
+from formats import hf_parquet, wds_shards
 from PIL import Image
 
-from formats import hf_parquet, wds_shards
-from loco_timm.config import ReadoutConfig, TrainConfig, from_dict
-from loco_timm.recipes import load_recipe
-from loco_timm.zoo.tags import get_hub_config
+from loco_timm.config import ReadoutConfig, TrainConfig, from_dict, load_recipe
+from loco_timm.models.tags import get_hub_config
 
 # arXiv:2008.01342 (../shared/PAPER.md): batch 4096, LARS lr 4.8 (= 0.3 x 4096/256), cosine, 10 warm-up epochs,
 # 800 epochs, 224 px, SimCLR augmentations; where the paper is silent, SimCLR's defaults: temperature 0.1, weight

@@ -2,13 +2,13 @@
 checked against a hand-written autograd reference (float64) on a tiny ResNet."""
 import pytest
 import torch
+from reference import assert_close, grads, ref_nt_xent, ref_unit_loss, resnet_stage_fns, resnet_stage_params, views
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 from loco_timm import LocalLearner
 from loco_timm.config import TrainConfig
-from loco_timm.core.factory import build_learner
-from reference import assert_close, grads, ref_nt_xent, ref_unit_loss, resnet_stage_fns, resnet_stage_params, views
+from loco_timm.training.factory import build_learner
 
 T = 0.1
 DTYPE = torch.float64

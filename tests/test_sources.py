@@ -8,9 +8,9 @@ import io
 
 import pytest
 import torch
+from formats import CLASSES, SPLITS, hf_parquet, image_folder, tar_splits, wds_shards
 from PIL import Image
 
-from formats import CLASSES, SPLITS, hf_parquet, image_folder, tar_splits, wds_shards
 from loco_timm.config import ConfigError, TrainConfig
 from loco_timm.data.crops import ViewCropSpec, needed_size, view_crops
 from loco_timm.data.datasets import build_dataset

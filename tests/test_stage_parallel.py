@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from stage_parallel_worker import pipelined_reference, reference
 
 from loco_timm.training.stage_parallel import balance, check_placement
-from stage_parallel_worker import pipelined_reference, reference
 
 HERE = os.path.dirname(__file__)
 JOBS = {2: [('loco', [[0, 1], [2, 3]], False), ('loco', [[0, 1], [2, 3]], True),
@@ -102,7 +102,9 @@ def test_stashed_forward_keeps_the_weights_and_statistics_of_its_forward():
     """Weight stashing: after an optimizer-like in-place update and another forward (BatchNorm statistics updated in
     place), the kept graph still gives the gradient at the weights of its forward; the statistics are updated once."""
     import copy
+
     from torch import nn
+
     from loco_timm.core.gradients import stashed_forward
     torch.manual_seed(0)
     stage = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double()

@@ -2,10 +2,10 @@
 import json
 
 import pytest
+from zoo_common import cli
 
 from loco_timm.data.datasets import find_fashion_mnist
 from loco_timm.evaluation.study import CLAIMS, results_markdown, summarize
-from zoo_common import cli
 
 pytestmark = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST not installed')
 
@@ -120,7 +120,8 @@ def test_study_runs_the_ablation_arms_through_train_and_readout(tmp_path):
 def test_runs_recorded_in_a_committed_results_file_count_as_finished(tmp_path):
     """A study spans machines: the run folders are not committed, results.json is."""
     import copy
-    from loco_timm.recipes import load_recipe
+
+    from loco_timm.config import load_recipe
     from loco_timm.evaluation.study import run_study
     recipe = load_recipe('loco_resnet18_small.simclr_fmnist')
     recorded = [dict(_run('loco_conv', 0, [50, 80.0]), steps=3), dict(_run('e2e_mlp', 0, [50, 81.0]), steps=3)]

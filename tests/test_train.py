@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loco_timm.training.checkpoint import latest_checkpoint, list_checkpoints
 from loco_timm.data.datasets import find_fashion_mnist
+from loco_timm.training.checkpoint import latest_checkpoint, list_checkpoints
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST not installed')]

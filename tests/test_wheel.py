@@ -35,7 +35,7 @@ def test_wheel_installs_the_package_with_its_hub_configs(tmp_path):
     (fresh_site / 'deps.pth').write_text('\n'.join(site.getsitepackages()) + '\n')
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
     code = ('import timm, loco_timm\n'
-            'from loco_timm.zoo.tags import hub_config_dir, list_hub_configs\n'
+            'from loco_timm.models.tags import hub_config_dir, list_hub_configs\n'
             'print(loco_timm.__file__)\nprint(hub_config_dir())\n'
             'print(sorted(timm.list_pretrained("loco_*")) == sorted(c.name for c in list_hub_configs()))\n'
             'print(len(list_hub_configs()))\n'

@@ -10,11 +10,10 @@ import torch
 import yaml
 
 import loco_timm  # noqa: F401
-from loco_timm.zoo.card import update_cards, zoo_card
-from loco_timm.config import ConfigError, ReadoutConfig, TrainConfig, from_dict
-from loco_timm.recipes import load_recipe
+from loco_timm.config import ConfigError, ReadoutConfig, TrainConfig, from_dict, load_recipe
 from loco_timm.data.datasets import NORMALIZATION
-from loco_timm.zoo.tags import get_hub_config, hub_config_dir, list_hub_configs, load_hub_config
+from loco_timm.models.tags import get_hub_config, hub_config_dir, list_hub_configs, load_hub_config
+from tools.cards import update_cards, zoo_card
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = 'loco_resnet18_small.simclr_fmnist'
@@ -91,7 +90,7 @@ def test_loco_resnet50_is_timm_resnet50_so_exports_load_in_plain_timm():
 
 
 def test_model_card_and_readme_table_match_the_hub_configs():
-    assert update_cards(ROOT, check=True) == [], 'run `loco-timm cards` and commit MODEL_CARD.md and README.md'
+    assert update_cards(ROOT, check=True) == [], 'run `python tools/cards.py` and commit MODEL_CARD.md and README.md'
     card = zoo_card()
     for hub in list_hub_configs():
         assert f'`{hub.name}`' in card
@@ -137,7 +136,7 @@ def test_pretrained_weights_that_are_not_there_raise_one_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith('loco_timm.zoo.PretrainedWeightsNotFound: no pretrained weights for '
+    assert last.startswith('loco_timm.errors.PretrainedWeightsNotFound: no pretrained weights for '
                            'loco_resnet50.gim_simclr_in1k at loco-timm/loco_resnet50.gim_simclr_in1k')
     for hint in ('loco-timm train --config loco_resnet50.gim_simclr_in1k', 'loco-timm publish', 'HF_ENDPOINT'):
         assert hint in last
@@ -155,7 +154,7 @@ def test_metrics_in_hub_configs_say_how_they_were_measured():
 
 
 def test_cards_carry_the_study_results_when_there_are_some(tmp_path):
-    from loco_timm.zoo.card import STUDY_RESULTS, STUDY_START, STUDY_END, TABLE_START, TABLE_END
+    from tools.cards import STUDY_END, STUDY_RESULTS, STUDY_START, TABLE_END, TABLE_START
     (tmp_path / 'README.md').write_text(f'# x\n{TABLE_START}\n{TABLE_END}\n\n{STUDY_START}\n{STUDY_END}\nend\n')
     assert sorted(update_cards(tmp_path)) == [str(tmp_path / 'MODEL_CARD.md'), str(tmp_path / 'README.md')]
     assert 'Not run yet' in (tmp_path / 'README.md').read_text()
@@ -176,7 +175,7 @@ def test_a_study_records_the_metrics_of_the_tags_it_trained_and_nothing_else(tmp
     import json
     import shutil
 
-    from loco_timm.zoo.metrics import STUDY_SOURCE, record_study_metrics, study_metrics
+    from tools.study_metrics import STUDY_SOURCE, record_study_metrics, study_metrics
     study = ROOT / 'study' / 'fmnist'
     runs = {(r['arm'], r['seed']): r for r in json.loads((study / 'results.json').read_text())['runs']}
     found = study_metrics(study)

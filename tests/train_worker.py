@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 
-
 import loco_timm.core.learner
 from loco_timm.config import TrainConfig, from_dict
 from loco_timm.training.train import NonFiniteLossError, train

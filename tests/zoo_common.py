@@ -29,8 +29,8 @@ def train_and_read_out(run_dir: Path, config: str = FMNIST) -> Path:
 
 def reference_logits(run_dir: Path, x: torch.Tensor) -> torch.Tensor:
     """Logits of the trained encoder (through the learner) and the readout head, computed without the export."""
-    from loco_timm.training.checkpoint import resolve_checkpoint
     from loco_timm.evaluation.readout import _learner_from_checkpoint
+    from loco_timm.training.checkpoint import resolve_checkpoint
     learner = _learner_from_checkpoint(resolve_checkpoint(run_dir))[0].eval()
     head = load_file(str(run_dir / 'readout_head.safetensors'))
     with torch.no_grad():

@@ -19,10 +19,14 @@ The blocks here are plain modules without any trainer logic.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
+from timm.layers import LayerNorm2d
+from timm.models.resnet import Bottleneck
+from timm.models.vision_transformer import Block
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ['DECODERS', 'NORMS', 'LAYOUTS', 'Pool', 'ToNCHW', 'ProjectionMLP', 'LocalDecoder', 'create_decoder', 'count_flops']
 
@@ -36,7 +40,6 @@ def _norm1d(kind: str, dim: int) -> nn.Module:
 
 
 def _norm2d_layer(kind: str) -> type[nn.Module]:
-    from timm.layers import LayerNorm2d
     return {'batch': nn.BatchNorm2d, 'layer': LayerNorm2d, 'none': nn.Identity}[kind]
 
 
@@ -141,7 +144,6 @@ class LocalDecoder(nn.Module):
 
 
 def _conv_block(channels: int, norm: str, stride: int = 2) -> nn.Module:
-    from timm.models.resnet import Bottleneck
     norm_layer = _norm2d_layer(norm)
     planes = max(channels // 4, 1)
     shortcut = None if stride == 1 and channels == planes * 4 else nn.Sequential(
@@ -158,7 +160,6 @@ def _conv_blocks(channels: int, norm: str, count: int) -> nn.Module:
 
 
 def _token_block(dim: int, num_heads: int) -> nn.Module:
-    from timm.models.vision_transformer import Block
     return Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True)
 
 
@@ -247,7 +248,6 @@ def create_decoder(
 
 def count_flops(module: nn.Module, example: torch.Tensor) -> int:
     """Forward FLOPs of ``module(example)`` as counted by ``torch.utils.flop_counter`` (matmuls and convolutions)."""
-    from torch.utils.flop_counter import FlopCounterMode
     was_training = module.training
     module.eval()
     try:

@@ -21,18 +21,33 @@ reaches a stage outside its unit. Tests compare the gradients with autograd refe
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
+import timm
 import torch
 import torch.distributed as dist
+from timm.data import resolve_model_data_config
 from torch import nn
 
 from .decoders import DECODERS, NORMS, Pool, count_flops, create_decoder
-from .gradients import (Schedule, backward_to, input_grads, output_grads, rng_state, set_rng_state,
-                        stashed_forward)
+from .gradients import (
+    Schedule,
+    backward_to,
+    input_grads,
+    output_grads,
+    rng_state,
+    set_rng_state,
+    stashed_forward,
+)
 from .losses import NTXentLoss
 from .sharing import SHARING, SoftSharing, sharing_units, soft_step, weight_units
-from .stages import detach_stage_output, feature_layout, split_stages, stage_feature, stage_tensors
+from .stages import (
+    detach_stage_output,
+    feature_layout,
+    split_stages,
+    stage_feature,
+    stage_tensors,
+)
 from .units import MODES, check_units, make_units
 
 __all__ = ['LocalLearner', 'MODES', 'make_units']
@@ -108,7 +123,6 @@ class LocalLearner(nn.Module):
         if decoder_norm not in NORMS:
             raise ValueError(f'unknown decoder_norm {decoder_norm!r}: use one of {", ".join(NORMS)}')
         if isinstance(backbone, str):
-            import timm
             backbone = timm.create_model(backbone)
         self.encoder = backbone
         first_blocks = sharing_blocks if sharing == 'blocks' else 0
@@ -156,7 +170,6 @@ class LocalLearner(nn.Module):
         return self.config['mode']
 
     def _default_input_size(self) -> tuple[int, ...]:
-        from timm.data import resolve_model_data_config
         return resolve_model_data_config(self.encoder)['input_size']
 
     @torch.no_grad()

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.nn.functional import all_gather
 
 __all__ = ['nt_xent_loss', 'NTXentLoss', 'all_gather_with_grad']
 
@@ -40,7 +41,6 @@ def all_gather_with_grad(x: torch.Tensor, group=None) -> list[torch.Tensor]:
     part."""
     if group is not None:
         return list(_GroupGather.apply(x, group))
-    from torch.distributed.nn.functional import all_gather
     return list(all_gather(x))
 
 

@@ -25,7 +25,7 @@ import copy
 import torch
 from torch import nn
 
-from .stages import split_stages
+from .stages import detach_stage_output, split_stages
 
 __all__ = ['SHARING', 'sharing_units', 'weight_units', 'SoftSharing']
 
@@ -107,7 +107,6 @@ def soft_step(learner, view1: torch.Tensor, view2: torch.Tensor, active: list[in
     Returns:
         ``{unit index: detached loss}`` for the active units.
     """
-    from .stages import detach_stage_output
     copies = learner.sharing_copies.copies
     batch, losses = view1.shape[0], {}
     starting = {learner.units[j][0]: j for j in active}

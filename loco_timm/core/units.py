@@ -1,7 +1,7 @@
 """Local units: which stages each unit of end-to-end SimCLR, Greedy InfoMax and LoCo spans."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ['MODES', 'Unit', 'make_units', 'check_units']
 

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torchvision.transforms import v2
 
 from .augment import NUM_UNIFORMS, crop_fractions, sample_uniforms
 
@@ -67,7 +68,6 @@ def needed_size(height: int, width: int, index: int, epoch: int, spec: ViewCropS
 
 def view_crops(image: torch.Tensor, index: int, epoch: int, spec: ViewCropSpec) -> torch.Tensor:
     """uint8 ``(views, C, size, size)``: the views' crops of one decoded uint8 ``(C, H, W)`` image."""
-    from torchvision.transforms import v2
     u = view_uniforms(index, epoch, spec)
     height, width = image.shape[-2:]
     return torch.stack([v2.functional.resized_crop(image, *crop_box(height, width, u[v], spec),

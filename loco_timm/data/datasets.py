@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Sampler
+from torchvision.datasets import CIFAR10, CIFAR100, STL10, FashionMNIST
 
-from .crops import KEY_STRIDE, ViewCropSpec
+from ..errors import ConfigError, DataNotFoundError
 from ..files import plain_permissions
+from .crops import KEY_STRIDE, ViewCropSpec
 from .sources import build_source, is_stream, is_timm_source
 
 __all__ = ['FASHION_MNIST_FILES', 'DEBIAN_FASHION_MNIST', 'find_fashion_mnist', 'fashion_mnist', 'cache_dir',
-           'NORMALIZATION', 'normalization', 'build_dataset', 'ImageTensorDataset', 'EpochSampler',
+           'DATASETS', 'NORMALIZATION', 'normalization', 'build_dataset', 'ImageTensorDataset', 'EpochSampler',
            'ShareSampler']
 
 FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
@@ -84,7 +86,6 @@ def fashion_mnist(train: bool = True, data_dir: str | os.PathLike | None = None,
     Raises:
         FileNotFoundError: If the files are nowhere to be found and cannot be downloaded.
     """
-    from torchvision.datasets import FashionMNIST
     source = find_fashion_mnist(data_dir)
     root = cache_dir() / 'data'
     if source is not None:
@@ -97,7 +98,7 @@ def fashion_mnist(train: bool = True, data_dir: str | os.PathLike | None = None,
             reason = f' (download failed: {err.__class__.__name__})'
     else:
         reason = ''
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f'Fashion-MNIST not found in {data_dir or "--data-dir"}, ${ENV_DATA} or {DEBIAN_FASHION_MNIST}{reason}: '
         f'install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu) or put the four IDX files '
         f'({", ".join(FASHION_MNIST_FILES)}, optionally .gz) in a folder and pass it as data_dir')
@@ -113,6 +114,7 @@ NORMALIZATION = {
     'stl10': ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
     'imagefolder': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+DATASETS = tuple(NORMALIZATION)  # the named datasets; timm sources come by their prefixed names
 SPLITS = ('pretrain', 'train', 'test')
 
 
@@ -141,11 +143,11 @@ def _torchvision_dataset(cls, root: Path, download: bool, **kwargs):
         return cls(str(root), download=False, **kwargs)
     except RuntimeError:
         if not download:
-            raise FileNotFoundError(f'{cls.__name__} not found in {root} (downloading is off): {fix}') from None
+            raise DataNotFoundError(f'{cls.__name__} not found in {root} (downloading is off): {fix}') from None
     try:
         return cls(str(root), download=True, **kwargs)
     except Exception as err:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f'{cls.__name__} not found in {root} and could not be downloaded ({err.__class__.__name__}): {fix}') \
             from None
 
@@ -185,7 +187,7 @@ def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLik
         ValueError: Unknown name or split. FileNotFoundError: missing or empty data.
     """
     if split not in SPLITS:
-        raise ValueError(f'unknown split {split!r}: use one of {", ".join(SPLITS)}')
+        raise ConfigError(f'unknown split {split!r}: use one of {", ".join(SPLITS)}')
     train = split != 'test'
     if is_timm_source(name):
         ds = build_source(name, split, data_dir, image_size, subset, crops, splits, download, seed, batch_size,
@@ -193,28 +195,26 @@ def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLik
         if is_stream(name):
             return ds
         if len(ds) == 0:
-            raise FileNotFoundError(f'dataset {name} ({split}) in {data_dir} is empty: add images, then run again')
+            raise DataNotFoundError(f'dataset {name} ({split}) in {data_dir} is empty: add images, then run again')
         return _Subset(ds, subset) if subset is not None and subset < len(ds) else ds
     if name == 'fashion_mnist':
         base = fashion_mnist(train=train, data_dir=data_dir, download=download)
         ds = ImageTensorDataset(base.data.unsqueeze(1), base.targets, base.classes, name)
     elif name in ('cifar10', 'cifar100'):
-        from torchvision.datasets import CIFAR10, CIFAR100
         root = Path(data_dir or cache_dir() / 'data')
         base = _torchvision_dataset(CIFAR10 if name == 'cifar10' else CIFAR100, root, download, train=train)
         ds = ImageTensorDataset(torch.from_numpy(base.data).permute(0, 3, 1, 2).contiguous(),
                                 torch.tensor(base.targets), base.classes, name)
     elif name == 'stl10':
-        from torchvision.datasets import STL10
         root = Path(data_dir or cache_dir() / 'data')
         stl_split = {'pretrain': 'unlabeled', 'train': 'train', 'test': 'test'}[split]
         base = _torchvision_dataset(STL10, root, download, split=stl_split)
         ds = ImageTensorDataset(torch.from_numpy(base.data), torch.from_numpy(base.labels).long(), base.classes, name)
     else:
-        raise ValueError(f'unknown dataset {name!r}: use one of {", ".join(NORMALIZATION)} or a timm dataset name '
+        raise ConfigError(f'unknown dataset {name!r}: use one of {", ".join(NORMALIZATION)} or a timm dataset name '
                          f'(torch/, hfds/, hfids/, wds/, tfds/)')
     if len(ds) == 0:
-        raise FileNotFoundError(f'dataset {name} ({split}) in {data_dir} is empty: add images, then run again')
+        raise DataNotFoundError(f'dataset {name} ({split}) in {data_dir} is empty: add images, then run again')
     if subset is not None and subset < len(ds):
         ds = _Subset(ds, subset)
     return ds

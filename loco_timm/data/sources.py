@@ -30,9 +30,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, IterableDataset
+from PIL import Image
+from timm.data import create_dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
 
-from .crops import ViewCropSpec, crop_box, needed_size, split_key, view_crops, view_uniforms
+from ..errors import (
+    DataError,
+    DataNotFoundError,
+    MissingDependencyError,
+    UnreadableImageError,
+)
+from .crops import (
+    ViewCropSpec,
+    crop_box,
+    needed_size,
+    split_key,
+    view_crops,
+    view_uniforms,
+)
 
 __all__ = ['TIMM_PREFIXES', 'STREAM_PREFIXES', 'DEFAULT_SPLITS', 'is_timm_source', 'is_stream', 'timm_source',
            'DecodedDataset', 'StreamDataset', 'StreamLoader', 'decode', 'build_source', 'collate_encoded',
@@ -68,7 +85,6 @@ def timm_source(name: str, split: str, data_dir: str | os.PathLike | None, *, tr
         FileNotFoundError: Missing data (the message names where it was looked for). ImportError: the package the
             source needs is not installed (the message names it).
     """
-    from timm.data import create_dataset
     prefix = _prefix(name)
     if prefix in _PACKAGES:
         module = {'datasets': 'datasets', 'webdataset': 'webdataset', 'tensorflow-datasets': 'tensorflow_datasets'}
@@ -76,17 +92,17 @@ def timm_source(name: str, split: str, data_dir: str | os.PathLike | None, *, tr
         try:
             __import__(module[package])
         except ImportError:
-            raise ImportError(f'dataset {name!r} needs the package {package}: pip install {package}') from None
+            raise MissingDependencyError(f'dataset {name!r} needs the package {package}: pip install {package}') from None
     root = None if data_dir is None else str(data_dir)
     if name == 'imagefolder':
         if not root or not Path(root).exists():
-            raise FileNotFoundError(f'data_dir {data_dir!r} does not exist: imagefolder needs data_dir holding '
+            raise DataNotFoundError(f'data_dir {data_dir!r} does not exist: imagefolder needs data_dir holding '
                                     f'<split>/<class>/<images> (or <split>.tar), or a folder or tar of one split')
         tar = Path(root) / f'{split}.tar'
         root = str(tar) if tar.is_file() else root
         name = ''
     elif prefix == 'wds' and (not root or not Path(root).is_dir()):
-        raise FileNotFoundError(f'data_dir {data_dir!r} is not a folder: {name} needs data_dir holding the shards '
+        raise DataNotFoundError(f'data_dir {data_dir!r} is not a folder: {name} needs data_dir holding the shards '
                                 f'and _info.json (timm\'s WebDataset layout)')
     kwargs: dict[str, Any] = dict(split=split, download=download)
     if prefix in STREAM_PREFIXES:
@@ -95,7 +111,7 @@ def timm_source(name: str, split: str, data_dir: str | os.PathLike | None, *, tr
         return create_dataset(name, root=root, **kwargs)
     except (FileNotFoundError, RuntimeError, AssertionError, ValueError, OSError) as err:
         where = f' in {data_dir}' if data_dir else ''
-        raise FileNotFoundError(f'dataset {name or "imagefolder"} split {split!r} could not be read{where} '
+        raise DataNotFoundError(f'dataset {name or "imagefolder"} split {split!r} could not be read{where} '
                                 f'({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ""}): '
                                 f'check the name, data_dir and the splits key') from None
 
@@ -104,8 +120,6 @@ def decode(sample, request: tuple[int, int] | None = None, draft: bool = True) -
     """uint8 ``(3, H, W)`` RGB of an image given as a PIL image, bytes or a binary file. With ``draft``, a JPEG is
     decoded at the smallest of libjpeg's scales at which it is still at least ``request`` (width, height), or
     ``request`` may be a callable ``(width, height) -> (width, height)`` computing it from the full size."""
-    from PIL import Image
-    from torchvision.transforms import v2
     if isinstance(sample, Image.Image):
         img = sample
     else:
@@ -119,7 +133,6 @@ def decode(sample, request: tuple[int, int] | None = None, draft: bool = True) -
 
 
 def _eval_crop(image: torch.Tensor, load_size: int) -> torch.Tensor:
-    from torchvision.transforms import v2
     image = v2.functional.resize(image, load_size, antialias=True)
     return v2.functional.center_crop(image, load_size)
 
@@ -176,7 +189,7 @@ class DecodedDataset(Dataset):
         try:
             image = decode(sample, request, self.draft)
         except Exception as err:
-            raise RuntimeError(f'unreadable image {self._name(index)} ({err.__class__.__name__}: {err}): remove or '
+            raise UnreadableImageError(f'unreadable image {self._name(index)} ({err.__class__.__name__}: {err}): remove or '
                                f'replace the file, then run again') from None
         finally:
             if hasattr(sample, 'close'):
@@ -189,7 +202,6 @@ class DecodedDataset(Dataset):
     def _encoded(self, sample, index: int, epoch: int):
         """``(JPEG bytes as a uint8 tensor, crop boxes (views, 4))``, the boxes from the size in the file's header;
         an image of another format is decoded and cropped here, ``(views, 3, size, size)``."""
-        from PIL import Image
         if not isinstance(sample, Image.Image):
             data = sample if isinstance(sample, (bytes, bytearray)) else sample.read()
             if hasattr(sample, 'close'):
@@ -216,8 +228,6 @@ def decode_views(payloads: list[torch.Tensor], boxes: list[torch.Tensor], size: 
                  device: torch.device | str) -> torch.Tensor:
     """uint8 ``(N, views, 3, size, size)`` on ``device``: the JPEGs decoded there (``torchvision.io.decode_jpeg``,
     batched on CUDA) and each view's crop resized with antialiasing; crops cut in the loader are moved as they are."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms import v2
     device = torch.device(device)
     jpegs = [i for i, p in enumerate(payloads) if p.ndim == 1]
     decoded = dict(zip(jpegs, decode_jpeg([payloads[i] for i in jpegs], device=device, mode=ImageReadMode.RGB)
@@ -256,7 +266,6 @@ class StreamDataset(IterableDataset):
         self.source.set_epoch(epoch)
 
     def __iter__(self):
-        from torch.utils.data import get_worker_info
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         rank, world = 0, 1
@@ -287,7 +296,7 @@ def build_source(name: str, split: str, data_dir, image_size: int, subset: int |
                              seed=seed, batch_size=batch_size, num_samples=subset)
         total = subset or getattr(source.reader, 'num_samples', 0) or 0
         if not total:
-            raise FileNotFoundError(f'dataset {name} split {timm_split!r} does not say how many images it has: '
+            raise DataNotFoundError(f'dataset {name} split {timm_split!r} does not say how many images it has: '
                                     f'set subset (or num_samples in its info file)')
         return StreamDataset(source, load_size, name, crops, num_samples=total)
     source = timm_source(name, timm_split, data_dir, download=download)
@@ -305,7 +314,6 @@ class StreamLoader:
         dataset.source.set_loader_cfg(num_workers=num_workers)
 
     def epoch(self, epoch: int, skip: int, steps: int):
-        from torch.utils.data import DataLoader
         self.dataset.set_epoch(epoch)
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1009 + self.rank)
         loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
@@ -316,7 +324,6 @@ class StreamLoader:
                 yield [t.to(self.device, non_blocking=self.pin) for t in batch]
             if count == steps:
                 return
-        from ..config import ConfigError
-        raise ConfigError(f'the stream of {self.dataset.name} gave {count} batches of {self.batch_size} in epoch '
+        raise DataError(f'the stream of {self.dataset.name} gave {count} batches of {self.batch_size} in epoch '
                           f'{epoch}, fewer than the {steps} an epoch needs: give its info file the right '
                           f'num_samples, or set subset')

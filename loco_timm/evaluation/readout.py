@@ -20,19 +20,23 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
+from torch.utils.data import DataLoader
 
-from ..data.augment import SimCLRAugment
-from ..training.checkpoint import load_weights, read_progress, resolve_checkpoint
 from ..config import ReadoutConfig, TrainConfig, from_dict
-from ..data.datasets import build_dataset, normalization
-from ..core.factory import build_learner
 from ..core.learner import LocalLearner
+from ..data.augment import SimCLRAugment
+from ..data.datasets import build_dataset, normalization
+from ..errors import DataError
+from ..training.checkpoint import load_weights, read_progress, resolve_checkpoint
+from ..training.factory import build_learner
 
 __all__ = ['extract_features', 'train_linear', 'select_lr', 'knn_accuracy', 'evaluate_features', 'readout',
            'plot_readout', 'reference_key']
@@ -46,14 +50,13 @@ def extract_features(learner: LocalLearner | None, dataset, augment: SimCLRAugme
     """Pooled features of every stage (or the flattened pixels when ``learner`` is None) and the labels, held on
     the CPU in ``dtype``, written batch by batch into tensors allocated once (``log`` gets their size first). A
     stream may give fewer images than its announced length (the tensors are cut to what came), not more."""
-    from torch.utils.data import DataLoader
     if learner is not None:
         learner.eval()
     features, labels, start = None, torch.empty(len(dataset), dtype=torch.long), 0
     for images, targets, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          pin_memory=torch.device(device).type == 'cuda'):
         if start + len(targets) > len(labels):
-            raise ValueError(f'{dataset.name} gave more than the {len(labels):,} images it announced: correct '
+            raise DataError(f'{dataset.name} gave more than the {len(labels):,} images it announced: correct '
                              f'num_samples in its info file')
         x = augment.plain(images.to(device))
         if learner is None:
@@ -75,7 +78,7 @@ def extract_features(learner: LocalLearner | None, dataset, augment: SimCLRAugme
         labels[start:start + len(targets)] = targets
         start += len(targets)
     if features is None:
-        raise ValueError(f'{dataset.name} gave no images: check its split and data_dir')
+        raise DataError(f'{dataset.name} gave no images: check its split and data_dir')
     return [f[:start] for f in features], labels[:start]
 
 
@@ -218,8 +221,6 @@ def readout(checkpoint: str | Path, cfg: ReadoutConfig | None = None, out_dir: s
     stage's classifier ``readout_head.safetensors`` to ``out_dir`` (default: the run folder). With
     ``reference_cache`` (a folder), reference rows computed before with the same key (:func:`reference_key`) are
     read from it instead of being computed again, and new ones are added to it."""
-    import time
-    from safetensors.torch import save_file
     started = time.perf_counter()
     cfg = cfg or ReadoutConfig()
     checkpoint = resolve_checkpoint(checkpoint)

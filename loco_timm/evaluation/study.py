@@ -18,8 +18,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..config import ReadoutConfig, TrainConfig, from_dict
-from ..recipes import load_recipe
+import yaml
+
+from ..config import ReadoutConfig, TrainConfig, from_dict, load_recipe
+from ..errors import ConfigError
+from ..training.checkpoint import latest_checkpoint
+from ..training.train import train
+from .readout import readout
 
 __all__ = ['ARMS', 'ABLATIONS', 'arm_overrides', 'expand_arms', 'run_study', 'summarize', 'CLAIMS']
 
@@ -27,27 +32,17 @@ ARMS = {  # name: (mode, decoder)
     'e2e_mlp': ('e2e', 'mlp'), 'e2e_conv': ('e2e', 'conv'), 'gim_mlp': ('gim', 'mlp'), 'gim_conv': ('gim', 'conv'),
     'loco_conv': ('loco', 'conv'), 'loco_mlp': ('loco', 'mlp'),
 }
-# The paper's ablations (ResNet-50, ImageNet, 100 epochs, linear top-1; ../shared/PAPER.md): name -> (train keys,
-# the arm it is compared with, the paper's row, the paper's value for it, the paper's value for that arm)
-ABLATIONS = {
-    'loco_upper': (dict(mode='loco', decoder='conv', sharing='upper'), 'loco_conv', 'upper-layer gradient only',
-                   65.3, 66.2),
-    'loco_l2_1e-4': (dict(mode='loco', decoder='conv', sharing='l2', sharing_l2=1e-4), 'loco_conv',
-                     'L2 soft sharing 1e-4', 65.5, 66.2),
-    'loco_l2_1e-3': (dict(mode='loco', decoder='conv', sharing='l2', sharing_l2=1e-3), 'loco_conv',
-                     'L2 soft sharing 1e-3', 66.0, 66.2),
-    'loco_l2_1e-2': (dict(mode='loco', decoder='conv', sharing='l2', sharing_l2=1e-2), 'loco_conv',
-                     'L2 soft sharing 1e-2', 65.9, 66.2),
-    'loco_blocks1': (dict(mode='loco', decoder='conv', sharing='blocks', sharing_blocks=1), 'loco_conv',
-                     'sharing the first block of the next stage', 64.8, 66.2),
-    'loco_mlp4': (dict(mode='loco', decoder='conv', mlp_layers=4), 'loco_conv', 'LoCo + 2 more MLP layers', 67.5,
-                  66.2),
-    'gim_conv2': (dict(mode='gim', decoder='conv', decoder_blocks=2), 'gim_conv', 'local + 2 conv blocks', 65.8,
-                  65.1),
-    'gim_mlp4': (dict(mode='gim', decoder='mlp', mlp_layers=4), 'gim_mlp', 'local + 2-layer MLP', 62.3, 60.9),
-    'e2e_mlp4': (dict(mode='e2e', decoder='mlp', mlp_layers=4), 'e2e_mlp', 'SimCLR + 2-layer MLP', 67.1, 65.7),
-}
-# no sharing (65.1 vs 66.2) is GIM with LoCo's decoders: the main arms' pair LoCo - GIM
+
+
+def _paper_ablations() -> dict[str, tuple[dict, str, str, float, float]]:
+    """The paper's ablations as arms (``paper_ablations.yaml`` beside this module): name -> (train keys, the arm it
+    is compared with, the paper's row, the paper's value for it, the paper's value for that arm)."""
+    rows = yaml.safe_load((Path(__file__).with_name('paper_ablations.yaml')).read_text())
+    return {name: (dict(row['train']), row['compare'], row['label'], float(row['paper']), float(row['paper_compare']))
+            for name, row in rows.items()}
+
+
+ABLATIONS = _paper_ablations()
 
 
 def arm_overrides(name: str) -> dict:
@@ -73,7 +68,7 @@ def expand_arms(arms: list[str] | None) -> list[str]:
         elif name in ARMS or name in ABLATIONS:
             names.append(name)
         else:
-            raise ValueError(f'unknown arm {name}: valid arms are {", ".join(list(ARMS) + list(ABLATIONS))} and the '
+            raise ConfigError(f'unknown arm {name}: valid arms are {", ".join(list(ARMS) + list(ABLATIONS))} and the '
                              f'groups main, ablations')
     return list(dict.fromkeys(names))
 PAIRS = {'LoCo - E2E': ('loco_conv', 'e2e_mlp'), 'LoCo - GIM': ('loco_conv', 'gim_conv'),
@@ -248,9 +243,6 @@ def _loss_curves(run_dir: Path) -> dict[str, dict[str, list]]:
 def run_study(out: str | Path, config: str, seeds: list[int], arms: list[str] | None = None,
               train_overrides: dict | None = None, readout_overrides: dict | None = None, log=print) -> dict:
     """Train and read out every (arm, seed) not finished yet, then rewrite the study's results and plots."""
-    from ..training.checkpoint import latest_checkpoint
-    from .readout import readout
-    from ..training.train import train
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe(config)
@@ -302,7 +294,7 @@ def _recorded_runs(out: Path, recipe: dict, train_overrides: dict | None,
         return {}
     results = json.loads(path.read_text())
     if results.get('runs') and not _same_settings(results, recipe, train_overrides, readout_overrides):
-        raise ValueError(f'{path} records runs of another recipe or other --set / --readout-set values: use the '
+        raise ConfigError(f'{path} records runs of another recipe or other --set / --readout-set values: use the '
                          f'same ones, or another --out')
     return {(r['arm'], r['seed']): r for r in results.get('runs', [])}
 

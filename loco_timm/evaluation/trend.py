@@ -7,8 +7,7 @@ errors): *held* when the whole interval satisfies the claim, *did not hold* when
 otherwise (the seeds cannot tell). How each difference moved from the shortest budget is paired per seed too
 (the change of a seed's difference, mean +- standard error, *up* / *down* when mean +- 2 standard errors excludes 0,
 else *unresolved*). Also the per-stage linear readout of the three arms per budget. ``loco-timm trend``
-writes ``trend.json``, ``trend.md`` and ``trend.png``; ``loco-timm cards`` puts ``study/trend/trend.md`` into the
-README and MODEL_CARD.
+writes ``trend.json``, ``trend.md`` and (with matplotlib) ``trend.png``.
 """
 from __future__ import annotations
 
@@ -17,6 +16,8 @@ import math
 import statistics
 from pathlib import Path
 from typing import Any
+
+from ..errors import ConfigError
 
 __all__ = ['ARMS', 'budget', 'change', 'judge', 'trend', 'trend_markdown', 'write_trend']
 
@@ -48,7 +49,7 @@ def trend(folders: list[str | Path]) -> dict[str, Any]:
     """The trend over the study folders (each with a ``results.json``), sorted by budget.
 
     Raises:
-        ValueError: If two folders have the same budget or their recipes differ in anything but the epochs.
+        ConfigError: If two folders have the same budget or their recipes differ in anything but the epochs.
     """
     budgets: dict[float, dict] = {}
     recipe = None
@@ -56,12 +57,12 @@ def trend(folders: list[str | Path]) -> dict[str, Any]:
         results = json.loads((Path(folder) / 'results.json').read_text())
         epochs = budget(results)
         if epochs in budgets:
-            raise ValueError(f'{folder} and {budgets[epochs]["folder"]} both trained {epochs:g} epochs: give one '
+            raise ConfigError(f'{folder} and {budgets[epochs]["folder"]} both trained {epochs:g} epochs: give one '
                              f'folder per budget')
         train = {k: v for k, v in results['recipe']['train'].items() if k != 'epochs'}
         others = {k: v for k, v in results.get('train_overrides', {}).items() if k != 'epochs'}
         if recipe is not None and (train, others) != recipe:
-            raise ValueError(f'{folder} has another recipe than the other budgets: only the epochs may differ')
+            raise ConfigError(f'{folder} has another recipe than the other budgets: only the epochs may differ')
         recipe = (train, others)
         runs = {arm: {r['seed']: r for r in results['runs'] if r['arm'] == arm} for arm in ARMS}
         entry: dict[str, Any] = dict(folder=str(folder), epochs=epochs, pairs={}, per_stage={})

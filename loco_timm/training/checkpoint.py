@@ -19,12 +19,14 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import ConfigError, DamagedFileError, MissingFileError
 from ..files import file_digest
 
 __all__ = ['save_checkpoint', 'latest_checkpoint', 'list_checkpoints', 'load_weights', 'read_progress',
@@ -175,7 +177,7 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
     if missing or unexpected or wrong:
         parts = [f'{label}: {", ".join(keys[:3])}{" ..." if len(keys) > 3 else ""}'
                  for label, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong)) if keys]
-        raise ValueError(f'{path} does not fit {type(module).__name__} ({"; ".join(parts)}): use the recipe the '
+        raise ConfigError(f'{path} does not fit {type(module).__name__} ({"; ".join(parts)}): use the recipe the '
                          f'checkpoint was trained with')
     released = [k for k, v in own.items() if v.device.type == 'meta']
     for k in released:
@@ -196,12 +198,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     else:
         checkpoint, run = latest_checkpoint(path), path
         if checkpoint is None:
-            raise FileNotFoundError(f'no complete checkpoint in {path}: give a run folder (with checkpoints/step-*) '
+            raise MissingFileError(f'no complete checkpoint in {path}: give a run folder (with checkpoints/step-*) '
                                     f'or a checkpoint folder written by `loco-timm train`')
     reason = verify_checkpoint(checkpoint)
     if reason is not None:
         intact = [c.name for c in list_checkpoints(run) if c != checkpoint and verify_checkpoint(c) is None]
-        raise ValueError(f'checkpoint {checkpoint} is damaged: {reason}; intact checkpoints in '
+        raise DamagedFileError(f'checkpoint {checkpoint} is damaged: {reason}; intact checkpoints in '
                          f'{run / "checkpoints"}: {", ".join(intact) if intact else "none"} (give one of them as '
                          f'{run / "checkpoints"}/NAME)')
     return checkpoint

@@ -12,26 +12,22 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import broadcast_object_list
 
-from ..config import ConfigError
+from ..errors import PREEMPTED_EXIT, ConfigError, Preempted
 
 __all__ = ['RunLock', 'lock_run', 'Preemption', 'Preempted', 'PREEMPTED_EXIT']
-
-PREEMPTED_EXIT = 75
-
-
-class Preempted(RuntimeError):
-    """Training stopped on SIGTERM/SIGINT after writing a checkpoint."""
-
 
 class RunLock:
     """An exclusive ``flock`` on ``out_dir/.lock``.
@@ -50,7 +46,6 @@ class RunLock:
         Raises:
             ConfigError: Another live process holds it (one line naming it).
         """
-        import errno
         import fcntl
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -103,7 +98,6 @@ class RunLock:
 
 def lock_run(accelerator, out_dir: Path) -> RunLock | None:
     """The main process locks ``out_dir``; every process raises the same :class:`ConfigError` if it is in use."""
-    from accelerate.utils import broadcast_object_list
     lock, message = None, [None]
     if accelerator.is_main_process:
         lock = RunLock(out_dir)
@@ -130,8 +124,7 @@ class Preemption:
         self.signum: int | None = None
         self._previous: dict = {}
 
-    def __enter__(self) -> 'Preemption':
-        import threading
+    def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

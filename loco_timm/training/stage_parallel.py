@@ -28,7 +28,7 @@ through :mod:`loco_timm.training.stage_training`.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist

@@ -30,12 +30,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 
-from ..config import ConfigError, TrainConfig
+from ..config import TrainConfig
 from ..core.losses import nt_xent_loss
-from .stage_parallel import StageParallel, balance, check_placement
 from ..core.stages import detach_stage_output, stage_tensors
+from ..data.datasets import ShareSampler
+from ..errors import ConfigError, DamagedFileError
+from .stage_parallel import StageParallel, balance, check_placement
 
 __all__ = ['StageTraining', 'step_costs', 'resolve_placement']
 
@@ -147,8 +151,6 @@ class StageTraining:
         """The first stage group's loader (a :class:`~loco_timm.data.datasets.ShareSampler` of ``sampler``); None elsewhere."""
         if not self.first:
             return None
-        from torch.utils.data import DataLoader
-        from ..data.datasets import ShareSampler
         cfg = self.cfg
         self.batch_sampler = ShareSampler(sampler, cfg.batch_size, self.replica, self.replicas)
         return DataLoader(dataset, batch_sampler=self.batch_sampler, num_workers=cfg.num_workers,
@@ -227,10 +229,9 @@ class StageTraining:
 
     def load(self, checkpoint: Path) -> None:
         """Every process: its optimizer state and delayed gradient, and (main) the untrained tensors."""
-        from safetensors import safe_open
         files = sorted(checkpoint.glob(OPTIMIZER.format('*')))
         if not files:
-            raise ValueError(f'{checkpoint} has no {OPTIMIZER.format("*")} (not written by stage-parallel training)')
+            raise DamagedFileError(f'{checkpoint} has no {OPTIMIZER.format("*")} (not written by stage-parallel training)')
         tensors, scalars = {}, {}
         for path in files:  # by parameter name: a synchronous run may resume on another placement
             with safe_open(str(path), 'pt', device='cpu') as f:

@@ -14,39 +14,41 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import IterableDataset
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
 
-from .. import zoo  # noqa: F401  (registers loco_* models)
+from .. import models  # noqa: F401  (registers loco_* models)
+from .._version import __version__
+from ..config import TrainConfig, resume_keys, to_json
+from ..core.learner import LocalLearner
 from ..data.augment import SimCLRAugment
-from .checkpoint import (latest_checkpoint, list_checkpoints, load_weights, read_progress, save_checkpoint,
-                         verify_checkpoint)
-from .runlock import Preempted, Preemption, lock_run
-from ..config import ConfigError, TrainConfig
 from ..data.crops import ViewCropSpec
 from ..data.datasets import EpochSampler, build_dataset, normalization
 from ..data.sources import StreamLoader, collate_encoded, decode_views
-from ..core.factory import build_learner
-from ..core.learner import LocalLearner
+from ..errors import ConfigError, NonFiniteLossError
+from .checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_weights,
+    read_progress,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from .factory import build_learner
 from .optim import build_optimizer, build_scheduler, steps_for
+from .runlock import Preempted, Preemption, lock_run
+from .stage_training import StageTraining, resolve_placement
 
-__all__ = ['train', 'NonFiniteLossError', 'RESUME_KEYS']
-
-# recipe keys that must match to resume a run
-RESUME_KEYS = ('backbone', 'model_args', 'mode', 'decoder', 'num_stages', 'units', 'top_unit', 'temperature',
-               'proj_dim', 'decoder_norm', 'decoder_blocks', 'mlp_layers', 'sharing', 'sharing_blocks', 'sharing_l2',
-               'dataset', 'splits', 'decode_draft', 'decode_device', 'subset', 'image_size', 'crop_scale', 'batch_size',
-               'optimizer', 'base_lr', 'weight_decay', 'momentum', 'warmup_epochs', 'seed', 'epochs', 'max_steps',
-               'pipelined')
-
-
-class NonFiniteLossError(RuntimeError):
-    """A unit's loss became NaN or infinite on some process; every process stops."""
+__all__ = ['train', 'NonFiniteLossError', 'machine_name']
 
 
 def _check_out_dir(path: Path) -> None:
@@ -73,9 +75,9 @@ def _average(tensors: list[torch.Tensor], world: int) -> None:
 
 
 def _check_resume(cfg: TrainConfig, saved: dict, placement: list | None = None, stage=None) -> None:
-    current = {k: json.loads(json.dumps(getattr(cfg, k))) for k in RESUME_KEYS}
-    default = _as_json(TrainConfig())  # a key newer than the checkpoint had its default then
-    diffs = [f'{k}={current[k]!r} (checkpoint: {saved.get(k, default[k])!r})' for k in RESUME_KEYS
+    keys = resume_keys()
+    current, default = to_json(cfg), to_json(TrainConfig())  # a key newer than the checkpoint had its default then
+    diffs = [f'{k}={current[k]!r} (checkpoint: {saved.get(k, default[k])!r})' for k in keys
              if current[k] != saved.get(k, default[k])]
     if diffs:
         raise ConfigError(f'cannot resume: the recipe differs from the checkpoint\'s in {"; ".join(diffs)}: use the '
@@ -104,8 +106,6 @@ def train(cfg: TrainConfig, resume: bool = False,
             became NaN/inf (the last checkpoint is kept). Preempted: SIGTERM or SIGINT arrived; the step was finished
             and a checkpoint written (every process raises it after the same step).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
 
     out_dir = Path(cfg.out_dir)
     _check_out_dir(out_dir)
@@ -124,9 +124,6 @@ def train(cfg: TrainConfig, resume: bool = False,
 
 def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalLearner], None] | None,
            accelerator, out_dir: Path, preemption: Preemption) -> dict:
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
 
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is not None and not resume:
@@ -177,7 +174,6 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
     learner.to(memory_format=memory_format)
     stage = None
     if groups > 1:  # stage parallelism: this process keeps its stages (loco_timm.training.stage_training)
-        from .stage_training import StageTraining, resolve_placement
         placement = resolve_placement(cfg, learner, accelerator, cfg.batch_size // parts, dataset.channels,
                                       _saved_placement(out_dir) if resume else None)
         stage = StageTraining(cfg, learner, accelerator, placement)
@@ -197,8 +193,8 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
         optimizer, loader = accelerator.prepare(optimizer, loader, device_placement=[True, not encoded])
 
     step = 0
-    progress = dict(config=_as_json(cfg), num_classes=len(dataset.classes), in_chans=dataset.channels,
-                    classes=dataset.classes, version=_version())
+    progress = dict(config=to_json(cfg), num_classes=len(dataset.classes), in_chans=dataset.channels,
+                    classes=dataset.classes, version=__version__)
     if stage is not None:
         progress['placement'] = stage.placement
     saving = dict(write=stage.write, state=stage.full_state) if stage else {}
@@ -216,7 +212,7 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
             os.replace(trimmed, losses)
 
     start_step = step
-    accelerator.init_trackers('loco', config={k: str(v) for k, v in _as_json(cfg).items()})
+    accelerator.init_trackers('loco', config={k: str(v) for k, v in to_json(cfg).items()})
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc=cfg.mode,
                dynamic_ncols=True)
     learner.train()
@@ -365,16 +361,6 @@ def _logged_step(line: str) -> float:
         return float('inf')
 
 
-def _as_json(cfg: TrainConfig) -> dict:
-    import dataclasses
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def _version() -> str:
-    from .. import __version__
-    return __version__
-
-
 def _has_tensorboard() -> bool:
     try:
         import tensorboard  # noqa: F401
@@ -395,5 +381,4 @@ def machine_name(device: torch.device) -> str:
                 return line.split(':', 1)[1].strip()
     except OSError:
         pass
-    import platform
     return platform.processor() or platform.machine()

@@ -6,7 +6,13 @@
 * :mod:`.adapters`: hand-written atom lists for plain-chain families, and :func:`register_stage_adapter`.
 """
 from .adapters import register_stage_adapter, stage_atoms, supported_families
-from .boundary import Boundary, detach_stage_output, feature_layout, stage_feature, stage_tensors
+from .boundary import (
+           Boundary,
+           detach_stage_output,
+           feature_layout,
+           stage_feature,
+           stage_tensors,
+)
 from .split import split_stages
 
 __all__ = ['split_stages', 'register_stage_adapter', 'supported_families', 'stage_atoms', 'Boundary',

@@ -12,7 +12,7 @@ downsampling hierarchy has its blocks grouped into 4 equal stages.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -22,7 +22,7 @@ __all__ = ['register_stage_adapter', 'supported_families', 'stage_atoms', 'find_
 # An adapter returns the model's atoms: (dotted name, module) in forward_features order.
 Atoms = list[tuple[str, nn.Module]]
 StemLevels = Callable[[nn.Module], set]
-_ADAPTERS: 'OrderedDict[type, tuple[str, Callable[[nn.Module], Atoms], StemLevels | None]]' = OrderedDict()
+_ADAPTERS: OrderedDict[type, tuple[str, Callable[[nn.Module], Atoms], StemLevels | None]] = OrderedDict()
 
 
 def register_stage_adapter(cls: type, family: str | None = None, stem_levels: StemLevels | None = None):

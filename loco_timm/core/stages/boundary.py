@@ -11,7 +11,8 @@ A feature's layout is named from its per-image shape and the channel count timm'
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 

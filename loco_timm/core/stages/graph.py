@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from timm.data import resolve_model_data_config
 from torch import nn
 
 from .boundary import Boundary
@@ -97,7 +98,6 @@ def trace_features(model: nn.Module, input_size: tuple[int, ...] | None = None) 
         refused = (f'cannot split {type(model).__name__}: torch.fx cannot trace its forward_features '
                    f'({type(e).__name__}: {reason[:200]})')
     if input_size is None:
-        from timm.data import resolve_model_data_config
         input_size = resolve_model_data_config(model)['input_size']
     input_size = tuple(input_size)
     try:

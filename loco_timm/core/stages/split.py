@@ -17,6 +17,7 @@ stages. :func:`split_stages` cuts a timm model into ``K`` modules whose composit
 from __future__ import annotations
 
 import torch
+from timm.data import resolve_model_data_config
 from torch import nn
 
 from .adapters import check_num_stages, equal_groups, find_adapter, split_atoms
@@ -44,7 +45,6 @@ def _first_tensor(value):
 @torch.no_grad()
 def _module_shapes(model: nn.Module) -> tuple[dict[str, tuple], tuple[int, int]]:
     """Output shape of every module's last call in ``forward_features`` (eval, the model's own input size)."""
-    from timm.data import resolve_model_data_config
     size = tuple(resolve_model_data_config(model)['input_size'])
     shapes, hooks = {}, []
     for name, module in model.named_modules():

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 __all__ = ['CallTracer', 'ShapeTracer', 'notrace']
 
@@ -68,7 +69,7 @@ class CallTracer(fx.Tracer):
             self.path = outer
 
 
-def _constructor(tracer: 'ShapeTracer', original):
+def _constructor(tracer: ShapeTracer, original):
     def construct(*args, **kwargs):
         found = []
         fx.node.map_aggregate((args, kwargs), lambda v: found.append(v) if isinstance(v, fx.Proxy) else None)
@@ -92,7 +93,6 @@ class ShapeTracer(CallTracer):
 
     def __init__(self, example_shape: tuple[int, ...]):
         super().__init__()
-        from torch._subclasses.fake_tensor import FakeTensorMode
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.example_shape = tuple(example_shape)
         self.decisions: list[bool] = []

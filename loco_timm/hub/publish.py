@@ -7,29 +7,31 @@ Hub (unchanged files are skipped, so no empty commit is made).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-__all__ = ['publish', 'check_export_folder', 'PublishError', 'PICKLE_SUFFIXES']
+import huggingface_hub
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from ..errors import ConfigError, MissingFileError, PublishError
+
+__all__ = ['publish', 'check_export_folder', 'PICKLE_SUFFIXES']
 
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.pickle', '.ckpt')
 REQUIRED = ('model.safetensors', 'config.json', 'README.md')
 
 
-class PublishError(RuntimeError):
-    """The upload failed or cannot start (no token, no network, refused by the Hub)."""
-
-
 def check_export_folder(folder: str | Path) -> Path:
-    """The folder, if it is a loco-timm export that is safe to publish; else a ``ValueError`` naming the problem."""
+    """The folder, if it is a loco-timm export that is safe to publish; else a one-line error naming the problem."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f'{folder} is not a folder: give the --out folder of `loco-timm export`')
+        raise MissingFileError(f'{folder} is not a folder: give the --out folder of `loco-timm export`')
     missing = [name for name in REQUIRED if not (folder / name).is_file()]
     if missing:
-        raise ValueError(f'{folder} lacks {", ".join(missing)}: publish the folder written by `loco-timm export`')
+        raise MissingFileError(f'{folder} lacks {", ".join(missing)}: publish the folder written by `loco-timm export`')
     pickled = sorted(str(p.relative_to(folder)) for p in folder.rglob('*') if p.suffix in PICKLE_SUFFIXES)
     if pickled:
-        raise ValueError(f'{folder} holds pickled files ({", ".join(pickled)}): loco-timm publishes safetensors only; '
+        raise ConfigError(f'{folder} holds pickled files ({", ".join(pickled)}): loco-timm publishes safetensors only; '
                          f'remove them')
     return folder
 
@@ -46,21 +48,18 @@ def publish(folder: str | Path, repo_id: str, token: str | None = None, revision
         private: create the repository as private.
         commit_message: default ``Upload <tag> (loco-timm export)``.
     """
-    import huggingface_hub
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
     folder = check_export_folder(folder)
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise ValueError(f'invalid repo id {repo_id!r}: {err}') from None
+        raise ConfigError(f'invalid repo id {repo_id!r}: {err}') from None
     if '/' not in repo_id:
-        raise ValueError(f'repo id {repo_id!r} needs an owner: use ORG/NAME')
+        raise ConfigError(f'repo id {repo_id!r} needs an owner: use ORG/NAME')
     token = token or huggingface_hub.get_token()
     if not token:
         raise PublishError('no Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass --token (it needs '
                            'write access to ' + repo_id + ')')
     api = huggingface_hub.HfApi(token=token, library_name='loco-timm')
-    import json
     pretrained_cfg = json.loads((folder / 'config.json').read_text()).get('pretrained_cfg', {})
     tag = f'{pretrained_cfg.get("architecture", folder.name)}.{pretrained_cfg.get("tag", "")}'.rstrip('.')
     try:

@@ -1,4 +1,4 @@
-"""Model zoo: the timm registrations of loco-timm's architectures and weight tags, and their way to the Hub.
+"""The ResNets of loco-timm: the paper's ResNet-50 and a ResNet-18 for small images.
 
 LoCo: Local Contrastive Representation Learning (Xiong, Ren & Urtasun, NeurIPS 2020, arXiv:2008.01342).
 
@@ -9,14 +9,6 @@ LoCo: Local Contrastive Representation Learning (Xiong, Ren & Urtasun, NeurIPS 2
   2 px (``stem_stride=1`` doubles them). Its head pools the 2x2 map by concatenated average and max pooling (timm's
   ``catavgmax``, 512 features): on a map this small, max pooling keeps where a part responds, which an average
   loses. timm's ResNet cannot express a stem without max-pool, so loading it needs ``import loco_timm``.
-
-The weight tags come from ``hub_configs/`` (:mod:`.tags`), one file per tag; per architecture the LoCo tag
-comes first, so an untagged name (``loco_resnet50``) resolves to it. Every tag has an ``hf_hub_id`` and is listed by
-``timm.list_pretrained``, published or not: ``pretrained=True`` downloads through huggingface_hub (``HF_ENDPOINT``
-mirrors, offline mode and the cache apply) and, where the weights are missing, raises
-:class:`PretrainedWeightsNotFound` with the tag, the repository and how to produce them. A trained checkpoint becomes
-a Hub repository through :mod:`.export` (timm model, config, model card from :mod:`.card`) and :mod:`.hub`
-(``loco-timm publish``).
 """
 from __future__ import annotations
 
@@ -26,9 +18,9 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-from ._builder import PretrainedWeightsNotFound, create, tag_cfgs
+from ._builder import create, tag_cfgs
 
-__all__ = ['SmallImageResNet', 'PretrainedWeightsNotFound', 'ARCHITECTURES']
+__all__ = ['SmallImageResNet', 'RESNETS']
 
 
 class SmallImageResNet(ResNet):
@@ -69,7 +61,3 @@ def loco_resnet50(pretrained: bool = False, **kwargs: Any) -> ResNet:
     model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3))
     return create(ResNet, 'loco_resnet50', pretrained, **dict(model_args, **kwargs))
 
-
-from . import progressive_resnet, shufflenet_v2  # noqa: E402  (register their models)
-
-ARCHITECTURES: dict[str, dict[str, Any]] = {**RESNETS, **shufflenet_v2.ARCHITECTURES, **progressive_resnet.ARCHITECTURES}

@@ -107,7 +107,7 @@ def check_model(name: str, side: int = SIDE, batch: int = 2, seed: int = 0, mode
     ``ok`` and the measurements, or the first failing check and its reason."""
     import timm
 
-    from ..core.learner import LocalLearner
+    from loco_timm.core.learner import LocalLearner
     start = time.perf_counter()
     row: dict = dict(model=name, ok=False)
     try:

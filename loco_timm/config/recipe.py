@@ -1,14 +1,14 @@
 """Reading a recipe: a YAML file with ``train:`` and ``readout:`` sections, or a weight tag / hub config file from
-``hub_configs/`` (:mod:`loco_timm.zoo.tags`), whose other sections fill in the model. Above both :mod:`loco_timm.config`
-(the typed keys) and :mod:`loco_timm.zoo.tags` (the hub configs), so neither imports the other's user."""
+``hub_configs/`` (:mod:`loco_timm.models.tags`), whose other sections fill in the model."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
 
-from .config import RECIPE_SECTIONS, ConfigError
-from .zoo.tags import get_hub_config, load_hub_config
+from ..errors import ConfigError
+from ..models.tags import SECTIONS as RECIPE_SECTIONS
+from ..models.tags import get_hub_config, load_hub_config
 
 __all__ = ['load_recipe']
 

@@ -7,22 +7,25 @@ import os
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import file_exists, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+from safetensors.torch import load_file
 from timm.models import build_model_with_cfg
+from timm.models._builder import resolve_pretrained_cfg
 from torch import nn
 
+from ..errors import PretrainedWeightsNotFound
 from ..files import file_digest
 from .tags import list_hub_configs
 
-__all__ = ['PretrainedWeightsNotFound', 'tag_cfgs', 'create']
+__all__ = ['tag_cfgs', 'create']
 
 COMMON_CFG = {'url': '', 'interpolation': 'bilinear', 'license': 'apache-2.0', 'paper_ids': 'arxiv:2008.01342'}
-
-
-class PretrainedWeightsNotFound(RuntimeError):
-    """``pretrained=True`` on a tag whose weights the Hub (or the mirror at ``HF_ENDPOINT``) does not have."""
-
-
-PretrainedWeightsNotFound.__module__ = 'loco_timm.zoo'  # its public home
 
 
 def tag_cfgs(architectures: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -41,7 +44,6 @@ def tag_cfgs(architectures: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
 
 
 def _missing_weights_message(variant: str, kwargs: dict, err: Exception) -> str:
-    from timm.models._builder import resolve_pretrained_cfg
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
                                  pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
     tag, hub_id = cfg.tag, cfg.hf_hub_id or '(no hf_hub_id)'
@@ -57,7 +59,6 @@ def _missing_weights_message(variant: str, kwargs: dict, err: Exception) -> str:
 def _damaged(path: str) -> str | None:
     """Why a cached Hub file is damaged, or None: its bytes against the hash its cache blob is named by (sha256 for
     LFS files, git's blob sha1 otherwise), then a full safetensors read."""
-    from safetensors.torch import load_file
     blob = Path(os.path.realpath(path))
     data_hash = hashlib.sha256() if len(blob.name) == 64 else hashlib.sha1(f'blob {blob.stat().st_size}\0'.encode())
     if len(blob.name) in (40, 64) and file_digest(blob, data_hash) != blob.name:
@@ -70,7 +71,6 @@ def _damaged(path: str) -> str | None:
 
 
 def _offers_pickle(repo: str, revision: str | None) -> bool:
-    from huggingface_hub import file_exists
     try:
         return any(file_exists(repo, name, revision=revision) for name in ('pytorch_model.bin', 'model.pt'))
     except Exception:  # noqa: BLE001 - offline or unreachable: nothing to say about it
@@ -84,8 +84,6 @@ def _hub_weights(variant: str, repo_id: str) -> str:
     Raises:
         PretrainedWeightsNotFound: The cached file is damaged, or the repository offers only pickled weights.
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
     repo, _, revision = repo_id.partition('@')
     try:
         path = hf_hub_download(repo, 'model.safetensors', revision=revision or None)
@@ -108,8 +106,6 @@ def create(model_cls: type, variant: str, pretrained: bool, **kwargs: Any) -> nn
     """``timm.models.build_model_with_cfg``, with :class:`PretrainedWeightsNotFound` where the weights are missing,
     damaged in the Hugging Face cache, or offered only as pickles. Hub weights are fetched and verified here and
     handed to timm as a local file."""
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-    from timm.models._builder import resolve_pretrained_cfg
     try:
         if pretrained:
             overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})

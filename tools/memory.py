@@ -9,7 +9,7 @@ activation memory a schedule keeps, independent of the allocator.
 from __future__ import annotations
 
 import weakref
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -40,7 +40,7 @@ class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
         self.current = self.peak = 0
         super().__init__(self._pack, self._unpack)
 
-    def __enter__(self) -> 'SavedTensorMeter':
+    def __enter__(self) -> SavedTensorMeter:
         super().__enter__()
         return self
 

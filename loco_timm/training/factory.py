@@ -1,10 +1,13 @@
 """Build the LocalLearner a recipe describes: the one place training, readout and export make it."""
 from __future__ import annotations
 
+import timm
 import torch
+from timm.data import resolve_model_data_config
 
-from ..config import ConfigError, TrainConfig
-from .learner import LocalLearner
+from ..config import TrainConfig
+from ..core.learner import LocalLearner
+from ..errors import ConfigError
 
 __all__ = ['build_learner', 'fixed_input_size']
 
@@ -12,7 +15,6 @@ __all__ = ['build_learner', 'fixed_input_size']
 def fixed_input_size(backbone: torch.nn.Module, size: tuple[int, int], in_chans: int) -> tuple[int, int] | None:
     """None when the model takes ``size`` images, else the (H, W) it needs: a model timm marks as having a fixed
     input size is tried once at ``size`` (as built: an ``img_size`` model argument may have changed it)."""
-    from timm.data import resolve_model_data_config
     if not (getattr(backbone, 'pretrained_cfg', None) or {}).get('fixed_input_size', False):
         return None
     flags = {m: m.training for m in backbone.modules()}
@@ -33,7 +35,6 @@ def fixed_input_size(backbone: torch.nn.Module, size: tuple[int, int], in_chans:
 
 def build_learner(cfg: TrainConfig, in_chans: int, num_classes: int) -> LocalLearner:
     """The timm backbone of the recipe wrapped as a LocalLearner (no weights loaded)."""
-    import timm
     if not timm.is_model(cfg.backbone):
         raise ConfigError(f'unknown backbone {cfg.backbone!r}: use a timm model name (timm.list_models()) or '
                           f'loco_resnet18_small')
@@ -49,13 +50,9 @@ def build_learner(cfg: TrainConfig, in_chans: int, num_classes: int) -> LocalLea
         raise ConfigError(f'{cfg.backbone} takes {needed[0]}x{needed[1]} px images only (a fixed input size), not '
                           f'image_size {cfg.image_size}: set image_size: {needed[0]}, or model_args img_size: '
                           f'{cfg.image_size} where the model accepts it')
-    try:
-        learner = LocalLearner(backbone, mode=cfg.mode, decoder=cfg.decoder, num_stages=cfg.num_stages,
-                               units=cfg.units, top_unit=cfg.top_unit, temperature=cfg.temperature,
-                               proj_dim=cfg.proj_dim, decoder_norm=cfg.decoder_norm,
-                               input_size=(in_chans, cfg.image_size, cfg.image_size), recompute=cfg.recompute,
-                               decoder_blocks=cfg.decoder_blocks, mlp_layers=cfg.mlp_layers, sharing=cfg.sharing,
-                               sharing_blocks=cfg.sharing_blocks, sharing_l2=cfg.sharing_l2)
+    settings = {k: v for k, v in cfg.section('learner').items() if k not in ('backbone', 'model_args')}
+    try:  # the learner section's keys are LocalLearner's arguments
+        learner = LocalLearner(backbone, input_size=(in_chans, cfg.image_size, cfg.image_size), **settings)
     except ValueError as err:
         raise ConfigError(f'backbone {cfg.backbone}: {err}') from None
     if cfg.sync_bn:

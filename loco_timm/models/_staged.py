@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from timm.layers import ClassifierHead
+from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 from torch import nn
 
@@ -78,7 +79,6 @@ class StagedNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.conv1(x))
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            from timm.models import checkpoint_seq
             x = checkpoint_seq(self.stages, x)
         else:
             x = self.stages(x)

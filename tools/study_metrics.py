@@ -1,4 +1,4 @@
-"""A tag's measured results from a study: the ``metrics:`` section of its hub config, written from a study's runs.
+"""Repository tool: a tag's measured results from a study: the ``metrics:`` section of its hub config, written from a study's runs.
 
 The study (:mod:`loco_timm.evaluation.study`) trains and reads out each arm with its tag's recipe; a run whose recipe
 (the study's recipe with its overrides, the arm's mode and decoder, the run's seed) equals a tag's recipe measures
@@ -15,10 +15,12 @@ from typing import Any
 
 import yaml
 
-from ..config import ReadoutConfig, TrainConfig, from_dict
-from ..files import plain_permissions
-from .card import _dataset_name
-from .tags import HubConfig, list_hub_configs
+from loco_timm.config import ReadoutConfig, TrainConfig, from_dict
+from loco_timm.errors import MissingFileError
+from loco_timm.evaluation.study import arm_overrides
+from loco_timm.files import plain_permissions
+from loco_timm.hub.card import dataset_name
+from loco_timm.models.tags import HubConfig, list_hub_configs, reload_hub_configs
 
 __all__ = ['study_metrics', 'record_study_metrics', 'STUDY_SOURCE']
 
@@ -51,10 +53,9 @@ def study_metrics(study: str | Path, configs: list[HubConfig] | None = None,
     Returns:
         Tag name -> its ``metrics:`` section.
     """
-    from ..evaluation.study import arm_overrides
     path = Path(study) / 'results.json'
     if not path.is_file():
-        raise FileNotFoundError(f'{path}: no study results here; run loco-timm study --out {study} first')
+        raise MissingFileError(f'{path}: no study results here; run loco-timm study --out {study} first')
     results = json.loads(path.read_text())
     recipe = results['recipe']
     root = Path(root or Path.cwd()).resolve()
@@ -79,7 +80,7 @@ def study_metrics(study: str | Path, configs: list[HubConfig] | None = None,
             metrics = dict(source=STUDY_SOURCE, command=f'{command} --arms {run["arm"]} --seeds {run["seed"]}')
             if run.get('machine'):
                 metrics['machine'] = run['machine']
-            metrics.update(evaluation=_evaluation(want_readout, _dataset_name(hub)), linear_top1=run['linear'],
+            metrics.update(evaluation=_evaluation(want_readout, dataset_name(hub)), linear_top1=run['linear'],
                            knn_top1=run['knn'])
             for name, values in (run.get('references') or {}).items():
                 metrics[f'{name}_linear_top1'] = values[-1] if len(values) == 1 else values
@@ -133,6 +134,5 @@ def record_study_metrics(study: str | Path, folder: str | Path | None = None) ->
         tmp.replace(hub.path)
         changed.append(str(hub.path))
     if changed:
-        from .tags import _load_all
-        _load_all.cache_clear()
+        reload_hub_configs()
     return changed

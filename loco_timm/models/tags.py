@@ -1,9 +1,9 @@
 """Weight tags: the files in ``hub_configs/``, one per published (or publishable) weight tag.
 
 A hub config is named ``<architecture>.<tag>.yaml`` (timm's ``arch.tag``) and is the single source of truth for its
-tag: the timm registry (:mod:`loco_timm.zoo`), the training and readout recipe (``loco-timm train --config TAG``),
-the exported repository's ``config.json`` and model card (:mod:`loco_timm.zoo.export`) and the zoo's ``MODEL_CARD.md``
-(:mod:`loco_timm.zoo.card`) all read it. Its sections:
+tag: the timm registry (:mod:`loco_timm.models`), the training and readout recipe (``loco-timm train --config TAG``),
+the exported repository's ``config.json`` and model card (:mod:`loco_timm.hub.export`) and the zoo's ``MODEL_CARD.md``
+(:mod:`tools/cards.py`) all read it. Its sections:
 
 * ``model:`` ``model_args`` (JSON-serialisable timm arguments), ``timm_architecture`` (the plain timm name that builds
   the same module, if any: then the exported repository loads without loco_timm), the pretrained config (``input_size``,
@@ -22,16 +22,19 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..config import ConfigError, RECIPE_SECTIONS
+from ..errors import ConfigError
 
-__all__ = ['HubConfig', 'hub_config_dir', 'list_hub_configs', 'get_hub_config', 'load_hub_config', 'MODE_ORDER']
+__all__ = ['SECTIONS', 'HubConfig', 'hub_config_dir', 'list_hub_configs', 'get_hub_config', 'load_hub_config', 'reload_hub_configs', 'MODE_ORDER']
 
+# the sections of a hub config; a plain recipe has the first two
+SECTIONS = ('train', 'readout', 'model', 'hub', 'metrics', 'card')
 MODE_ORDER = ('loco', 'e2e', 'gim')  # order of tags per architecture: the first is what an untagged name loads
 _MODEL_KEYS = ('model_args', 'timm_architecture', 'input_size', 'mean', 'std', 'crop_pct', 'interpolation',
                'num_classes', 'label_names')
@@ -97,6 +100,20 @@ class HubConfig:
         """The architecture an exported ``config.json`` names: plain timm's when it has the module."""
         return self.model.get('timm_architecture') or self.architecture
 
+    @property
+    def linear_top1(self) -> float | None:
+        """The measured last-stage linear readout top-1 (%), None where not measured."""
+        value = self.metrics.get('linear_top1')
+        return value[-1] if isinstance(value, (list, tuple)) else value
+
+    @property
+    def measured_by(self) -> str:
+        """Who measured :attr:`linear_top1`: the paper, loco-timm (with the command), or nobody yet."""
+        source = self.metrics.get('source')
+        if not source:
+            return 'not measured yet'
+        return 'the paper' if 'paper' in source else f'loco-timm (`{self.metrics.get("command", "")}`)'
+
     def pretrained_cfg(self) -> dict[str, Any]:
         """The tag's part of timm's pretrained config (the architecture adds ``first_conv``, ``classifier`` ...)."""
         cfg = dict(hf_hub_id=self.hf_hub_id, num_classes=self.model['num_classes'],
@@ -135,7 +152,7 @@ def load_hub_config(path: str | Path) -> HubConfig:
         raise ConfigError(f'hub config {path} is not valid YAML: {str(err).splitlines()[0]}') from None
     if not isinstance(raw, dict) or not isinstance(raw.get('model'), dict) or not isinstance(raw.get('hub'), dict):
         raise ConfigError(f'hub config {path} needs model: and hub: sections (see hub_configs/ for examples)')
-    _check_keys(raw, RECIPE_SECTIONS, f'{path} (sections)')
+    _check_keys(raw, SECTIONS, f'{path} (sections)')
     _check_keys(raw['model'], _MODEL_KEYS, f'model: of {path}')
     _check_keys(raw['hub'], _HUB_KEYS, f'hub: of {path}')
     for key in ('input_size', 'mean', 'std', 'num_classes'):
@@ -143,7 +160,6 @@ def load_hub_config(path: str | Path) -> HubConfig:
             raise ConfigError(f'model: of {path} lacks {key}')
     if 'hf_hub_id' not in raw['hub']:
         raise ConfigError(f'hub: of {path} lacks hf_hub_id (ORG/NAME, optionally @revision)')
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
     try:
         validate_repo_id(str(raw['hub']['hf_hub_id']).split('@')[0])
     except HFValidationError as err:
@@ -160,10 +176,15 @@ def load_hub_config(path: str | Path) -> HubConfig:
     return cfg
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_all(folder: str) -> tuple[HubConfig, ...]:
     configs = [load_hub_config(p) for p in sorted(Path(folder).glob('*.yaml'))]
     return tuple(sorted(configs, key=lambda c: (c.architecture, MODE_ORDER.index(c.mode), c.tag)))
+
+
+def reload_hub_configs() -> None:
+    """Forget the hub configs read so far (after a tool rewrote one)."""
+    _load_all.cache_clear()
 
 
 def list_hub_configs(folder: str | Path | None = None) -> list[HubConfig]:

@@ -14,13 +14,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from safetensors.torch import load_file, save_file
+from timm.models._hub import save_config_for_hf
 
-from .card import model_card
-from ..training.checkpoint import read_progress, resolve_checkpoint
+from ..config import TrainConfig, from_dict
+from ..errors import ConfigError, DamagedFileError, MissingFileError, OutputExistsError
 from ..files import plain_permissions
-from ..config import ConfigError, TrainConfig, from_dict
-from .tags import HubConfig, get_hub_config
+from ..models.tags import HubConfig, get_hub_config
+from ..training.checkpoint import read_progress, resolve_checkpoint
+from .card import model_card
 
 __all__ = ['export', 'build_export_model', 'save_timm_model', 'EXPORT_FILES']
 
@@ -40,7 +44,6 @@ def _mismatch(own: dict, state: dict) -> str:
 def build_export_model(hub: HubConfig, encoder_state: dict[str, torch.Tensor],
                        head_state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The tag's timm model (``architecture.tag``, its pretrained config) holding the encoder and readout head."""
-    import timm
     kwargs = dict(dict(num_classes=hub.model['num_classes'], in_chans=hub.model['input_size'][0]), **hub.model_args)
     if hub.name in timm.list_pretrained(hub.name):  # a registered tag: its pretrained config comes with it
         model = timm.create_model(hub.name, pretrained=False, **kwargs)
@@ -53,7 +56,7 @@ def build_export_model(hub: HubConfig, encoder_state: dict[str, torch.Tensor],
         state[key if key.startswith(classifier + '.') else f'{classifier}.{key}'] = value
     problems = _mismatch(model.state_dict(), state)
     if problems:
-        raise ValueError(f'the checkpoint does not fit {hub.name} ({problems}): export it with the tag it was '
+        raise ConfigError(f'the checkpoint does not fit {hub.name} ({problems}): export it with the tag it was '
                          f'trained with')
     model.load_state_dict(state)
     return model.eval()
@@ -61,8 +64,6 @@ def build_export_model(hub: HubConfig, encoder_state: dict[str, torch.Tensor],
 
 def save_timm_model(model: torch.nn.Module, hub: HubConfig, folder: str | Path) -> None:
     """Write ``model.safetensors`` and timm's ``config.json`` (naming plain timm's architecture where it has one)."""
-    from safetensors.torch import save_file
-    from timm.models._hub import save_config_for_hf
     folder = Path(folder)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / 'model.safetensors'),
               metadata={'format': 'pt'})
@@ -107,7 +108,6 @@ def export(checkpoint: str | Path, config: str | Path, out: str | Path, readout_
     Returns:
         The written folder.
     """
-    from safetensors.torch import load_file
     hub = get_hub_config(config)
     checkpoint = resolve_checkpoint(checkpoint)
     progress = read_progress(checkpoint)
@@ -116,20 +116,20 @@ def export(checkpoint: str | Path, config: str | Path, out: str | Path, readout_
     readout_dir = Path(readout_dir or checkpoint.parent.parent)
     results_path, head_path = readout_dir / 'readout.json', readout_dir / 'readout_head.safetensors'
     if not results_path.is_file() or not head_path.is_file():
-        raise FileNotFoundError(f'no readout of {checkpoint} in {readout_dir}: run `loco-timm readout {checkpoint}` '
+        raise MissingFileError(f'no readout of {checkpoint} in {readout_dir}: run `loco-timm readout {checkpoint}` '
                                 f'first (the exported classifier is its linear head)')
     try:
         results = json.loads(results_path.read_text())
         head = load_file(str(head_path))
     except Exception as err:  # noqa: BLE001 - a damaged readout file: say which and how to redo it
-        raise ValueError(f'{results_path.name} or {head_path.name} in {readout_dir} is damaged '
+        raise DamagedFileError(f'{results_path.name} or {head_path.name} in {readout_dir} is damaged '
                          f'({type(err).__name__}): run `loco-timm readout {checkpoint}` again') from None
     if Path(results.get('checkpoint', '')).resolve() != checkpoint.resolve():
-        raise ValueError(f'{results_path} evaluates {results.get("checkpoint")}, not {checkpoint}: run '
+        raise ConfigError(f'{results_path} evaluates {results.get("checkpoint")}, not {checkpoint}: run '
                          f'`loco-timm readout {checkpoint}` again')
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f'{out} exists and is not empty: choose a new --out folder')
+        raise OutputExistsError(f'{out} exists and is not empty: choose a new --out folder')
     learner_state = load_file(str(checkpoint / 'learner.safetensors'))
     encoder_state = {k[len('encoder.'):]: v for k, v in learner_state.items() if k.startswith('encoder.')}
     model = build_export_model(hub, encoder_state, head)

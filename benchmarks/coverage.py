@@ -3,13 +3,15 @@
     .venv/bin/python benchmarks/coverage.py                      # every family of the installed timm
     .venv/bin/python benchmarks/coverage.py --families resnet swin_transformer   # these rows of the report again
     .venv/bin/python benchmarks/coverage.py --reuse-picks        # the models of the last report, no meta scan
+    .venv/bin/python benchmarks/coverage.py --largest-under 30e6 --no-readme --out benchmarks/results/coverage_largest
+                                                                 # each family's largest model under 30 M parameters
     PYTHONPATH=.venv/oldest-timm-1.0.12 .venv/bin/python benchmarks/coverage.py --no-readme \
         --reuse-picks benchmarks/results/coverage.json --out benchmarks/results/coverage_timm-1.0.12
 
 Writes ``benchmarks/results/coverage.json`` (one row per family: model, input size, stages, feature shapes and
 layouts, composition check, LoCo step, seconds, or the reason it fails) and ``coverage.md``, and rewrites the
 "Supported backbone families" table of README.md between its markers. The protocol is
-:func:`loco_timm.evaluation.coverage.check_model`.
+:func:`tools.coverage.check_model`.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from readme_block import replace_block  # noqa: E402
 
-from tools.coverage import check_model, param_count, smallest_models  # noqa: E402
+from tools.coverage import check_model, largest_models, param_count, smallest_models  # noqa: E402
 
 RESULTS = ROOT / 'benchmarks' / 'results'
 
@@ -44,8 +46,8 @@ def markdown(report: dict) -> str:
     ok = [r for r in rows if r.get('ok')]
     others = f', {len(rows) - len(ok)} fail or were not run' if len(ok) < len(rows) else ''
     lines = [f'{len(ok)} of {len(rows)} timm model families pass{others} (timm {report["timm"]}, torch {report["torch"]}, '
-             f'{report["date"]}; written by `.venv/bin/python benchmarks/coverage.py`). Per family: its smallest '
-             f'model, untrained, at {report["side"]} px (where it does not run: its smallest input size, else its own); default stages composed equal '
+             f'{report["date"]}; written by `{report.get("command", ".venv/bin/python benchmarks/coverage.py")}`). Per '
+             f'family: {report.get("pick", "its smallest model")}, untrained, at {report["side"]} px (where it does not run: its smallest input size, else its own); default stages composed equal '
              f'`forward_features` (eval), one LoCo step gives every parameter `forward_features` uses a gradient, and '
              f'the top unit alone leaves the first stage\'s own parameters (those no stage of the top unit reads) without one.', '',
              '| family | model | input | stages | feature layouts | LoCo step | seconds |', '|---|---|---|---|---|---|---|']
@@ -94,6 +96,9 @@ def main() -> None:
     parser.add_argument('--max-params', type=float, default=500e6,
                         help='families whose smallest model is larger are listed as not run (default 500e6)')
     parser.add_argument('--no-readme', action='store_true', help='do not rewrite README.md')
+    parser.add_argument('--largest-under', type=float, default=None, metavar='PARAMS',
+                        help='check each family\'s largest model under PARAMS parameters instead of its smallest (a '
+                             'second sample of every family; e.g. 30e6 with --out benchmarks/results/coverage_largest)')
     args = parser.parse_args()
     warnings.filterwarnings('ignore')
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -106,6 +111,8 @@ def main() -> None:
         picks = {f: picks.get(f) if picks.get(f) in timm.list_models(module=f) else None for f in families}
         missing = [f for f, m in picks.items() if m is None]
         picks.update(smallest_models(missing) if missing else {})
+    elif args.largest_under:
+        picks = largest_models(families, args.largest_under)
     else:
         picks = smallest_models(families)
     rows = []
@@ -113,7 +120,9 @@ def main() -> None:
         model = picks.get(family)
         size = param_count(model) if model else 0
         if not model:
-            row = dict(family=family, model=None, ok=False, reason='no model of the family builds')
+            row = dict(family=family, model=None, ok=False, not_run=True,
+                       reason='no model of the family builds' + (f' under {args.largest_under / 1e6:g} M parameters'
+                                                                if args.largest_under else ''))
         elif size > args.max_params:
             row = dict(family=family, model=model, ok=False, not_run=True,
                        reason=f'not run: its smallest model has {size / 1e6:.0f} M parameters, over --max-params '
@@ -124,7 +133,10 @@ def main() -> None:
         print(f'{family:28s} {str(model):40s} {"ok" if row["ok"] else "FAIL " + row.get("reason", "")} '
               f'({row.get("seconds", 0)} s)', flush=True)
     report = dict(timm=timm.__version__, torch=torch.__version__, python=platform.python_version(),
-                  date=time.strftime('%Y-%m-%d'), side=args.side, families=rows)
+                  date=time.strftime('%Y-%m-%d'), side=args.side, families=rows,
+                  command=' '.join(['.venv/bin/python benchmarks/coverage.py', *sys.argv[1:]]),
+                  pick=(f'its largest model under {args.largest_under / 1e6:g} M parameters' if args.largest_under
+                        else 'its smallest model'))
     report = _merged(report, args.out / 'coverage.json') if args.families else report
     rows = report['families']
     args.out.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ def placements(model: str, batch: int, device: str = 'cpu') -> tuple[dict[str, l
     costs, each process's share of one step and the speed-up they estimate (single-process step over the largest
     process's; transfers and overlap not counted)."""
     from loco_timm.training.stage_parallel import balance
-    from loco_timm.training.stage_training import step_costs
+    from loco_timm.training.placement import step_costs
     torch.set_num_threads(1)
     spec, found = MODELS[model], {}
     h = torch.randn(2 * batch, spec['chans'], spec['size'], spec['size'], device=device)

@@ -165,14 +165,15 @@ def _run(args: argparse.Namespace) -> None:
         readout(args.checkpoint, config_from_args(args, ReadoutConfig, 'readout'), args.out, device=device,
                 reference_cache=args.reference_cache)
     elif command == 'export':
-        export(args.checkpoint, args.config, args.out, args.readout_dir)
+        export(args.checkpoint, args.config, args.out, readout_dir=args.readout_dir)
     elif command == 'publish':
         publish(args.folder, args.repo_id, token=args.token, revision=args.revision, private=args.private)
     elif command == 'tags':
         _tags()
     elif command == 'study':
-        run_study(args.out, args.config, args.seeds, args.arms, apply_overrides({}, dict(args.set), TrainConfig),
-                  apply_overrides({}, dict(args.readout_set), ReadoutConfig))
+        run_study(args.out, args.config, args.seeds, args.arms,
+                  train_overrides=apply_overrides({}, dict(args.set), TrainConfig),
+                  readout_overrides=apply_overrides({}, dict(args.readout_set), ReadoutConfig))
     elif command == 'trend':
         report = write_trend(args.folders, args.out)
         print(f'{len(report["budgets"])} budget(s): {args.out}/trend.md' +

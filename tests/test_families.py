@@ -161,3 +161,48 @@ def test_attention_bias_caches_are_neither_read_nor_polluted_by_the_trace():
     model.eval()
     with torch.no_grad():
         assert torch.allclose(_compose(stages, x), model.forward_features(x), atol=1e-5)
+
+
+@pytest.mark.parametrize('kwargs,prefix', [
+    (dict(), 1),                                          # a class token
+    (dict(reg_tokens=4), 5),                              # class + register tokens
+    (dict(class_token=False, global_pool='avg'), 0),      # patch tokens only
+])
+def test_prefix_tokens_are_found_from_the_feature_as_timm_declares_them(kwargs, prefix):
+    model = timm.create_model('test_vit', **kwargs)
+    learner = LocalLearner(model, 'loco', input_size=(3, 32, 32))
+    assert learner.prefix_tokens == [prefix] * len(learner.stages) == [model.num_prefix_tokens] * len(learner.stages)
+
+
+@pytest.mark.parametrize('kwargs', [dict(), dict(reg_tokens=4, global_pool='avg', fc_norm=False)])
+def test_the_last_stage_is_pooled_as_the_models_head_pools_it(kwargs):
+    model = timm.create_model('test_vit', **kwargs)
+    learner = LocalLearner(model, 'loco', input_size=(3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():  # the last stage's readout is the model's own head input
+        pooled = learner.pool(len(learner.stages) - 1, learner(x)[-1])
+        torch.testing.assert_close(pooled, model.forward_head(model.forward_features(x), pre_logits=True))
+
+
+def test_a_class_token_added_late_is_found_only_where_it_is():
+    # CaiT's class token joins in its class-attention blocks, after the patch-token stages
+    model = timm.create_model('cait_xxs24_224', img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2)
+    learner = LocalLearner(model, 'loco', input_size=(3, 32, 32))
+    assert learner.prefix_tokens[0] == 0 and learner.prefix_tokens[-1] == 1
+
+
+def test_a_token_decoder_follows_the_stage_feature_not_the_family():
+    # CrossViT's two branches have widths its first block's heads do not divide: the decoder's heads follow the width
+    model = timm.create_model('crossvit_tiny_240', embed_dim=[36, 72], num_heads=[4, 4], depth=[[1, 1, 0]] * 3)
+    learner = LocalLearner(model, 'loco', input_size=(3, 240, 240))
+    assert learner.prefix_tokens[0] == (1, 1) and learner.layouts[0] == ('NLC', 'NLC')
+    losses = learner.step(torch.randn(2, 3, 240, 240), torch.randn(2, 3, 240, 240))
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.slow
+def test_crossvit_18_wraps_and_trains_one_step():
+    learner = LocalLearner(timm.create_model('crossvit_18_240'), 'loco')
+    losses = learner.step(torch.randn(2, 3, 240, 240), torch.randn(2, 3, 240, 240))
+    assert len(losses) == len(learner.units) and all(torch.isfinite(v) for v in losses.values())

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from loco_timm import LocalLearner
 from loco_timm.data.datasets import find_fashion_mnist
 from loco_timm.training.checkpoint import list_checkpoints, read_progress, verify_checkpoint
-from loco_timm.training.stage_training import step_costs
+from loco_timm.training.placement import step_costs
 
 HERE = Path(__file__).parent
 FMNIST = 'loco_resnet18_small.simclr_fmnist'

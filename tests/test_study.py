@@ -129,8 +129,8 @@ def test_runs_recorded_in_a_committed_results_file_count_as_finished(tmp_path):
                    readout_overrides={}, seeds=[0], runs=recorded)
     (tmp_path / 'results.json').write_text(json.dumps(results))
     seen = []
-    out = run_study(tmp_path, 'loco_resnet18_small.simclr_fmnist', [0], ['loco_conv', 'e2e_mlp'], {'max_steps': 3},
-                    {}, log=seen.append)
+    out = run_study(tmp_path, 'loco_resnet18_small.simclr_fmnist', [0], ['loco_conv', 'e2e_mlp'],
+                    train_overrides={'max_steps': 3}, readout_overrides={}, log=seen.append)
     assert seen == [f'loco_conv seed 0: recorded in {tmp_path / "results.json"}, skipped',
                     f'e2e_mlp seed 0: recorded in {tmp_path / "results.json"}, skipped']
     assert [(r['arm'], r['seed']) for r in out['runs']] == [('e2e_mlp', 0), ('loco_conv', 0)]
@@ -139,4 +139,5 @@ def test_runs_recorded_in_a_committed_results_file_count_as_finished(tmp_path):
     other['recipe']['train']['epochs'] = 10
     (tmp_path / 'results.json').write_text(json.dumps(other))
     with pytest.raises(ValueError, match='records runs of another recipe or other --set'):
-        run_study(tmp_path, 'loco_resnet18_small.simclr_fmnist', [0], ['loco_conv'], {'max_steps': 3}, {})
+        run_study(tmp_path, 'loco_resnet18_small.simclr_fmnist', [0], ['loco_conv'], train_overrides={'max_steps': 3},
+                  readout_overrides={})

@@ -17,36 +17,51 @@ import time
 import traceback
 import warnings
 
+import timm
 import torch
+from accelerate import init_empty_weights
 
-__all__ = ['smallest_models', 'param_count', 'check_model', 'input_size_for']
+from loco_timm.core.learner import LocalLearner
+
+__all__ = ['smallest_models', 'largest_models', 'param_count', 'check_model', 'input_size_for']
 
 SIDE = 128
 
 
 def smallest_models(families: list[str] | None = None) -> dict[str, str | None]:
     """Family (timm module name) -> its model with the fewest parameters (None when no model of it builds)."""
-    import timm
+    return {family: min(counts, key=counts.get) if counts else None
+            for family, counts in _family_counts(families).items()}
+
+
+def largest_models(families: list[str] | None = None, limit: float = 30e6) -> dict[str, str | None]:
+    """Family -> its model with the most parameters under ``limit`` (None when none builds under it): a second
+    sample of each family, beyond the smallest model the coverage report picks."""
     picks = {}
+    for family, counts in _family_counts(families).items():
+        under = {name: count for name, count in counts.items() if count < limit}
+        picks[family] = max(under, key=under.get) if under else None
+    return picks
+
+
+def _family_counts(families: list[str] | None) -> dict[str, dict[str, int]]:
+    """Family -> {model: parameter count} of every model of it that builds."""
+    out = {}
     for family in families or timm.list_modules():
-        best = None
+        counts = {}
         for name in timm.list_models(module=family):
             try:
-                count = param_count(name)
+                counts[name] = param_count(name)
             except Exception:  # noqa: BLE001 - a model that does not build is skipped
                 continue
-            if best is None or count < best[1]:
-                best = (name, count)
-        picks[family] = best[0] if best else None
-    return picks
+        out[family] = counts
+    return out
 
 
 def param_count(name: str) -> int:
     """Parameters of timm model ``name``, built on the meta device (nothing allocated or initialised), or where
     that fails (older timm reads drop-path rates with ``.item()``) with only its parameters on the meta device, or
     else on the CPU."""
-    import timm
-    from accelerate import init_empty_weights
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         try:
@@ -105,9 +120,6 @@ def _describe(error: Exception) -> str:
 def check_model(name: str, side: int = SIDE, batch: int = 2, seed: int = 0, model_args: dict | None = None) -> dict:
     """Run the protocol on one timm model (untrained), built with ``model_args`` if given. Returns a dict with
     ``ok`` and the measurements, or the first failing check and its reason."""
-    import timm
-
-    from loco_timm.core.learner import LocalLearner
     start = time.perf_counter()
     row: dict = dict(model=name, ok=False)
     try:

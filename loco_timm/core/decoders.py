@@ -47,8 +47,9 @@ class Pool(nn.Module):
     """Global pooling of a stage feature to one vector per image.
 
     Args:
-        kind: ``"avg"`` (mean over positions or patch tokens) or ``"token"`` (the first token, ViT class token).
-        num_prefix_tokens: Class/register tokens in front of the patch tokens (ignored by ``"avg"``).
+        kind: ``"avg"`` (mean over positions or patch tokens) or ``"token"`` (the first token, ViT's class token;
+            a feature without prefix tokens is averaged).
+        num_prefix_tokens: Class/register tokens in front of the patch tokens (left out of the average).
         layout: ``"NCHW"``, ``"NHWC"``, ``"NLC"`` (tokens) or ``"NC"`` (already a vector); None: NCHW for 4-d
             input, tokens for 3-d.
     """
@@ -71,7 +72,7 @@ class Pool(nn.Module):
             return x.mean(dim=(1, 2))
         if layout == 'NC':
             return x
-        if self.kind == 'token':
+        if self.kind == 'token' and self.num_prefix_tokens:
             return x[:, 0]
         return x[:, self.num_prefix_tokens:].mean(dim=1) if x.shape[1] > self.num_prefix_tokens else x.mean(dim=1)
 
@@ -163,6 +164,12 @@ def _token_block(dim: int, num_heads: int) -> nn.Module:
     return Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True)
 
 
+def attention_heads(width: int) -> int:
+    """Heads of a token decoder block on ``width``-wide tokens: heads of about 64 dims (ViT's), the most that divide
+    the width (at least 1)."""
+    return next(h for h in range(max(width // 64, 1), 0, -1) if width % h == 0)
+
+
 def _branch(kind: str, shape: Sequence[int], layout: str, norm: str, token_pool: str, num_prefix_tokens: int,
             num_heads: int | None, blocks: int | None = None) -> tuple[nn.Module | None, Pool, int]:
     """(block, pooling, pooled width) for one tensor of a stage feature."""
@@ -177,7 +184,7 @@ def _branch(kind: str, shape: Sequence[int], layout: str, norm: str, token_pool:
         return None, Pool('avg', layout=layout), channels
     if layout == 'NLC':
         width = shape[-1]
-        heads = num_heads or max(width // 64, 1)
+        heads = num_heads or attention_heads(width)
         block = None if not count else _token_block(width, heads) if count == 1 else nn.Sequential(
             *[_token_block(width, heads) for _ in range(count)])
         return block, Pool(token_pool, num_prefix_tokens, layout='NLC'), width
@@ -189,11 +196,12 @@ def _branch(kind: str, shape: Sequence[int], layout: str, norm: str, token_pool:
 def create_decoder(
         kind: str,
         feature_shape: Sequence,
+        *,
         proj_dim: int = 128,
         hidden_dim: int | None = None,
         norm: str = 'batch',
         token_pool: str = 'token',
-        num_prefix_tokens: int = 0,
+        num_prefix_tokens: int | Sequence[int] = 0,
         num_heads: int | None = None,
         layout: str | Sequence[str] | None = None,
         blocks: int | None = None,
@@ -209,8 +217,9 @@ def create_decoder(
         hidden_dim: MLP hidden width (default: the pooled input width).
         norm: Normalisation inside the decoder: ``"batch"``, ``"layer"`` or ``"none"``.
         token_pool: Pooling of token outputs, ``"token"`` or ``"avg"``.
-        num_prefix_tokens: Class/register tokens in token outputs.
-        num_heads: Attention heads of the ``"conv"`` analogue for tokens (default: width // 64, at least 1).
+        num_prefix_tokens: Class/register tokens in front of the patch tokens (one per tensor of a feature of several,
+            or one for all; :func:`~loco_timm.core.stages.boundary.prefix_tokens` finds them from the feature).
+        num_heads: Attention heads of the ``"conv"`` analogue for tokens (default: :func:`attention_heads`).
         layout: ``"NCHW"``, ``"NHWC"``, ``"NLC"``, ``"NC"`` (a tuple of them for several tensors); None: from the
             shape (3 dims: NCHW, 2: tokens, 1: vector). A vector has no ``"conv"`` block.
         blocks: Conv (token) blocks before the pooling, overriding ``kind``'s (conv: 1, mlp: 0); the first
@@ -232,13 +241,15 @@ def create_decoder(
     multi = len(feature_shape) > 0 and isinstance(feature_shape[0], (tuple, list))
     shapes = list(feature_shape) if multi else [feature_shape]
     layouts = list(layout) if multi and layout is not None else [layout] * len(shapes)
+    prefixes = list(num_prefix_tokens) if isinstance(num_prefix_tokens, (tuple, list)) else \
+        [num_prefix_tokens] * len(shapes)
     branches = []
-    for shape, lay in zip(shapes, layouts):
+    for shape, lay, prefix in zip(shapes, layouts, prefixes):
         lay = lay or {3: 'NCHW', 2: 'NLC', 1: 'NC'}.get(len(shape))
         if lay is None:
             raise ValueError(f'cannot decode stage outputs of shape {tuple(shape)}: expected (C, H, W), (H, W, C), '
                              f'(N, C) or (C,)')
-        branches.append(_branch(kind, shape, lay, norm, token_pool, num_prefix_tokens, num_heads, blocks))
+        branches.append(_branch(kind, shape, lay, norm, token_pool, prefix, num_heads, blocks))
     width = sum(w for _, _, w in branches)
     mlp = ProjectionMLP(width, hidden_dim, proj_dim, norm, mlp_layers)
     if multi:

@@ -30,27 +30,37 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from .decoders import DECODERS, NORMS, Pool, count_flops, create_decoder
-from .gradients import (
-    Schedule,
-    backward_to,
-    input_grads,
-    output_grads,
-    rng_state,
-    set_rng_state,
-    stashed_forward,
-)
 from .losses import NTXentLoss
-from .sharing import SHARING, SoftSharing, sharing_units, soft_step, weight_units
+from .schedule import run_stages
+from .sharing import SHARING, SoftSharing, sharing_units, soft_step
 from .stages import (
-    detach_stage_output,
     feature_layout,
+    prefix_tokens,
     split_stages,
     stage_feature,
-    stage_tensors,
 )
 from .units import MODES, check_units, make_units
 
 __all__ = ['LocalLearner', 'MODES', 'make_units']
+
+def _check_settings(mode: str, decoder: str | None, decoder_norm: str, units, recompute: bool, sharing: str) -> str:
+    """Refuse settings that do not go together; returns the decoder (conv for gim/loco, mlp for e2e by default)."""
+    if mode not in MODES:
+        raise ValueError(f'unknown mode {mode!r}: use one of {", ".join(MODES)}')
+    if sharing not in SHARING:
+        raise ValueError(f'unknown sharing {sharing!r}: use one of {", ".join(SHARING)}')
+    if sharing != 'full' and (mode != 'loco' or units is not None):
+        raise ValueError(f'sharing={sharing!r} changes how LoCo\'s overlapping units share stages: use it with '
+                         f'mode="loco" and without custom units')
+    if sharing == 'l2' and recompute:
+        raise ValueError('sharing="l2" runs each unit on its own copy: recompute does not apply, set it False')
+    decoder = decoder or ('mlp' if mode == 'e2e' else 'conv')
+    if decoder not in DECODERS:
+        raise ValueError(f'unknown decoder {decoder!r}: use one of {", ".join(DECODERS)}')
+    if decoder_norm not in NORMS:
+        raise ValueError(f'unknown decoder_norm {decoder_norm!r}: use one of {", ".join(NORMS)}')
+    return decoder
+
 
 class LocalLearner(nn.Module):
     """A timm backbone cut into stages, with one decoder and NT-Xent loss per local unit.
@@ -85,12 +95,15 @@ class LocalLearner(nn.Module):
         units: List of ``(first, last)`` stage indices per unit.
         decoders: One decoder per unit.
         stage_shapes: Per-image output shape of every stage for ``input_size``.
+        layouts: Every stage feature's layout (``NCHW``, ``NHWC``, ``NLC``, ``NC``; a tuple for several tensors).
+        prefix_tokens: Every stage feature's class/register tokens, found from its token count (0 for maps).
     """
 
     def __init__(
             self,
             backbone: nn.Module | str,
             mode: str = 'loco',
+            *,
             decoder: str | None = None,
             num_stages: int | None = None,
             units: Sequence[Sequence[int]] | None = None,
@@ -108,58 +121,33 @@ class LocalLearner(nn.Module):
             sharing_l2: float = 1e-3,
     ):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f'unknown mode {mode!r}: use one of {", ".join(MODES)}')
-        if sharing not in SHARING:
-            raise ValueError(f'unknown sharing {sharing!r}: use one of {", ".join(SHARING)}')
-        if sharing != 'full' and (mode != 'loco' or units is not None):
-            raise ValueError(f'sharing={sharing!r} changes how LoCo\'s overlapping units share stages: use it with '
-                             f'mode="loco" and without custom units')
-        if sharing == 'l2' and recompute:
-            raise ValueError('sharing="l2" runs each unit on its own copy: recompute does not apply, set it False')
-        decoder = decoder or ('mlp' if mode == 'e2e' else 'conv')
-        if decoder not in DECODERS:
-            raise ValueError(f'unknown decoder {decoder!r}: use one of {", ".join(DECODERS)}')
-        if decoder_norm not in NORMS:
-            raise ValueError(f'unknown decoder_norm {decoder_norm!r}: use one of {", ".join(NORMS)}')
-        if isinstance(backbone, str):
-            backbone = timm.create_model(backbone)
-        self.encoder = backbone
-        first_blocks = sharing_blocks if sharing == 'blocks' else 0
-        self.input_size = tuple(input_size or self._default_input_size())
-        self.__dict__['_stages'] = split_stages(backbone, num_stages, first_blocks=first_blocks,
-                                                input_size=self.input_size)
-        levels = num_stages = len(self.stages)
-        if sharing == 'blocks':
-            levels = (num_stages + 1) // 2
+        decoder = _check_settings(mode, decoder, decoder_norm, units, recompute, sharing)
+        self.encoder = timm.create_model(backbone) if isinstance(backbone, str) else backbone
+        self.input_size = tuple(input_size or resolve_model_data_config(self.encoder)['input_size'])
+        self.__dict__['_stages'] = split_stages(self.encoder, num_stages, input_size=self.input_size,
+                                                first_blocks=sharing_blocks if sharing == 'blocks' else 0)
+        num_stages = len(self.stages)
+        levels = (num_stages + 1) // 2 if sharing == 'blocks' else num_stages
         self.units = (check_units(units, num_stages) if units is not None else
                       make_units(mode, num_stages, top_unit) if sharing == 'full' else
                       sharing_units(sharing, levels, top_unit))
-        self.sharing = sharing
+        self.sharing, self.recompute = sharing, recompute
         self.config = dict(mode=mode, decoder=decoder, num_stages=levels, units=[list(u) for u in self.units],
                            top_unit=top_unit, temperature=temperature, proj_dim=proj_dim, hidden_dim=hidden_dim,
                            decoder_norm=decoder_norm, recompute=recompute, decoder_blocks=decoder_blocks,
                            mlp_layers=mlp_layers, sharing=sharing, sharing_blocks=sharing_blocks,
                            sharing_l2=sharing_l2)
-        self.recompute = recompute
-        self.stage_shapes = self._infer_stage_shapes()
-        channels_last = getattr(backbone, 'output_fmt', 'NCHW') == 'NHWC'
-        self.layouts = [feature_layout(shape, (getattr(stage, 'feature_info', None) or {}).get('num_chs'),
-                                       channels_last) for shape, stage in zip(self.stage_shapes, self.stages)]
-        token_pool = 'token' if getattr(backbone, 'global_pool', 'avg') == 'token' else 'avg'
-        blocks = getattr(backbone, 'blocks', None)
-        first_block = blocks[0] if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) else None
-        heads = getattr(getattr(first_block, 'attn', None), 'num_heads', None)
+        self._read_stage_features()
         self.decoders = nn.ModuleList([
-            create_decoder(decoder, self.stage_shapes[last], proj_dim, hidden_dim, decoder_norm, token_pool,
-                           getattr(backbone, 'num_prefix_tokens', 0), heads, self.layouts[last], decoder_blocks,
-                           mlp_layers)
+            create_decoder(decoder, self.stage_shapes[last], proj_dim=proj_dim, hidden_dim=hidden_dim,
+                           norm=decoder_norm, token_pool=self.token_pool, num_prefix_tokens=self.prefix_tokens[last],
+                           layout=self.layouts[last], blocks=decoder_blocks, mlp_layers=mlp_layers)
             for _, last in self.units])
         self.loss = NTXentLoss(temperature)
         if sharing == 'l2':  # a copy of each stage that is the top of one unit and the bottom of another
             starts = {first for first, _ in self.units}
             shared = [last for first, last in self.units if last != first and last in starts]
-            self.sharing_copies = SoftSharing(backbone, num_stages, shared, sharing_l2, self.input_size)
+            self.sharing_copies = SoftSharing(self.encoder, num_stages, shared, sharing_l2, self.input_size)
 
     @property
     def stages(self) -> nn.ModuleList:
@@ -169,8 +157,25 @@ class LocalLearner(nn.Module):
     def mode(self) -> str:
         return self.config['mode']
 
-    def _default_input_size(self) -> tuple[int, ...]:
-        return resolve_model_data_config(self.encoder)['input_size']
+    def _read_stage_features(self) -> None:
+        """What each stage's feature is, read from one forward at ``input_size``: its per-image shape, layout and
+        prefix tokens (what its decoders and pooling follow), and the head's pooling (the last stage's readout is
+        the model's own ``forward_head(x, pre_logits=True)``)."""
+        self.stage_shapes = self._infer_stage_shapes()
+        channels_last = getattr(self.encoder, 'output_fmt', 'NCHW') == 'NHWC'
+        self.layouts = [feature_layout(shape, (getattr(stage, 'feature_info', None) or {}).get('num_chs'),
+                                       channels_last) for shape, stage in zip(self.stage_shapes, self.stages)]
+        self.prefix_tokens = [self._prefix_tokens(k) for k in range(len(self.stages))]
+        self.token_pool = 'token' if getattr(self.encoder, 'global_pool', 'avg') == 'token' else 'avg'
+
+    def _prefix_tokens(self, k: int) -> int | tuple[int, ...]:
+        """Class/register tokens of stage ``k``'s token feature(s), found from their token counts."""
+        reduction = (getattr(self.stages[k], 'feature_info', None) or {}).get('reduction')
+        shape, layout = self.stage_shapes[k], self.layouts[k]
+        if isinstance(layout, tuple):
+            return tuple(prefix_tokens(s[0], self.input_size, reduction) if lay == 'NLC' else 0
+                         for s, lay in zip(shape, layout))
+        return prefix_tokens(shape[0], self.input_size, reduction) if layout == 'NLC' else 0
 
     @torch.no_grad()
     def _infer_stage_shapes(self) -> list[tuple[int, ...]]:
@@ -217,11 +222,11 @@ class LocalLearner(nn.Module):
 
     def pool(self, k: int, feature) -> torch.Tensor:
         """Stage ``k``'s feature pooled to one vector per image (as its decoders pool it, without their block)."""
-        token_pool = 'token' if getattr(self.encoder, 'global_pool', 'avg') == 'token' else 'avg'
-        prefix = getattr(self.encoder, 'num_prefix_tokens', 0)
         layouts = self.layouts[k] if isinstance(self.layouts[k], tuple) else (self.layouts[k],)
+        prefixes = self.prefix_tokens[k] if isinstance(self.prefix_tokens[k], tuple) else (self.prefix_tokens[k],)
         tensors = feature if isinstance(feature, (tuple, list)) else (feature,)
-        return torch.cat([Pool(token_pool, prefix, layout)(t) for layout, t in zip(layouts, tensors)], dim=1)
+        return torch.cat([Pool(self.token_pool, prefix, layout)(t) for layout, prefix, t in
+                          zip(layouts, prefixes, tensors)], dim=1)
 
     def _check_step_args(self, view1: torch.Tensor, view2: torch.Tensor, units: Sequence[int] | None) -> list[int]:
         if not isinstance(view1, torch.Tensor) or not isinstance(view2, torch.Tensor):
@@ -266,128 +271,7 @@ class LocalLearner(nn.Module):
         backward = backward or (lambda loss: loss.backward())
         if self.sharing == 'l2':
             return soft_step(self, view1, view2, active, backward)
-        return self.run_stages(torch.cat([view1, view2]), active, backward)[0].losses
-
-    def run_stages(self, h, active: Sequence[int], backward: Callable[[torch.Tensor], None], start: int = 0,
-                   stop: int | None = None, stash: bool = False) -> tuple[Schedule, object]:
-        """:meth:`step`'s schedule over stages ``start..stop`` only (stage parallelism): ``h`` is stage ``start``'s
-        input (both views' images, or the output of stage ``start - 1``). Runs the losses of the ``active`` units
-        whose last stage is in range; an active unit ending above ``stop`` waits for :meth:`deliver`, one starting
-        below ``start`` leaves its gradient at stage ``start``'s input (``state.grad[j]``, ``state.at[j] == start -
-        1``). Returns the schedule and stage ``stop``'s output (default: up to the active units' last stage).
-
-        ``stash`` (pipelined stage parallelism): stage ``stop`` runs with its weights stashed
-        (:func:`~loco_timm.core.gradients.stashed_forward`) and keeps its graph until the units above deliver, even
-        across an optimizer step: its weight gradient is then that of the weights of this forward."""
-        spans = {j: self.units[j] for j in active}
-        top = max(last for _, last in spans.values()) if stop is None else stop
-        bottom = max(start, min(first for first, _ in spans.values()))
-        batch = stage_tensors(h)[0].shape[0] // 2
-        needs_input_grad = {k for first, last in spans.values() for k in range(first + 1, last + 1)}
-        members = {k: [j for j, (first, last) in spans.items() if first <= k <= last] for k in range(top + 1)}
-        every = dict(enumerate(self.units))  # who owns a stage's weights does not depend on which units run
-        owners = weight_units(self.sharing, every, {k: [j for j, (f, l) in every.items() if f <= k <= l]
-                                                    for k in range(top + 1)})
-        state = Schedule(spans, members, owners)
-        state.bottom = bottom
-        state.keep = stop if stash else None
-        for k in range(start, top + 1):
-            if k < bottom or not members[k]:
-                with torch.no_grad():
-                    h = self.stages[k](h)
-                continue
-            state.inputs[k] = detach_stage_output(h, k in needs_input_grad)
-            if self.recompute:
-                state.rng[k] = rng_state(stage_tensors(h)[0].device)
-            run = stashed_forward if k == state.keep else lambda stage, x: stage(x)
-            h = state.outputs[k] = run(self.stages[k], state.inputs[k])
-            for j in [j for j, (_, last) in spans.items() if last == k]:  # units whose loss sits on this stage
-                original = self.feature(k, h)
-                feature = detach_stage_output(original, True)
-                z = self.decoders[j](feature)
-                loss = self.loss(z[:batch], z[batch:])
-                backward(loss)
-                state.losses[j] = loss.detach()
-                state.arrive(j, k, output_grads(h, original, feature))
-                del feature, original, z, loss
-            h = detach_stage_output(h)  # the graph stays referenced by state.outputs only, so freeing it there frees it
-            self._carry_down(k, state)
-        return state, h
-
-    def deliver(self, state: Schedule, unit: int, stage: int, grad: list) -> None:
-        """The gradient of ``unit``'s loss, computed on another process, at the output of ``stage`` (the top of
-        :meth:`run_stages`' range): carried down like a local one."""
-        state.remote.add(unit)
-        state.arrive(unit, stage, grad)
-        self._carry_down(stage, state)
-
-    def _carry_down(self, k: int, state: Schedule) -> None:
-        for m in range(k, state.bottom - 1, -1):  # carry gradients down and free every stage no later unit needs
-            if m in state.outputs:
-                self._advance_stage(m, state)
-
-    def _advance_stage(self, m: int, state: Schedule) -> None:
-        """Move the gradients that reached stage m's output on: each unit that continues below gets its own
-        input-gradient pass; once every unit containing stage m has delivered, one weight-gradient pass with their
-        summed gradient, and the stage's graph is freed."""
-        arrived = [j for j in state.members[m] if state.ended(j) and state.at[j] == m]
-        waiting = [j for j in state.members[m] if not state.ended(j)]
-        if state.outputs[m] is None:  # dropped by recompute
-            if not arrived:
-                return
-            state.outputs[m] = self._recompute_stage(m, state)
-        outs, inputs = stage_tensors(state.outputs[m]), stage_tensors(state.inputs[m])
-        if not any(t.requires_grad for t in outs):  # nothing in this stage learns and no gradient passes through it
-            for j in arrived:  # no unit continues below a stage whose input needs no gradient
-                state.grad.pop(j)
-                state.at[j] = m - 1
-            if not waiting:
-                del state.outputs[m], state.inputs[m]
-            return
-        params = [p for p in self.stages[m].parameters() if p.requires_grad]
-        leaves = [t for t in inputs if t.requires_grad]
-        continuing = [j for j in arrived if state.spans[j][0] < m]
-        single = len(state.members[m]) == 1 and continuing and continuing[0] in state.weights[m]
-        if not waiting and single:  # one unit, which trains the stage: weights and input in one pass
-            backward_to(outs, state.total.pop(m), params + leaves)
-            state.arrive(continuing[0], m - 1, [t.grad if t.requires_grad else None for t in inputs])
-            del state.outputs[m], state.inputs[m]
-            return
-        for j in arrived:
-            if j in continuing:
-                state.arrive(j, m - 1, input_grads(outs, state.grad.pop(j), inputs))
-            else:
-                state.grad.pop(j)
-                state.at[j] = m - 1
-        if not waiting:
-            total = state.total.pop(m)
-            if params:
-                backward_to(outs, total, params)
-            del state.outputs[m], state.inputs[m]
-        elif self.recompute and m != state.keep:  # a higher unit still needs this stage: keep its input only
-            state.outputs[m] = None
-
-    def _recompute_stage(self, m: int, state: Schedule) -> torch.Tensor:
-        """Stage m's forward again, on its kept input with its first forward's random state; its buffers
-        (BatchNorm running statistics) are restored afterwards, so they are updated once per step."""
-        stage, inp = self.stages[m], state.inputs[m]
-        device = stage_tensors(inp)[0].device
-        # the forward updates copies of the buffers (its graph may keep them), then the originals are put back
-        owners = stage.buffer_owners() if hasattr(stage, 'buffer_owners') else [
-            (module, name) for module in stage.modules() for name in module._buffers]
-        originals = {(id(module), name): (module, name, module._buffers[name]) for module, name in owners
-                     if module._buffers.get(name) is not None}
-        for module, name, buf in originals.values():
-            module._buffers[name] = buf.clone()
-        devices = [device] if device.type == 'cuda' else []
-        try:
-            with torch.random.fork_rng(devices=devices):
-                set_rng_state(state.rng[m], device)
-                out = stage(inp)
-        finally:
-            for module, name, buf in originals.values():
-                module._buffers[name] = buf
-        return out
+        return run_stages(self, torch.cat([view1, view2]), active, backward)[0].losses
 
     def summary(self) -> list[dict]:
         """Per unit: its stages, the decoder's input shape and layout, kind, parameter count and forward FLOPs per image."""

@@ -158,7 +158,7 @@ def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLike | None = None,
-                  image_size: int = 224, subset: int | None = None, download: bool = True,
+                  image_size: int = 224, subset: int | None = None, *, download: bool = True,
                   crops: ViewCropSpec | None = None, splits: dict | None = None, seed: int = 0,
                   batch_size: int = 1, draft: bool = True, encoded: bool = False) -> Dataset:
     """A dataset of ``(uint8 image (C, H, W), label, index)`` items.
@@ -190,8 +190,8 @@ def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLik
         raise ConfigError(f'unknown split {split!r}: use one of {", ".join(SPLITS)}')
     train = split != 'test'
     if is_timm_source(name):
-        ds = build_source(name, split, data_dir, image_size, subset, crops, splits, download, seed, batch_size,
-                          draft, encoded)
+        ds = build_source(name, split, data_dir, image_size, subset, crops=crops, splits=splits, download=download,
+                          seed=seed, batch_size=batch_size, draft=draft, encoded=encoded)
         if is_stream(name):
             return ds
         if len(ds) == 0:

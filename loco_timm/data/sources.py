@@ -284,7 +284,7 @@ class StreamDataset(IterableDataset):
                 yield _eval_crop(image, self.load_size), label, index
 
 
-def build_source(name: str, split: str, data_dir, image_size: int, subset: int | None = None,
+def build_source(name: str, split: str, data_dir, image_size: int, subset: int | None = None, *,
                  crops: ViewCropSpec | None = None, splits: dict | None = None, download: bool = False,
                  seed: int = 0, batch_size: int = 1, draft: bool = True, encoded: bool = False) -> Dataset:
     """The decoded dataset of a timm source for one use (``pretrain``, ``train`` or ``test``); see the module."""

@@ -215,7 +215,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def readout(checkpoint: str | Path, cfg: ReadoutConfig | None = None, out_dir: str | Path | None = None,
+def readout(checkpoint: str | Path, cfg: ReadoutConfig | None = None, out_dir: str | Path | None = None, *,
             device: str = 'cpu', log=print, reference_cache: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint (or a run folder's latest) and write ``readout.json``, ``readout.png`` and the last
     stage's classifier ``readout_head.safetensors`` to ``out_dir`` (default: the run folder). With

@@ -240,7 +240,7 @@ def _loss_curves(run_dir: Path) -> dict[str, dict[str, list]]:
     return curves
 
 
-def run_study(out: str | Path, config: str, seeds: list[int], arms: list[str] | None = None,
+def run_study(out: str | Path, config: str, seeds: list[int], arms: list[str] | None = None, *,
               train_overrides: dict | None = None, readout_overrides: dict | None = None, log=print) -> dict:
     """Train and read out every (arm, seed) not finished yet, then rewrite the study's results and plots."""
     out = Path(out)

@@ -94,7 +94,7 @@ def _check_recipe(hub: HubConfig, cfg: TrainConfig, progress: dict, checkpoint: 
                           f'config that matches its recipe')
 
 
-def export(checkpoint: str | Path, config: str | Path, out: str | Path, readout_dir: str | Path | None = None,
+def export(checkpoint: str | Path, config: str | Path, out: str | Path, *, readout_dir: str | Path | None = None,
            log=print) -> Path:
     """Write the Hub repository folder of a checkpoint and its readout.
 

@@ -36,7 +36,7 @@ def check_export_folder(folder: str | Path) -> Path:
     return folder
 
 
-def publish(folder: str | Path, repo_id: str, token: str | None = None, revision: str | None = None,
+def publish(folder: str | Path, repo_id: str, *, token: str | None = None, revision: str | None = None,
             private: bool = False, commit_message: str | None = None, log=print) -> str:
     """Upload an export folder to the Hub repository ``repo_id`` (created if missing); returns the commit URL.
 

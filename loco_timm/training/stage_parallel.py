@@ -6,7 +6,7 @@ it holds, and (for its optimizer) only their parameters; the other stages and de
 ``meta`` device). A step (:meth:`StageParallel.step`, synchronous and exact):
 
 1. process 0 takes both views' images; every other process receives the activation at its lower cut, detached;
-2. each process runs :meth:`~loco_timm.LocalLearner.run_stages` over its stages: the losses of its units and
+2. each process runs :func:`~loco_timm.core.schedule.run_stages` over its stages: the losses of its units and
    their backward passes, as in one process;
 3. it sends its top stage's output to the next process, and the gradient of each unit that started below it (LoCo:
    the unit of the stage below, one hop; E2E: the one unit, all the way down) to the previous one;
@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..core.schedule import deliver, run_stages
 from ..core.stages import stage_tensors
 
 __all__ = ['balance', 'check_placement', 'StageParallel']
@@ -227,7 +228,7 @@ class StageParallel:
             h = torch.cat([view1, view2])
         else:
             h = _recv(self.peers[self.rank - 1], self.group, device)
-        state, out = learner.run_stages(h, self.active, backward, start=self.first, stop=self.last,
+        state, out = run_stages(learner, h, self.active, backward, start=self.first, stop=self.last,
                                         stash=self.pipelined and bool(self.from_above))
         if self.rank < self.size - 1:
             tensors = stage_tensors(out)
@@ -329,7 +330,7 @@ class StageParallel:
             return sent
         for j in self.from_above:
             grad = _recv(self.peers[self.rank + 1], self.group, device)
-            self.learner.deliver(state, j, self.last, [grad if grad.numel() else None])
+            deliver(self.learner, state, j, self.last, [grad if grad.numel() else None])
             sent = self._send_ready(state, sent)
         return sent
 

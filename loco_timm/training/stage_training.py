@@ -7,12 +7,11 @@ optimizer state of those parameters; the first stage group's process of replica 
 of every global batch (:class:`~loco_timm.data.datasets.ShareSampler`); gradients are averaged over the D replicas of a stage
 group, and NT-Xent gathers its negatives over them.
 
-Placement: ``placement`` as given, or :func:`~loco_timm.training.stage_parallel.balance` of each stage's step time, measured
-on the main process (:func:`step_costs`: the stage's forward and backward with its units' decoders and losses, on one
-replica's batch), broadcast so every process uses the same. A resumed run keeps its checkpoint's placement.
+Placement: :func:`~loco_timm.training.placement.resolve_placement` (the recipe's, a resumed run's, or the measured
+balance of the stages' step times).
 
 The per-step losses and the stop flag (SIGTERM/SIGINT) are reduced over all processes without waiting: a step reads
-the previous step's (:meth:`StageTraining.step`), so the processes of a pipeline are not locked to each other every
+the previous step's (:meth:`StageParallelTraining.step`), so the processes of a pipeline are not locked to each other every
 step; a step that logs, checkpoints or ends the run waits for its own.
 
 Checkpoints stay whole-model, in the usual format: the replica-0 process of each stage group writes its tensors and
@@ -24,8 +23,7 @@ process's part by name.
 from __future__ import annotations
 
 import json
-import statistics
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -35,97 +33,33 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from ..config import TrainConfig
-from ..core.losses import nt_xent_loss
-from ..core.stages import detach_stage_output, stage_tensors
-from ..data.datasets import ShareSampler
+from ..core.learner import LocalLearner
+from ..data.datasets import EpochSampler, ShareSampler
+from ..data.sources import collate_encoded
 from ..errors import ConfigError, DamagedFileError
-from .stage_parallel import StageParallel, balance, check_placement
+from .runlock import Preemption
+from .stage_parallel import StageParallel
+from .strategies import StepResult, Strategy, placement_mismatch
 
-__all__ = ['StageTraining', 'step_costs', 'resolve_placement']
+__all__ = ['StageParallelTraining']
 
 PART, OPTIMIZER, DELAYED = 'part-{}.safetensors', 'optimizer-{}.safetensors', 'delayed-{}.safetensors'
 
 
-def step_costs(learner, h, repeats: int = 3) -> list[float]:
-    """Per stage of ``learner``, the median seconds (after one warm-up) of its forward and backward with the losses of
-    the units ending there (decoder, NT-Xent), on the stage input that ``h`` (both views' images) gives. Weights,
-    buffers and the random state are left as they were."""
-    device = stage_tensors(h)[0].device
-    buffers = {k: b.clone() for k, b in learner.state_dict().items() if b.device.type != 'meta'}
-    batch = stage_tensors(h)[0].shape[0] // 2
-    costs = []
-    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-        for k, stage in enumerate(learner.stages):
-            ends = [j for j, (_, last) in enumerate(learner.units) if last == k]
-            above = any(first <= k < last for first, last in learner.units)
-            times = []
-            for _ in range(repeats + 1):
-                x = detach_stage_output(h, k > 0)
-                _sync(device)
-                start = time.perf_counter()
-                out = stage(x)
-                total = 0.0
-                for j in ends:
-                    z = learner.decoders[j](learner.feature(k, out))
-                    total = total + nt_xent_loss(z[:batch], z[batch:], learner.loss.temperature, gather=False)
-                if above:  # a gradient from above passes through this stage
-                    total = total + sum((t * torch.randn_like(t)).sum() for t in stage_tensors(out)
-                                        if t.is_floating_point() and t.requires_grad)
-                if torch.is_tensor(total) and total.requires_grad:
-                    total.backward()
-                _sync(device)
-                times.append(time.perf_counter() - start)
-            costs.append(statistics.median(times[1:]))
-            h = detach_stage_output(out)
-    learner.zero_grad(set_to_none=True)
-    learner.load_state_dict(buffers, strict=False)
-    return costs
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def resolve_placement(cfg: TrainConfig, learner, accelerator, batch: int, in_chans: int,
-                      saved: list | None = None) -> list[list[int]]:
-    """The placement of the run: the recipe's, a resumed run's (``saved``), or the measured balance (the same on
-    every process).
-
-    Raises:
-        ConfigError: A placement that does not fit the backbone's stages, or more stage groups than stages.
-    """
-    n = len(learner.stages)
-    try:
-        if cfg.placement is not None or saved is not None:
-            return check_placement(cfg.placement if cfg.placement is not None else saved, n)
-        if cfg.stage_groups > n:
-            raise ValueError(f'pipeline={cfg.stage_groups} stage groups for {n} stages: use at most {n}')
-    except ValueError as err:
-        raise ConfigError(f'{cfg.backbone}: {err}') from None
-    found = [None]
-    if accelerator.is_main_process:
-        size = min(batch, 32)
-        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == 'cuda' else []):
-            h = torch.randn(2 * size, in_chans, cfg.image_size, cfg.image_size, device=accelerator.device)
-        with accelerator.autocast():
-            costs = step_costs(learner, h)
-        found = [balance(costs, cfg.stage_groups)]
-    dist.broadcast_object_list(found, src=0)
-    return found[0]
-
-
-class StageTraining:
-    """One process's part of a stage-parallel training run (see the module).
+class StageParallelTraining(Strategy):
+    """One process's part of a stage-parallel training run: the :class:`~loco_timm.training.strategies.Strategy` of
+    the recipe keys ``pipeline``, ``placement`` and ``pipelined`` (see the module).
 
     Args:
         cfg: The recipe.
-        learner: The whole learner, built identically on every process; this process's part is kept.
         accelerator: The run's Accelerator (its processes form the grid).
-        placement: :func:`resolve_placement`.
+        learner: The whole learner, built identically on every process; this process's part is kept.
+        dataset: The pre-training dataset (random access; the first stage group reads it).
+        placement: :func:`~loco_timm.training.placement.resolve_placement`.
     """
 
-    def __init__(self, cfg: TrainConfig, learner, accelerator, placement: list[list[int]]):
+    def __init__(self, cfg: TrainConfig, accelerator, learner: LocalLearner, dataset, placement: list[list[int]]):
+        super().__init__(cfg, accelerator, learner, dataset)
         world, parts = accelerator.num_processes, len(placement)
         self.replicas = world // parts
         self.replica, self.index = divmod(accelerator.process_index, parts)
@@ -142,58 +76,73 @@ class StageTraining:
         dist.all_gather_object(everyone, held)
         trained = set().union(*everyone)
         self.untrained = {k: v.detach().cpu().clone() for k, v in start.items() if k not in trained}
-        self.cfg, self.learner, self.accelerator, self.placement = cfg, learner, accelerator, placement
-        self.first = self.index == 0
-        self.num_units = len(learner.units)
+        self.placement, self.first, self.num_units = placement, self.index == 0, len(learner.units)
         self._inflight: list = []  # (step, loss sums, stop flag, works) of reductions not yet waited for
+        self.optimizer = None
+        self.loader = self._loader() if self.first else None
 
-    def loader(self, dataset, sampler, collate_fn=None):
-        """The first stage group's loader (a :class:`~loco_timm.data.datasets.ShareSampler` of ``sampler``); None elsewhere."""
-        if not self.first:
-            return None
-        cfg = self.cfg
+    def _loader(self) -> DataLoader:
+        """The first stage group's loader: share ``replica`` of every global batch (:class:`ShareSampler`)."""
+        cfg, sampler = self.cfg, EpochSampler(len(self.dataset), self.cfg.seed, keys=self.dataset.crops is not None)
         self.batch_sampler = ShareSampler(sampler, cfg.batch_size, self.replica, self.replicas)
-        return DataLoader(dataset, batch_sampler=self.batch_sampler, num_workers=cfg.num_workers,
-                          pin_memory=self.accelerator.device.type == 'cuda' and collate_fn is None,
-                          persistent_workers=cfg.num_workers > 0, collate_fn=collate_fn)
+        return DataLoader(self.dataset, batch_sampler=self.batch_sampler, num_workers=cfg.num_workers,
+                          pin_memory=self.accelerator.device.type == 'cuda' and not self.encoded,
+                          persistent_workers=cfg.num_workers > 0, collate_fn=collate_encoded if self.encoded else None)
 
-    def batches(self, loader, epoch: int, skip: int, steps: int, encoded: bool):
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return self.sp.parameters()
+
+    def prepare(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        self.optimizer = optimizer  # its state is saved per stage group (fp16 loss scaling is refused)
+        return optimizer
+
+    def batches(self, epoch: int, skip: int, steps: int) -> Iterator:
         """An epoch's batches from global batch ``skip`` on (on the device), or None per step off the first group."""
-        if loader is None:
+        if self.loader is None:
             yield from [None] * (steps - skip)
             return
         self.batch_sampler.set_epoch(epoch, skip)
         device = self.accelerator.device
-        for images, labels, index in loader:
-            yield (images, labels, index) if encoded else (images.to(device, non_blocking=True), labels,
-                                                           index.to(device, non_blocking=True))
+        for images, labels, index in self.loader:
+            yield (images, labels, index) if self.encoded else (images.to(device, non_blocking=True), labels,
+                                                                index.to(device, non_blocking=True))
 
-    def step(self, view1, view2, backward, signalled: bool, sync: bool, step: int):
+    def step(self, view1: torch.Tensor | None, view2: torch.Tensor | None, step: int, *, sync: bool,
+             preemption: Preemption) -> StepResult:
         """One step (views on the first stage group only), gradients averaged over the replicas; then the reductions
-        of losses and stop flags that are ready.
-
-        Returns:
-            ``(step, loss vector, stop)`` of the newest step whose reduction completed (this one when ``sync``;
-            None when none has): the losses averaged over replicas, and whether any process was signalled by then.
-        """
-        losses = self.sp.step(view1, view2, backward=backward, device=self.accelerator.device)
+        of losses and stop flags that are ready: those of the newest step whose reduction completed (this one when
+        ``sync``; none, before the first has), the losses averaged over replicas and whether any process was
+        signalled by then."""
+        losses = self.sp.step(view1, view2, backward=self.accelerator.backward, device=self.accelerator.device)
         self.sp.average_gradients()
         vec = torch.zeros(self.num_units, device=self.accelerator.device)
         for j, loss in losses.items():
             vec[j] = loss.float()
-        flag = torch.tensor([1.0 if signalled else 0.0], device=self.accelerator.device)
+        flag = torch.tensor([0.0 if preemption.signum is None else 1.0], device=self.accelerator.device)
         works = [dist.all_reduce(vec, group=self.loss_group, async_op=True),
                  dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.loss_group, async_op=True)]
         self._inflight.append((step, vec, flag, works))
-        done = None
+        done = StepResult(step, None, False)
         while self._inflight and (sync or len(self._inflight) > 1):
             at, vec, flag, works = self._inflight.pop(0)
             for work in works:
                 work.wait()
-            done = (at, vec / self.replicas, bool(flag.item()))
+            done = StepResult(at, vec / self.replicas, bool(flag.item()))
             if not torch.isfinite(vec).all():  # the earliest non-finite step is the one to report (every process)
                 break
         return done
+
+    def save_hooks(self) -> dict:
+        return dict(write=self.write, state=self.full_state)
+
+    def progress(self) -> dict:
+        return dict(placement=self.placement)
+
+    def check_resume(self, saved: dict) -> None:
+        problem = placement_mismatch(self.cfg, saved.get('placement'), self.placement)
+        if problem:
+            raise ConfigError(problem)
+
 
     def drain(self) -> None:
         """Wait for the reductions still in flight."""

@@ -1,95 +1,58 @@
 """Training with Accelerate: ``loco-timm train`` or ``accelerate launch -m loco_timm train``.
 
-One function, :func:`train`, in Accelerate's order: accelerator, seed, data, model, optimizer and schedule,
-``prepare``, resume, loop, save, summary. The learner is not wrapped in DDP (it runs several backward passes per
-step); after :meth:`LocalLearner.step` the gradients and the per-unit losses of all processes are averaged with one
-all-reduce. Batches are split across processes (``split_batches``), so a run's global batches and their
-augmentations (drawn from seed, epoch and sample index) do not depend on the number of processes, machines or
-workers; the result does where batch statistics or randomness are per process (BatchNorm without ``sync_bn``,
-dropout and drop-path seeded per process), and otherwise up to float reduction order. The main process holds a lock
-on the run folder; SIGTERM/SIGINT stop every process after the same step with a checkpoint
+One training function in Accelerate's fixed order: accelerator, seed, data, model, strategy, optimizer and schedule,
+``prepare``, resume, the loop, save, summary. What differs between one process or data parallelism, a streamed
+source and stage parallelism is a :class:`~loco_timm.training.strategies.Strategy` chosen up front
+(:func:`choose_strategy`): the loop below has no branch on the way of training.
+
+The learner is not wrapped in DDP (it runs several backward passes per step); the strategy averages the gradients
+and the per-unit losses of all processes. Batches are split across processes (``split_batches``), so a run's global
+batches and their augmentations (drawn from seed, epoch and sample index) do not depend on the number of processes,
+machines or workers; the result does where batch statistics or randomness are per process (BatchNorm without
+``sync_bn``, dropout and drop-path seeded per process), and otherwise up to float reduction order. The main process
+holds a lock on the run folder; SIGTERM/SIGINT stop every process after the same step with a checkpoint
 (:mod:`loco_timm.training.runlock`).
 """
 from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from .. import models  # noqa: F401  (registers loco_* models)
 from .._version import __version__
-from ..config import TrainConfig, resume_keys, to_json
+from ..config import TrainConfig, to_json
 from ..core.learner import LocalLearner
 from ..data.augment import SimCLRAugment
 from ..data.crops import ViewCropSpec
-from ..data.datasets import EpochSampler, build_dataset, normalization
-from ..data.sources import StreamLoader, collate_encoded, decode_views
-from ..errors import ConfigError, NonFiniteLossError
-from .checkpoint import (
-    latest_checkpoint,
-    list_checkpoints,
-    load_weights,
-    read_progress,
-    save_checkpoint,
-    verify_checkpoint,
-)
+from ..data.datasets import build_dataset, normalization
+from ..data.sources import decode_views
+from ..errors import ConfigError, NonFiniteLossError, Preempted
+from .checkpoint import latest_checkpoint, save_checkpoint
 from .factory import build_learner
 from .optim import build_optimizer, build_scheduler, steps_for
-from .runlock import Preempted, Preemption, lock_run
-from .stage_training import StageTraining, resolve_placement
+from .placement import resolve_placement
+from .report import Meter, append_loss_row, machine_name, tracker
+from .resume import load_newest_intact, saved_placement, trim_loss_log
+from .runlock import Preemption, lock_run
+from .stage_training import StageParallelTraining
+from .strategies import Replicated, StepResult, Strategy, Streamed, is_streamed
 
-__all__ = ['train', 'NonFiniteLossError', 'machine_name']
+__all__ = ['train', 'choose_strategy', 'machine_name']
 
-
-def _check_out_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f'.write-test-{os.getpid()}'  # one per process: they start together
-        probe.write_text('')
-        probe.unlink(missing_ok=True)
-    except OSError as err:
-        raise ConfigError(f'out_dir {path} is not writable ({err.strerror}): choose another --out-dir') from None
+AfterBackward = Callable[[int, LocalLearner], None]
 
 
-def _average(tensors: list[torch.Tensor], world: int) -> None:
-    """Average tensors across processes in place with one all-reduce."""
-    if world == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def _check_resume(cfg: TrainConfig, saved: dict, placement: list | None = None, stage=None) -> None:
-    keys = resume_keys()
-    current, default = to_json(cfg), to_json(TrainConfig())  # a key newer than the checkpoint had its default then
-    diffs = [f'{k}={current[k]!r} (checkpoint: {saved.get(k, default[k])!r})' for k in keys
-             if current[k] != saved.get(k, default[k])]
-    if diffs:
-        raise ConfigError(f'cannot resume: the recipe differs from the checkpoint\'s in {"; ".join(diffs)}: use the '
-                          f'same recipe, or a new --out-dir to start afresh')
-    if (placement is None) != (stage is None) or (cfg.pipelined and placement != stage.placement):
-        raise ConfigError(f'cannot resume: the checkpoint was written with stage placement {placement}, this run has '
-                          f'{stage.placement if stage else None}: use the same pipeline and placement, or a new '
-                          f'--out-dir to start afresh')
-
-
-def train(cfg: TrainConfig, resume: bool = False,
-          after_backward: Callable[[int, LocalLearner], None] | None = None) -> dict:
+def train(cfg: TrainConfig, *, resume: bool = False, after_backward: AfterBackward | None = None) -> dict:
     """Pre-train ``cfg.backbone`` with ``cfg.mode`` and write checkpoints to ``cfg.out_dir``.
 
     Args:
@@ -106,12 +69,10 @@ def train(cfg: TrainConfig, resume: bool = False,
             became NaN/inf (the last checkpoint is kept). Preempted: SIGTERM or SIGINT arrived; the step was finished
             and a checkpoint written (every process raises it after the same step).
     """
-
     out_dir = Path(cfg.out_dir)
     _check_out_dir(out_dir)
-    trackers = 'tensorboard' if cfg.trackers == 'tensorboard' and _has_tensorboard() else None
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=trackers, project_dir=str(out_dir),
-                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=tracker(cfg.trackers),
+                              project_dir=str(out_dir), dataloader_config=DataLoaderConfiguration(split_batches=True),
                               step_scheduler_with_optimizer=False)
     lock = lock_run(accelerator, out_dir)
     try:
@@ -122,9 +83,47 @@ def train(cfg: TrainConfig, resume: bool = False,
             lock.release()
 
 
-def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalLearner], None] | None,
-           accelerator, out_dir: Path, preemption: Preemption) -> dict:
+@dataclass
+class _Run:
+    """What the loop works with, set up in :func:`_train`'s fixed order."""
+    cfg: TrainConfig
+    accelerator: Any
+    out_dir: Path
+    dataset: Any
+    learner: LocalLearner
+    strategy: Strategy
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps_per_epoch: int
+    total_steps: int
+    progress: dict
 
+
+def _train(cfg: TrainConfig, resume: bool, after_backward: AfterBackward | None, accelerator, out_dir: Path,
+           preemption: Preemption) -> dict:
+    checkpoint = _check_launch(cfg, accelerator, out_dir, resume)
+    set_seed(cfg.seed)
+    dataset = _pretraining_data(cfg, accelerator.num_processes)
+    learner = build_learner(cfg, dataset.channels, len(dataset.classes)).to(accelerator.device)
+    learner.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    strategy = choose_strategy(cfg, accelerator, learner, dataset, saved_placement(out_dir) if resume else None)
+    optimizer = build_optimizer(learner, cfg, keep=strategy.trained_parameters())
+    steps_per_epoch = len(dataset) // cfg.batch_size
+    total_steps = cfg.max_steps or steps_for(cfg.epochs, steps_per_epoch)
+    scheduler = build_scheduler(optimizer, total_steps, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    optimizer = strategy.prepare(optimizer)
+    progress = dict(config=to_json(cfg), num_classes=len(dataset.classes), in_chans=dataset.channels,
+                    classes=dataset.classes, version=__version__, **strategy.progress())
+    run = _Run(cfg, accelerator, out_dir, dataset, learner, strategy, optimizer, scheduler, steps_per_epoch,
+               total_steps, progress)
+    start = _resume(run, checkpoint) if resume else 0
+    accelerator.init_trackers('loco', config={k: str(v) for k, v in to_json(cfg).items()})
+    step, meter = _loop(run, start, after_backward, preemption)
+    return _finish(run, step, start, meter)
+
+
+def _check_launch(cfg: TrainConfig, accelerator, out_dir: Path, resume: bool) -> Path | None:
+    """The run folder's latest checkpoint, after checking the folder, the process grid and the batch split."""
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is not None and not resume:
         raise ConfigError(f'{out_dir} already holds checkpoints ({checkpoint.name}): pass --resume to continue that '
@@ -139,246 +138,159 @@ def _train(cfg: TrainConfig, resume: bool, after_backward: Callable[[int, LocalL
                           f'of {parts}')
     if cfg.sync_bn and world > 1 and accelerator.device.type != 'cuda':
         raise ConfigError('sync_bn needs CUDA devices: leave it off on CPU (BatchNorm statistics stay per process)')
-    set_seed(cfg.seed)
+    return checkpoint
 
-    crops = ViewCropSpec(cfg.image_size, tuple(cfg.crop_scale), seed=cfg.seed)
+
+def _check_out_dir(path: Path) -> None:
     try:
-        dataset = build_dataset(cfg.dataset, 'pretrain', cfg.data_dir, cfg.image_size, cfg.subset, crops=crops,
-                                splits=cfg.splits, seed=cfg.seed, batch_size=cfg.batch_size // world,
-                                draft=cfg.decode_draft, encoded=cfg.decode_device)
-    except (FileNotFoundError, ImportError) as err:
-        raise ConfigError(str(err)) from None
-    cropped = dataset.crops is not None  # the loader cut the views from the whole image (loco_timm.data.crops)
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f'.write-test-{os.getpid()}'  # one per process: they start together
+        probe.write_text('')
+        probe.unlink(missing_ok=True)
+    except OSError as err:
+        raise ConfigError(f'out_dir {path} is not writable ({err.strerror}): choose another --out-dir') from None
+
+
+def _pretraining_data(cfg: TrainConfig, world: int):
+    """The pre-training split; a source that crops in the loader gets the views' crop spec."""
+    crops = ViewCropSpec(cfg.image_size, tuple(cfg.crop_scale), seed=cfg.seed)
+    dataset = build_dataset(cfg.dataset, 'pretrain', cfg.data_dir, cfg.image_size, cfg.subset, crops=crops,
+                            splits=cfg.splits, seed=cfg.seed, batch_size=cfg.batch_size // world,
+                            draft=cfg.decode_draft, encoded=cfg.decode_device)
     if len(dataset) < cfg.batch_size:
         raise ConfigError(f'batch_size={cfg.batch_size} is larger than the dataset ({len(dataset)} images)')
-    stream = isinstance(dataset, IterableDataset)  # each process reads its own shards (loco_timm.data.sources)
-    if stream and groups > 1:
-        raise ConfigError(f'{cfg.dataset} is streamed: stage parallelism reads random-access sources only (a folder, '
-                          f'tars, hfds/): convert it, or leave pipeline out')
-    encoded = getattr(dataset, 'encoded', False)  # JPEG bytes decoded on the device (loco_timm.data.sources.decode_views)
-    pin = accelerator.device.type == 'cuda'
-    if stream:
-        sampler = None
-        loader = StreamLoader(dataset, cfg.batch_size // world, cfg.num_workers, pin, cfg.seed,
-                               accelerator.process_index, accelerator.device)
-    else:
-        sampler = EpochSampler(len(dataset), cfg.seed, keys=cropped)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=cfg.num_workers, pin_memory=pin and not encoded,
-                            persistent_workers=cfg.num_workers > 0, collate_fn=collate_encoded if encoded else None)
-    mean, std = normalization(cfg.dataset)
-    augment = SimCLRAugment(cfg.image_size, scale=cfg.crop_scale, mean=mean, std=std)
+    return dataset
 
-    learner = build_learner(cfg, dataset.channels, len(dataset.classes)).to(accelerator.device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    learner.to(memory_format=memory_format)
-    stage = None
-    if groups > 1:  # stage parallelism: this process keeps its stages (loco_timm.training.stage_training)
-        placement = resolve_placement(cfg, learner, accelerator, cfg.batch_size // parts, dataset.channels,
-                                      _saved_placement(out_dir) if resume else None)
-        stage = StageTraining(cfg, learner, accelerator, placement)
-        loader = stage.loader(dataset, sampler, collate_encoded if encoded else None)
-    params = stage.sp.parameters() if stage else [p for p in learner.parameters() if p.requires_grad]
 
-    optimizer = build_optimizer(learner, cfg, keep=params if stage else None)
-    steps_per_epoch = len(dataset) // cfg.batch_size
-    total_steps = cfg.max_steps or steps_for(cfg.epochs, steps_per_epoch)
-    scheduler = build_scheduler(optimizer, total_steps, int(round(cfg.warmup_epochs * steps_per_epoch)))
+def choose_strategy(cfg: TrainConfig, accelerator, learner: LocalLearner, dataset,
+                    saved: list | None = None) -> Strategy:
+    """The way this run trains: stage parallelism where the recipe asks for stage groups (the placement of the
+    recipe, of a resumed run's checkpoint (``saved``), or measured), else data parallelism over a stream or a
+    random-access dataset (one process is its special case)."""
+    if cfg.stage_groups > 1:
+        if is_streamed(dataset):
+            raise ConfigError(f'{cfg.dataset} is streamed: stage parallelism reads random-access sources only (a '
+                              f'folder, tars, hfds/): convert it, or leave pipeline out')
+        batch = cfg.batch_size // (accelerator.num_processes // cfg.stage_groups)
+        placement = resolve_placement(cfg, learner, accelerator, batch, dataset.channels, saved)
+        return StageParallelTraining(cfg, accelerator, learner, dataset, placement)
+    return (Streamed if is_streamed(dataset) else Replicated)(cfg, accelerator, learner, dataset)
 
-    if stage is not None:
-        stage.optimizer = optimizer  # its state is saved per stage group (fp16 loss scaling is refused)
-    elif stream:
-        optimizer = accelerator.prepare(optimizer)
-    else:  # JPEG bytes stay on the CPU for the decoder, which puts its output on the device
-        optimizer, loader = accelerator.prepare(optimizer, loader, device_placement=[True, not encoded])
 
+def _resume(run: _Run, checkpoint: Path | None) -> int:
+    """Load the newest intact checkpoint (if any) and cut the loss log back to it; returns its step."""
     step = 0
-    progress = dict(config=to_json(cfg), num_classes=len(dataset.classes), in_chans=dataset.channels,
-                    classes=dataset.classes, version=__version__)
-    if stage is not None:
-        progress['placement'] = stage.placement
-    saving = dict(write=stage.write, state=stage.full_state) if stage else {}
-    if resume:
-        if checkpoint is not None:
-            checkpoint, step = _load_newest_intact(cfg, out_dir, learner, accelerator, stage)
-            accelerator.print(f'resumed from {checkpoint} at step {step}')
-        else:
-            accelerator.print(f'no checkpoint in {out_dir}: starting from step 0')
-        losses = out_dir / 'losses.jsonl'
-        if accelerator.is_main_process and losses.is_file():  # drop the rows logged after the checkpoint
-            kept = [line for line in losses.read_text().splitlines() if _logged_step(line) <= step]
-            trimmed = losses.with_name(f'.{losses.name}.tmp')  # atomically: a kill now keeps the old curves
-            trimmed.write_text(''.join(f'{line}\n' for line in kept))
-            os.replace(trimmed, losses)
+    if checkpoint is not None:
+        checkpoint, step = load_newest_intact(run.cfg, run.out_dir, run.learner, run.accelerator, run.strategy)
+        run.accelerator.print(f'resumed from {checkpoint} at step {step}')
+    else:
+        run.accelerator.print(f'no checkpoint in {run.out_dir}: starting from step 0')
+    if run.accelerator.is_main_process:
+        trim_loss_log(run.out_dir / 'losses.jsonl', step)
+    return step
 
-    start_step = step
-    accelerator.init_trackers('loco', config={k: str(v) for k, v in to_json(cfg).items()})
-    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc=cfg.mode,
+
+class _Views:
+    """A batch's two augmented views on the device (None, None for a process that loads no images)."""
+
+    def __init__(self, cfg: TrainConfig, dataset, device: torch.device):
+        mean, std = normalization(cfg.dataset)
+        self.augment = SimCLRAugment(cfg.image_size, scale=cfg.crop_scale, mean=mean, std=std)
+        self.cfg, self.device = cfg, device
+        self.cropped = dataset.crops is not None  # the loader cut the views from the whole image (data.crops)
+        self.encoded = getattr(dataset, 'encoded', False)  # JPEG bytes, decoded on the device (data.sources)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    @torch.no_grad()
+    def __call__(self, batch, epoch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if batch is None:
+            return None, None
+        images, _, index = batch
+        if self.encoded:
+            images = decode_views(*images, self.cfg.image_size, self.device)
+            index = index.to(self.device)
+        return tuple(self.augment(images[:, v] if self.cropped else images, index, self.cfg.seed, epoch, v,
+                                  cropped=self.cropped).contiguous(memory_format=self.memory_format) for v in (0, 1))
+
+
+def _loop(run: _Run, step: int, after_backward: AfterBackward | None, preemption: Preemption) -> tuple[int, Meter]:
+    """Steps until the budget: each one's views, its strategy step, the optimizer step, logs, checkpoints, stop."""
+    cfg, accelerator = run.cfg, run.accelerator
+    views, meter = _Views(cfg, run.dataset, accelerator.device), Meter()
+    bar = tqdm(total=run.total_steps, initial=step, disable=not accelerator.is_local_main_process, desc=cfg.mode,
                dynamic_ncols=True)
-    learner.train()
-    data_time = step_time = 0.0
-    images_seen, last = 0, {}
-    start = time.perf_counter()
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        # set directly: with several processes, the loader skip_first_batches returns for a mid-epoch resume does
-        # not pass set_epoch on to the sampler, which then replayed epoch 0's order
-        if stage is not None:
-            batches = stage.batches(loader, epoch, skip, steps_per_epoch, encoded)
-        elif stream:
-            batches = loader.epoch(epoch, skip, steps_per_epoch)
-        else:
-            sampler.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-            batches.set_epoch(epoch)
+    run.learner.train()
+    while step < run.total_steps:
+        epoch, skip = divmod(step, run.steps_per_epoch)
         tick = time.perf_counter()
-        for batch in batches:
-            view1 = view2 = None  # stage parallelism: only the first stage group reads images
-            if batch is not None:
-                images, _, index = batch
-                if encoded:
-                    images = decode_views(*images, cfg.image_size, accelerator.device)
-                    index = index.to(accelerator.device)
-                with torch.no_grad():
-                    view1, view2 = (augment(images[:, v] if cropped else images, index, cfg.seed, epoch, v,
-                                            cropped=cropped).contiguous(memory_format=memory_format)
-                                    for v in (0, 1))
+        for batch in run.strategy.batches(epoch, skip, run.steps_per_epoch):
+            view1, view2 = views(batch, epoch)
             torch.manual_seed(cfg.seed * 1_000_003 + step * 997 + accelerator.process_index)  # dropout, drop-path
             ready = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            if stage is None:
-                with accelerator.autocast():
-                    losses = learner.step(view1, view2, backward=accelerator.backward)
-                loss_vec, loss_step = torch.stack([losses[j].float() for j in range(len(learner.units))]), step
-                _average([p.grad for p in params if p.grad is not None] + [loss_vec], world)
-            else:  # the reduction of this step's losses and stop flags is waited for one step later
-                sync = (step + 1) % cfg.log_every == 0 or (step + 1) % cfg.checkpoint_every == 0 \
-                    or step + 1 >= total_steps
-                with accelerator.autocast():
-                    reduced = stage.step(view1, view2, accelerator.backward, preemption.signum is not None, sync,
-                                         step)
-                loss_step, loss_vec, stop = reduced if reduced is not None else (step, None, False)
-            if loss_vec is not None and not torch.isfinite(loss_vec).all():
-                bad = int((~torch.isfinite(loss_vec)).nonzero()[0])
-                raise NonFiniteLossError(
-                    f'non-finite loss ({loss_vec[bad].item()}) in unit {bad} {learner.units[bad]} at step '
-                    f'{loss_step + 1}: '
-                    f'stopped every process; the last good checkpoint in {out_dir / "checkpoints"} is kept '
-                    f'(lower base_lr or use mixed_precision=no)')
-            if after_backward is not None:
-                after_backward(step, learner)
-            scheduler.step_update(step)
-            optimizer.step()
+            result = _step(run, view1, view2, step, preemption, after_backward)
             step += 1
-            done = time.perf_counter()
-            data_time, step_time = data_time + ready - tick, step_time + done - ready
-            images_seen += cfg.batch_size
-            if loss_vec is not None:
-                last = {f'loss/unit{j}': v for j, v in enumerate(loss_vec.tolist())}
-            if step % cfg.log_every == 0 or step == total_steps:
-                lr = optimizer.param_groups[0]['lr']
-                accelerator.log(dict(last, lr=lr, img_per_s=images_seen / (done - start), epoch=epoch), step=step)
-                if accelerator.is_main_process:  # plain-text loss curves (trimmed to the checkpoint on resume)
-                    with open(out_dir / 'losses.jsonl', 'a') as log_file:
-                        log_file.write(json.dumps(dict(last, step=step, lr=lr)) + '\n')
-                bar.set_postfix({k.split('/')[-1]: f'{v:.3f}' for k, v in last.items()}, refresh=False)
-            bar.update(1)
-            if stage is None:
-                stop = preemption.requested(accelerator.device, world)
-            if stop and step < total_steps:
-                saved = save_checkpoint(accelerator, learner, out_dir, step, progress, cfg.keep_checkpoints, **saving)
+            meter.add(tick, ready, time.perf_counter(), cfg.batch_size, result.losses)
+            _report(run, bar, step, epoch, meter)
+            if result.stop and step < run.total_steps:
+                saved = _save(run, step)
                 bar.close()
                 accelerator.end_training()
-                raise Preempted(f'stopped by {preemption.signal_name} after step {step} of {total_steps}: '
+                raise Preempted(f'stopped by {preemption.signal_name} after step {step} of {run.total_steps}: '
                                 f'checkpoint {saved} written; continue with --resume')
-            if step % cfg.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(accelerator, learner, out_dir, step, progress, cfg.keep_checkpoints, **saving)
-            if step >= total_steps:
+            if step % cfg.checkpoint_every == 0 and step < run.total_steps:
+                _save(run, step)
+            if step >= run.total_steps:
                 break
             tick = time.perf_counter()
     bar.close()
-    final = save_checkpoint(accelerator, learner, out_dir, step, progress, cfg.keep_checkpoints,
-                            exists_ok=step == start_step, **saving)  # a finished run resumed: its checkpoint is this one
-    wall = time.perf_counter() - start
-    summary = dict(steps=step, wall_seconds=round(wall, 1), checkpoint=str(final), last_losses=last,
-                   img_per_s=round(images_seen / wall, 1) if wall else None,
-                   loader_img_per_s=round(images_seen / data_time, 1) if data_time else None,
-                   model_img_per_s=round(images_seen / step_time, 1) if step_time else None, processes=world,
-                   machine=machine_name(accelerator.device))
-    if accelerator.is_main_process and (step > start_step or not (out_dir / 'train_summary.json').is_file()):
-        (out_dir / 'train_summary.json').write_text(json.dumps(summary, indent=2))  # not for a finished run re-read
-    accelerator.print(f'trained {step} steps in {wall:.0f} s; checkpoint {final}')
-    accelerator.end_training()
+    return step, meter
+
+
+def _step(run: _Run, view1, view2, step: int, preemption: Preemption,
+          after_backward: AfterBackward | None) -> StepResult:
+    """One optimizer step: the strategy's forward and backward passes, the finiteness check, the update."""
+    cfg = run.cfg
+    sync = (step + 1) % cfg.log_every == 0 or (step + 1) % cfg.checkpoint_every == 0 or step + 1 >= run.total_steps
+    run.optimizer.zero_grad(set_to_none=True)
+    with run.accelerator.autocast():
+        result = run.strategy.step(view1, view2, step, sync=sync, preemption=preemption)
+    if result.losses is not None and not torch.isfinite(result.losses).all():
+        bad = int((~torch.isfinite(result.losses)).nonzero()[0])
+        raise NonFiniteLossError(
+            f'non-finite loss ({result.losses[bad].item()}) in unit {bad} {run.learner.units[bad]} at step '
+            f'{result.step + 1}: stopped every process; the last good checkpoint in {run.out_dir / "checkpoints"} '
+            f'is kept (lower base_lr or use mixed_precision=no)')
+    if after_backward is not None:
+        after_backward(step, run.learner)
+    run.scheduler.step_update(step)
+    run.optimizer.step()
+    return result
+
+
+def _report(run: _Run, bar, step: int, epoch: int, meter: Meter) -> None:
+    """Every ``log_every`` steps and at the end: the tracker, ``losses.jsonl`` and the progress bar."""
+    if step % run.cfg.log_every == 0 or step == run.total_steps:
+        lr = run.optimizer.param_groups[0]['lr']
+        run.accelerator.log(dict(meter.last, lr=lr, img_per_s=meter.images / (time.perf_counter() - meter.start),
+                                 epoch=epoch), step=step)
+        if run.accelerator.is_main_process:  # plain-text loss curves (trimmed to the checkpoint on resume)
+            append_loss_row(run.out_dir / 'losses.jsonl', dict(meter.last, step=step, lr=lr))
+        bar.set_postfix({k.split('/')[-1]: f'{v:.3f}' for k, v in meter.last.items()}, refresh=False)
+    bar.update(1)
+
+
+def _save(run: _Run, step: int, **kwargs: Any) -> Path:
+    return save_checkpoint(run.accelerator, run.learner, run.out_dir, step, run.progress, run.cfg.keep_checkpoints,
+                           **kwargs, **run.strategy.save_hooks())
+
+
+def _finish(run: _Run, step: int, start: int, meter: Meter) -> dict:
+    """The final checkpoint (a finished run resumed keeps its own) and ``train_summary.json``."""
+    final = _save(run, step, exists_ok=step == start)
+    summary = meter.summary(step, final, run.accelerator.num_processes, run.accelerator.device)
+    summary_path = run.out_dir / 'train_summary.json'
+    if run.accelerator.is_main_process and (step > start or not summary_path.is_file()):
+        summary_path.write_text(json.dumps(summary, indent=2))  # not for a finished run read again
+    run.accelerator.print(f'trained {step} steps in {summary["wall_seconds"]:.0f} s; checkpoint {final}')
+    run.accelerator.end_training()
     return summary
-
-
-def _load_newest_intact(cfg: TrainConfig, out_dir: Path, learner: LocalLearner, accelerator,
-                        stage=None) -> tuple[Path, int]:
-    """Load the newest checkpoint that verifies and loads, saying in one line why each newer one is skipped
-    (``stage``: a :class:`~loco_timm.training.stage_training.StageTraining` loads its own part too).
-
-    Raises:
-        ConfigError: None is intact (nothing is deleted), or the recipe differs from the checkpoint's.
-    """
-    for checkpoint in reversed(list_checkpoints(out_dir)):
-        reason = verify_checkpoint(checkpoint)
-        if reason is None:
-            saved = read_progress(checkpoint)
-            _check_resume(cfg, saved['config'], saved.get('placement'), stage)  # the user's error, not damage
-            try:
-                load_weights(learner, checkpoint / 'learner.safetensors')
-                accelerator.load_state(str(checkpoint))
-                if stage is not None:
-                    stage.load(checkpoint)
-            except Exception as err:  # noqa: BLE001 - a file that verifies but does not load is damaged too
-                reason = f'it does not load ({type(err).__name__}: {str(err).strip()[:200]})'.replace('\n', ' ')
-        loaded = torch.tensor([1 if reason is None else 0], device=accelerator.device)
-        if accelerator.num_processes > 1:  # every process resumes from the same checkpoint or none does
-            dist.all_reduce(loaded, op=dist.ReduceOp.MIN)
-        if loaded.item():
-            return checkpoint, saved['step']
-        accelerator.print(f'skipping damaged checkpoint {checkpoint}: {reason or "it did not load on every process"}')
-    raise ConfigError(f'no intact checkpoint in {out_dir / "checkpoints"} to resume from (the lines above say why '
-                      f'each is damaged); nothing was deleted: restore a checkpoint from a copy, or start again in '
-                      f'another --out-dir')
-
-
-def _saved_placement(out_dir: Path) -> list | None:
-    """The stage placement of the newest checkpoint that records one (a resumed run keeps it)."""
-    for checkpoint in reversed(list_checkpoints(out_dir)):
-        try:
-            return read_progress(checkpoint)['placement']
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
-
-
-def _logged_step(line: str) -> float:
-    """The step of a losses.jsonl row; a damaged row counts as after any checkpoint (it is dropped on resume)."""
-    try:
-        return json.loads(line)['step']
-    except (ValueError, KeyError, TypeError):
-        return float('inf')
-
-
-def _has_tensorboard() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-
-def machine_name(device: torch.device) -> str:
-    """The accelerator's name, or the CPU's model name (``/proc/cpuinfo``) on the CPU: what a run's summary records
-    as the machine that trained it."""
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

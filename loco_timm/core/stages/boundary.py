@@ -11,6 +11,7 @@ A feature's layout is named from its per-image shape and the channel count timm'
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -96,3 +97,20 @@ def feature_layout(shape: Sequence, channels: int | None = None, channels_last: 
         return 'NC'
     raise ValueError(f'cannot decode a stage feature of shape {tuple(shape)}: expected (C, H, W), (H, W, C), '
                      f'(N, C) or (C,)')
+
+
+MAX_PREFIX_TOKENS = 16  # class, distillation and register tokens in front of the patch tokens
+
+
+def prefix_tokens(tokens: int, input_size: Sequence[int], reduction: int | None = None) -> int:
+    """How many tokens of an ``(N, C)`` feature come before its patch tokens (class, distillation, register tokens),
+    found from the feature itself: ``tokens`` against the patch grid of an ``(H, W)`` input at the level's
+    ``reduction`` (timm's ``feature_info``), else against the largest square grid that fits (a branch with its own
+    patch size, as CrossViT's); 0 where neither leaves at most :data:`MAX_PREFIX_TOKENS`."""
+    height, width = input_size[-2:]
+    grids = [(height // reduction) * (width // reduction)] if reduction else []
+    grids.append(math.isqrt(tokens) ** 2)
+    for grid in grids:
+        if grid and 0 <= tokens - grid <= MAX_PREFIX_TOKENS:
+            return tokens - grid
+    return 0

@@ -199,7 +199,7 @@ def _cut_first_blocks(model: nn.Module, traced: TracedFeatures, cuts: list[int],
     return sorted(cuts + extra)
 
 
-def split_stages(model: nn.Module, num_stages: int | None = None, first_blocks: int = 0,
+def split_stages(model: nn.Module, num_stages: int | None = None, *, first_blocks: int = 0,
                  input_size: tuple[int, ...] | None = None) -> nn.ModuleList:
     """Split a timm model's ``forward_features`` into sequential stages.
 

@@ -45,17 +45,22 @@ def markdown(report: dict) -> str:
     rows = report['families']
     ok = [r for r in rows if r.get('ok')]
     others = f', {len(rows) - len(ok)} fail or were not run' if len(ok) < len(rows) else ''
-    lines = [f'{len(ok)} of {len(rows)} timm model families pass{others} (timm {report["timm"]}, torch {report["torch"]}, '
+    lines = [f'{len(ok)} of {len(rows)} timm model families pass{others} (timm {report["timm"]}, '
+             f'torch {report["torch"]}, '
              f'{report["date"]}; written by `{report.get("command", ".venv/bin/python benchmarks/coverage.py")}`). Per '
-             f'family: {report.get("pick", "its smallest model")}, untrained, at {report["side"]} px (where it does not run: its smallest input size, else its own); default stages composed equal '
+             f'family: {report.get("pick", "its smallest model")}, untrained, at {report["side"]} px (where it does '
+             f'not run: its smallest input size, else its own); default stages composed equal '
              f'`forward_features` (eval), one LoCo step gives every parameter `forward_features` uses a gradient, and '
-             f'the top unit alone leaves the first stage\'s own parameters (those no stage of the top unit reads) without one.', '',
-             '| family | model | input | stages | feature layouts | LoCo step | seconds |', '|---|---|---|---|---|---|---|']
+             f'the top unit alone leaves the first stage\'s own parameters (those no stage of the top unit reads) '
+             f'without one.', '',
+             '| family | model | input | stages | feature layouts | LoCo step | seconds |',
+             '|---|---|---|---|---|---|---|']
     for r in rows:
         if r.get('ok'):
             layouts = ', '.join('+'.join(x) if isinstance(x, list) else x for x in r['layouts'])
             size = 'x'.join(str(v) for v in r['input_size'][1:])
-            lines.append(f'| {r["family"]} | `{r["model"]}` | {size} | {r["stages"]} | {layouts} | ok | {r["seconds"]} |')
+            lines.append(f'| {r["family"]} | `{r["model"]}` | {size} | {r["stages"]} | {layouts} | ok | '
+                         f'{r["seconds"]} |')
     failing = [r for r in rows if not r.get('ok') and not r.get('not_run')]
     if failing:
         lines += ['', 'Not supported yet, with the reason:', '', '| family | model | reason |', '|---|---|---|']

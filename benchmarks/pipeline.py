@@ -83,8 +83,8 @@ def placements(model: str, batch: int, device: str = 'cpu') -> tuple[dict[str, l
     units' decoders and losses; E2E by its own stage costs). Also the cost model of pipelined LoCo: the measured
     costs, each process's share of one step and the speed-up they estimate (single-process step over the largest
     process's; transfers and overlap not counted)."""
-    from loco_timm.training.stage_parallel import balance
     from loco_timm.training.placement import step_costs
+    from loco_timm.training.stage_parallel import balance
     torch.set_num_threads(1)
     spec, found = MODELS[model], {}
     h = torch.randn(2 * batch, spec['chans'], spec['size'], spec['size'], device=device)
@@ -246,8 +246,9 @@ def run(model: str, config: str, placement: list, warmup: int, steps: int, batch
 def markdown(report: dict) -> str:
     command = 'python benchmarks/pipeline.py' + (' --device cuda' if report.get('device') == 'cuda' else '')
     how = 'bf16 autocast, ' + report.get('backend', '') if report.get('device') == 'cuda' else 'one thread per process'
-    lines = [f'{how[0].upper()}{how[1:]} (`{command}`; `--models M` measures one model again); each model\'s ratios come '
-             f'from one invocation on one machine (`--repeat R`: every configuration R times round robin):', '']
+    lines = [f'{how[0].upper()}{how[1:]} (`{command}`; `--models M` measures one model again); each model\'s '
+             f'ratios come from one invocation on one machine (`--repeat R`: every configuration R times round '
+             f'robin):', '']
     for model, rows in report['models'].items():
         spec = MODELS[model]
         base = rows['LoCo, 1 process']['img_per_s']

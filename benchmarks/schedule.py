@@ -1,11 +1,11 @@
 """What local learning saves: peak activation memory and step time of E2E, GIM and LoCo, as ratios to E2E.
 
 Memory is the peak of live bytes autograd saves for backward during ``LocalLearner.step`` (each storage once, no
-parameters; :class:`loco_timm.core.memory.SavedTensorMeter`), which is deterministic on CPU. Time is the median of several
-steps after warm-up (noisy on shared machines: compare ratios from one run, not absolute times across runs).
-Configurations: the same decoder on both sides (mlp everywhere: the schedule's own cost), the paper's (conv
-decoders for GIM/LoCo against E2E with mlp), and LoCo with recomputation. Also the loader's img/s for the small-image
-recipe next to its model img/s. Writes JSON and a markdown table.
+parameters; :class:`tools.memory.SavedTensorMeter`), which is deterministic on CPU. Time is the median of several steps
+after warm-up (noisy on shared machines: compare ratios from one run, not absolute times across runs). Configurations:
+the same decoder on both sides (mlp everywhere: the schedule's own cost), the paper's (conv decoders for GIM/LoCo
+against E2E with mlp), and LoCo with recomputation. Also the loader's img/s for the small-image recipe next to its model
+img/s. Writes JSON and a markdown table.
 
     .venv/bin/python benchmarks/schedule.py --out benchmarks/results/schedule_cpu.json
 """
@@ -77,7 +77,8 @@ def stage_shares(model_name: str, input_size: tuple, batch: int, kwargs: dict) -
                            input_size=input_size)
     h, params, saved, decoders = torch.randn(2 * batch, *input_size), list(learner.parameters()), [], []
     for k, stage in enumerate(learner.stages):
-        saved.append(saved_bytes(lambda x: stage_tensors(stage(x)), detach_stage_output(h, True), exclude=params))
+        saved.append(saved_bytes(lambda x, stage=stage: stage_tensors(stage(x)), detach_stage_output(h, True),
+                                 exclude=params))
         with torch.no_grad():
             h = stage(h)
         decoder = LocalLearner(learner.encoder, mode='gim', decoder='conv', input_size=input_size).decoders[k]

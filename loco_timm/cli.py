@@ -4,8 +4,8 @@
     loco-timm readout runs/fmnist [--epochs 10]
     loco-timm export runs/fmnist --config loco_resnet18_small.simclr_fmnist --out exports/fmnist
     loco-timm publish exports/fmnist --repo-id ORG/NAME
-    loco-timm study --out study/mine [--config TAG] [--seeds 0 1 2]
-    loco-timm trend study/mine study/mine-10ep --out study/mine-trend
+    loco-timm study --out studies/mine [--config TAG] [--seeds 0 1 2]
+    loco-timm trend studies/mine studies/mine-10ep --out studies/mine-trend
     loco-timm tags
 
 Every key of the recipe's ``train:`` (or ``readout:``) section is also an option, spelled as in the recipe or with
@@ -133,8 +133,8 @@ def _study_parsers(sub) -> None:
     p = sub.add_parser('trend', help='the training-budget trend of study folders (one per epoch budget)',
                        description='Compare the study folders (same recipe, different epochs) on paired per-seed '
                                    'differences; writes trend.json/md (and trend.png with matplotlib) to --out.')
-    p.add_argument('folders', nargs='+', help='study folders, e.g. study/fmnist study/fmnist-10ep')
-    p.add_argument('--out', default='study/trend', help='output folder (default: study/trend)')
+    p.add_argument('folders', nargs='+', help='study folders of one recipe at different epoch budgets')
+    p.add_argument('--out', required=True, help='output folder (trend.json, trend.md, trend.png)')
 
 
 def build_parser() -> argparse.ArgumentParser:

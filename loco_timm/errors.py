@@ -7,9 +7,9 @@ bug and keeps its traceback (exit status 1).
 """
 from __future__ import annotations
 
-__all__ = ['LocoError', 'ConfigError', 'DataError', 'DataNotFoundError', 'UnreadableImageError', 'MissingDependencyError',
-           'DamagedFileError', 'MissingFileError', 'OutputExistsError', 'NonFiniteLossError', 'Preempted',
-           'PREEMPTED_EXIT', 'PretrainedWeightsNotFound', 'PublishError']
+__all__ = ['LocoError', 'ConfigError', 'DataError', 'DataNotFoundError', 'UnreadableImageError',
+           'MissingDependencyError', 'DamagedFileError', 'MissingFileError', 'OutputExistsError', 'NonFiniteLossError',
+           'Preempted', 'PREEMPTED_EXIT', 'PretrainedWeightsNotFound', 'PublishError']
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: run the same command again with --resume
 

@@ -55,7 +55,9 @@ case "$job" in
     exec .venv/bin/python -m loco_timm.demo "$@" ;;
   test)
     setup
-    # the layering contract (pyproject.toml [tool.importlinter]): layers import only downwards, no import cycles
+    # lint (pyproject.toml [tool.ruff]) and the layering contract ([tool.importlinter]): layers import only
+    # downwards, no package's modules import each other in a cycle
+    .venv/bin/ruff check .
     .venv/bin/lint-imports --no-cache
     # one pytest worker per core, one thread each: most of the suite is single-threaded Python (tracing, model
     # construction), so workers use the cores better than threads; tests that compare runs pin their own threads

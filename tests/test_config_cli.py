@@ -175,7 +175,9 @@ def test_a_key_declared_without_its_rules_is_refused():
 
 def test_resume_keys_come_from_the_declarations():
     keys = resume_keys()
-    assert {'backbone', 'mode', 'batch_size', 'seed', 'crop_scale', 'pipelined', 'sync_bn', 'mixed_precision'} <= set(keys)
+    changes_the_run = {'backbone', 'mode', 'batch_size', 'seed', 'crop_scale', 'pipelined', 'sync_bn',
+                       'mixed_precision'}
+    assert changes_the_run <= set(keys)
     assert not {'out_dir', 'num_workers', 'data_dir', 'checkpoint_every', 'recompute', 'placement'} & set(keys)
 
 

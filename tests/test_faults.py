@@ -87,7 +87,8 @@ def test_resume_skips_a_damaged_checkpoint_and_ends_where_an_uninterrupted_run_e
     result = cli('train', '--out-dir', run, *TRAIN, '--resume', timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'skipping damaged checkpoint {newest}: learner.safetensors has 100 bytes' in result.stdout + result.stderr
-    assert 'resumed from' in result.stdout + result.stderr and 'step-00000003 at step 3' in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert 'resumed from' in output and 'step-00000003 at step 3' in output
     again, original = load_file(str(newest / 'learner.safetensors')), load_file(
         str(list_checkpoints(finished)[-1] / 'learner.safetensors'))
     assert verify_checkpoint(newest) is None and again.keys() == original.keys()

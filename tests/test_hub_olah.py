@@ -101,7 +101,8 @@ def published(olah, tmp_path_factory):
     """The main job's tag trained briefly, read out, exported and served by olah; returns the run folder."""
     root = tmp_path_factory.mktemp('published')
     run = train_and_read_out(root / 'run')
-    _git_repo(export(run, FMNIST, root / 'export', log=lambda *_: None), olah['models'] / get_hub_config(FMNIST).repo_id)
+    exported = export(run, FMNIST, root / 'export', log=lambda *_: None)
+    _git_repo(exported, olah['models'] / get_hub_config(FMNIST).repo_id)
     return run
 
 

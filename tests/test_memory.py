@@ -39,7 +39,7 @@ def _stage_and_decoder_bytes(learner, views):
     stage, outputs = [], []
     for s in learner.stages:
         x = detach_stage_output(h, True)
-        stage.append(saved_bytes(lambda x: stage_tensors(s(x)), x, exclude=params))
+        stage.append(saved_bytes(lambda x, s=s: stage_tensors(s(x)), x, exclude=params))
         with torch.no_grad():
             h = s(h)
         outputs.append(h)

@@ -78,7 +78,7 @@ def test_draft_decoding_scales_down_only_as_far_as_the_smallest_crop_allows():
     full = decode(data, draft=False)
     for index in range(8):
         need = needed_size(600, 800, index, 0, spec)
-        small = decode(data, lambda w, h: needed_size(h, w, index, 0, spec))
+        small = decode(data, lambda w, h, index=index: needed_size(h, w, index, 0, spec))
         assert small.shape[2] >= need[0] and small.shape[1] >= need[1]  # no crop is upsampled
         assert small.shape[2] < 800  # crops of >= half the area of an 800x600 image need at most 1/2 of it
         a, b = view_crops(full, index, 0, spec).float(), view_crops(small, index, 0, spec).float()
@@ -195,5 +195,6 @@ def test_decoding_on_the_device_gives_the_loaders_crops_and_the_same_training(so
                   max_steps=2, trackers='none', decoder='mlp', decode_draft=False)
     train(TrainConfig(**common, out_dir=str(tmp_path / 'cpu')))
     train(TrainConfig(**common, decode_device=True, out_dir=str(tmp_path / 'device')))
-    a, b = (load_file(str(tmp_path / run / 'checkpoints/step-00000002/learner.safetensors')) for run in ('cpu', 'device'))
+    a, b = (load_file(str(tmp_path / run / 'checkpoints/step-00000002/learner.safetensors'))
+            for run in ('cpu', 'device'))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -68,7 +68,8 @@ def test_two_stage_groups_times_two_replicas_equal_two_data_parallel_processes(r
 @pytest.mark.parametrize('world,job', [(w, i) for w, jobs in JOBS.items() if w <= 3 for i in range(len(jobs))])
 def test_stage_parallel_steps_give_the_weights_of_the_reference(runs, world, job):
     """Synchronous: one process's weights. Pipelined LoCo (with recomputation too): the hand-written
-    delayed-gradient reference. Pipelined GIM: one process's (no gradient crosses a cut, nothing is delayed; finish's extra step moves nothing)."""
+    delayed-gradient reference. Pipelined GIM: one process's (no gradient crosses a cut, nothing is delayed;
+    finish's extra step moves nothing)."""
     mode, _, pipelined = JOBS[world][job]
     expected = pipelined_reference() if pipelined and mode.startswith('loco') else reference(mode)
     ranks, seen = runs[world][job], set()

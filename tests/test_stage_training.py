@@ -28,7 +28,8 @@ SHORT = ['--config', FMNIST, '--subset', '64', '--batch-size', '16', '--max-step
 
 def slow(test):
     """Processes that train on Fashion-MNIST."""
-    return pytest.mark.slow(pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST not installed')(test))
+    needs_data = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST not installed')
+    return pytest.mark.slow(needs_data(test))
 
 
 def _port():

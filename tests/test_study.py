@@ -87,7 +87,8 @@ def test_ablation_arms_are_paired_with_the_arm_they_change_next_to_the_papers_di
     assert '| upper-layer gradient only | loco_upper - loco_conv | -1.00, +0.50 | -0.25 +- 1.06 | -0.9 | yes |' in text
     assert '| LoCo + 2 more MLP layers | loco_mlp4 - loco_conv | +1.00 | 1.00 (1 seed) | +1.3 | yes |' in text
     assert text.startswith('2 of 18 runs of the main arms (6 arms x 3 seeds): **partial**, means over the seeds run '
-                           'so far. Ablation arms: 3 runs of 2 of the 9 arms so far (2 seeds each planned: **partial**).')
+                           'so far. Ablation arms: 3 runs of 2 of the 9 arms so far (2 seeds each planned: '
+                           '**partial**).')
 
 
 def test_arm_groups_expand_to_the_arms_and_their_references():

@@ -117,8 +117,8 @@ def test_non_finite_loss_on_one_process_stops_every_process_and_keeps_the_checkp
 
 
 def test_batch_not_divisible_by_processes_is_a_one_line_error(tmp_path):
-    cmd = ACCELERATE + _launch_args(2) + ['-m', 'loco_timm', 'train', '--backbone', 'test_convnext', '--image-size', '32',
-                                          '--subset', '64', '--batch-size', '15', '--out-dir', str(tmp_path)]
+    cmd = ACCELERATE + _launch_args(2) + ['-m', 'loco_timm', 'train', '--backbone', 'test_convnext', '--image-size',
+                                          '32', '--subset', '64', '--batch-size', '15', '--out-dir', str(tmp_path)]
     result = _run(cmd)
     assert result.returncode != 0
     assert 'error: batch_size=15 is not divisible by the 2 processes: use a multiple of 2' in result.stderr

@@ -1,8 +1,9 @@
-"""A wheel install carries the hub configs: build the wheel, install it into a fresh environment and use the zoo
-from outside the checkout."""
+"""The wheel a user installs: built from a copy of the checkout, installed with its dependencies but no extras into a
+fresh virtual environment (pip resolves them as a user's would; torch comes from this machine's disk), then used from
+outside the checkout: the zoo, and a tiny train -> readout -> export without matplotlib, tensorboard, datasets or
+webdataset."""
 import os
 import shutil
-import site
 import subprocess
 import sys
 from pathlib import Path
@@ -11,39 +12,62 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+OPTIONAL = ('matplotlib', 'tensorboard', 'datasets', 'webdataset')
+TAG = 'loco_resnet18_small.simclr_fmnist'
 
 
 def _run(cmd, **kwargs):
-    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, **kwargs)
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=900, **kwargs)
     assert result.returncode == 0, (cmd, result.stdout[-2000:], result.stderr[-3000:])
     return result
 
 
-def test_wheel_installs_the_package_with_its_hub_configs(tmp_path):
-    source = tmp_path / 'source'  # a copy: no stale build/ of the checkout can leak into the wheel
+@pytest.fixture(scope='module')
+def fresh(tmp_path_factory):
+    """(python, loco-timm command, environment) of a fresh virtual environment holding the wheel and its required
+    dependencies only; removed afterwards (torch and its libraries take gigabytes)."""
+    tmp = tmp_path_factory.mktemp('wheel')
+    source = tmp / 'source'  # a copy: no stale build/ of the checkout can leak into the wheel
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns('.venv', '.git', 'runs', 'build', 'dist', '*.egg-info',
-                                                                '__pycache__', '.pytest_cache'))
-    _run([sys.executable, '-m', 'pip', 'wheel', source, '--no-deps', '--no-build-isolation', '-q', '-w',
-          tmp_path / 'dist'])
-    wheel, = (tmp_path / 'dist').glob('loco_timm-*.whl')
-    fresh = tmp_path / 'fresh'
-    _run([sys.executable, '-m', 'venv', '--without-pip', fresh])
-    python = fresh / 'bin' / 'python'
-    _run([sys.executable, '-m', 'pip', '--python', python, 'install', '--no-deps', '--no-index', '-q', wheel])
-    # dependencies (torch, timm ...) come from this environment; loco_timm only from the wheel
-    fresh_site = Path(_run([python, '-c', 'import site; print(site.getsitepackages()[0])']).stdout.strip())
-    (fresh_site / 'deps.pth').write_text('\n'.join(site.getsitepackages()) + '\n')
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    code = ('import timm, loco_timm\n'
+                                                                '__pycache__', '.pytest_cache', 'study'))
+    _run([sys.executable, '-m', 'pip', 'wheel', source, '--no-deps', '--no-build-isolation', '-q', '-w', tmp / 'dist'])
+    wheel, = (tmp / 'dist').glob('loco_timm-*.whl')
+    venv = tmp / 'fresh'
+    _run([sys.executable, '-m', 'venv', venv])
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
+    _run([venv / 'bin' / 'python', '-m', 'pip', 'install', '-q', '--disable-pip-version-check', wheel], env=env)
+    yield venv / 'bin' / 'python', venv / 'bin' / 'loco-timm', env
+    shutil.rmtree(venv, ignore_errors=True)
+
+
+def test_the_wheel_carries_the_hub_configs_and_no_extras(fresh, tmp_path):
+    python, _, env = fresh
+    code = ('import importlib.util, timm, loco_timm\n'
             'from loco_timm.models.tags import hub_config_dir, list_hub_configs\n'
             'print(loco_timm.__file__)\nprint(hub_config_dir())\n'
-            'print(sorted(timm.list_pretrained("loco_*")) == sorted(c.name for c in list_hub_configs()))\n'
+            'published = sorted(c.name for c in list_hub_configs() if c.published)\n'
+            'print(sorted(timm.list_pretrained("loco_*")) == published)\n'
             'print(len(list_hub_configs()))\n'
-            'm = timm.create_model("loco_resnet18_small.simclr_fmnist")\nprint(m.pretrained_cfg["hf_hub_id"])\n')
+            f'print(timm.create_model("{TAG}").pretrained_cfg["tag"])\n'
+            f'print([m for m in {OPTIONAL!r} if importlib.util.find_spec(m)])\n')
     out = _run([python, '-c', code], cwd=tmp_path, env=env).stdout.split('\n')
-    assert out[0].startswith(str(fresh_site / 'loco_timm')), out
-    assert out[1] == str(fresh_site / 'loco_timm' / 'hub_configs'), out
+    site = Path(out[0]).parent.parent
+    assert out[0] == str(site / 'loco_timm' / '__init__.py') and 'fresh' in out[0], out
+    assert out[1] == str(site / 'loco_timm' / 'hub_configs'), out
     assert out[2] == 'True' and int(out[3]) == len(list((ROOT / 'hub_configs').glob('*.yaml')))
-    assert out[4] == 'loco-timm/loco_resnet18_small.simclr_fmnist'
-    help_text = _run([fresh / 'bin' / 'loco-timm', 'export', '--help'], cwd=tmp_path, env=env).stdout
-    assert '--config' in help_text
+    assert out[4] == 'simclr_fmnist' and out[5] == '[]', out
+
+
+def test_without_extras_a_run_trains_reads_out_and_exports(fresh, tmp_path):
+    _, command, env = fresh
+    _run([command, 'train', '--config', TAG, '--out_dir', 'run', '--max_steps', '3', '--subset', '256',
+          '--batch_size', '64'], cwd=tmp_path, env=env)
+    read = _run([command, 'readout', 'run', '--config', TAG, '--train_subset', '512', '--test_subset', '256',
+                 '--epochs', '2', '--references', 'false'], cwd=tmp_path, env=env)
+    assert "(no readout.png: matplotlib is not installed (pip install 'loco-timm[plot]'))" in read.stdout
+    _run([command, 'export', 'run', '--config', TAG, '--out', 'export'], cwd=tmp_path, env=env)
+    files = sorted(p.name for p in (tmp_path / 'export').iterdir())
+    assert files == sorted(['README.md', 'config.json', 'learner.safetensors', f'{TAG}.yaml', 'model.safetensors',
+                            'readout.json'])
+    assert 'readout.png' not in (tmp_path / 'export' / 'README.md').read_text()
+    assert not (tmp_path / 'run' / 'loco').exists()  # no tensorboard tracker without tensorboard

@@ -17,6 +17,7 @@ from tools.cards import update_cards, zoo_card
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = 'loco_resnet18_small.simclr_fmnist'
+FMNIST_E2E = 'loco_resnet18_small.e2e_simclr_fmnist'
 
 
 def test_every_hub_config_is_a_valid_recipe_with_consistent_normalisation():
@@ -45,7 +46,26 @@ def test_a_weight_tag_is_a_recipe_for_train_and_readout():
 def test_timm_lists_the_loco_models_and_their_tags():
     assert set(timm.list_models('loco_*')) == {'loco_resnet18_small', 'loco_resnet50', 'loco_shufflenet_v2_50',
                                                'loco_presnet50'}
-    assert set(timm.list_pretrained('loco_*')) == {c.name for c in list_hub_configs()}
+    # timm's contract: a listed pretrained tag loads; none is published yet, and every tag is still creatable
+    assert set(timm.list_pretrained('loco_*')) == {c.name for c in list_hub_configs() if c.published} == set()
+    for hub in list_hub_configs():
+        assert timm.create_model(hub.name, pretrained=False, device='meta').pretrained_cfg['tag'] == hub.tag
+
+
+def test_a_published_tag_is_listed_by_timm_and_the_loco_tag_stays_the_default(monkeypatch):
+    import dataclasses
+
+    from loco_timm.models import _builder
+    from loco_timm.models.resnet import RESNETS
+    configs = [dataclasses.replace(c, hub=dict(c.hub, published=True)) if c.name.endswith('e2e_simclr_fmnist') else c
+               for c in list_hub_configs()]
+    monkeypatch.setattr(_builder, 'list_hub_configs', lambda: configs)
+    cfgs = _builder.loco_default_cfgs(RESNETS)
+    small = cfgs['loco_resnet18_small']
+    assert small.is_pretrained and small.tags[0] == 'simclr_fmnist'  # untagged: still the LoCo tag
+    assert small.cfgs['e2e_simclr_fmnist'].hf_hub_id == get_hub_config(FMNIST_E2E).hf_hub_id
+    assert small.cfgs['simclr_fmnist'].hf_hub_id is None
+    assert not cfgs['loco_resnet50'].is_pretrained and cfgs['loco_resnet50'].tags[0] == 'simclr_in1k'
 
 
 def test_an_untagged_name_resolves_to_the_loco_tag_and_carries_the_hub_config():
@@ -53,7 +73,7 @@ def test_an_untagged_name_resolves_to_the_loco_tag_and_carries_the_hub_config():
         model = timm.create_model(arch, pretrained=False)
         hub = get_hub_config(f'{arch}.{model.pretrained_cfg["tag"]}')
         assert hub.mode == 'loco'
-        assert model.pretrained_cfg['hf_hub_id'] == hub.hf_hub_id
+        assert model.pretrained_cfg.get('hf_hub_id') == (hub.hf_hub_id if hub.published else None)
         assert model.pretrained_cfg['num_classes'] == hub.model['num_classes'] == model.num_classes
         assert tuple(model.pretrained_cfg['input_size']) == tuple(hub.model['input_size'])
 
@@ -68,9 +88,9 @@ def test_small_resnet_behaves_like_a_timm_model():
     final, intermediates = model.forward_intermediates(x)
     assert [t.shape[-1] for t in intermediates] == [14, 14, 7, 4, 2]
     torch.testing.assert_close(final, model.forward_features(x))
-    assert timm.create_model(FMNIST, num_classes=0)(x).shape == (2, 512)  # catavgmax: average and max pooled
+    assert timm.create_model(FMNIST, num_classes=0)(x).shape == (2, 512)  # fastcatavgmax: average and max pooled
     overlay = timm.create_model(FMNIST, pretrained_cfg_overlay=dict(mean=(0.5,), std=(0.5,)))
-    assert overlay.pretrained_cfg['mean'] == (0.5,) and overlay.pretrained_cfg['hf_hub_id'].endswith(FMNIST)
+    assert overlay.pretrained_cfg['mean'] == (0.5,) and overlay.pretrained_cfg['tag'] == FMNIST.split('.')[1]
 
 
 def test_loco_resnet50_gives_features_like_timm_resnet50():

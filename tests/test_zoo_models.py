@@ -30,7 +30,8 @@ def _shufflenet_spec(side=224):
         half = c // 2
         layers += [_conv(cin, cin, 3, out, groups=cin), _conv(cin, half, 1, out),  # second branch
                    _conv(cin, half, 1, size), _conv(half, half, 3, out, groups=half), _conv(half, half, 1, out)]
-        layers += [_conv(half, half, 1, out), _conv(half, half, 3, out, groups=half), _conv(half, half, 1, out)] * (n - 1)
+        basic = [_conv(half, half, 1, out), _conv(half, half, 3, out, groups=half), _conv(half, half, 1, out)]
+        layers += basic * (n - 1)
         cin, size = c, out
     layers.append(_conv(1952, 2048, 1, size))
     macs = sum(m for m, _ in layers) + 2048 * 1000

@@ -28,7 +28,8 @@ STUDY_START, STUDY_END = '<!-- study:start -->', '<!-- study:end -->'
 TREND_START, TREND_END = '<!-- trend:start -->', '<!-- trend:end -->'
 STUDY_RESULTS = Path('study') / 'fmnist' / 'results.md'  # written by `loco-timm study --out study/fmnist`
 STUDY_COMMAND = 'loco-timm study --out study/fmnist'
-TREND_RESULTS = Path('study') / 'trend' / 'trend.md'  # written by `loco-timm trend study/fmnist ...`
+TREND_RESULTS = Path('study') / 'trend' / 'trend.md'  # written by TREND_COMMAND
+TREND_COMMAND = 'loco-timm trend study/fmnist study/fmnist-10ep --out study/trend'
 
 
 def _metric_cell(hub: HubConfig) -> str:
@@ -51,10 +52,9 @@ def zoo_table(configs: list[HubConfig] | None = None) -> str:
 def trend_section(trend_md: str | None) -> str:
     """The training-budget trend (``study/trend/trend.md``) as it goes into MODEL_CARD.md and the README."""
     if not trend_md:
-        return 'Not run yet (`loco-timm trend study/fmnist ...`).'
-    return ('The same study at several training budgets (one study folder per budget), written by `loco-timm trend '
-            'study/fmnist*` (raw data: `study/trend/trend.json`, plot: `study/trend/trend.png`):\n\n'
-            + trend_md.strip())
+        return f'Not run yet (`{TREND_COMMAND}`).'
+    return (f'The same study at several training budgets (one study folder per budget), written by `{TREND_COMMAND}` '
+            f'(raw data: `study/trend/trend.json`, plot: `study/trend/trend.png`):\n\n' + trend_md.strip())
 
 
 def study_section(study_md: str | None) -> str:
@@ -77,8 +77,9 @@ def zoo_card(configs: list[HubConfig] | None = None, study_md: str | None = None
            'is a timm model (encoder + linear readout head): `import loco_timm; timm.create_model(TAG, '
            'pretrained=True)`; `features_only=True` and `num_classes=0` work as for timm\'s own models.', '',
            '## Models', '', zoo_table(configs), '',
-           'An untagged name resolves to its LoCo tag (`loco_resnet50` is `loco_resnet50.simclr_in1k`). Every tag is '
-           'listed by `timm.list_pretrained("loco_*")`, published or not; `pretrained=True` on unpublished weights '
+           'An untagged name resolves to its LoCo tag (`loco_resnet50` is `loco_resnet50.simclr_in1k`). '
+           '`timm.list_pretrained("loco_*")` lists the tags whose weights are published, as timm lists its own; '
+           'every tag is creatable (`loco-timm tags` lists them all), and `pretrained=True` on unpublished weights '
            'raises `loco_timm.PretrainedWeightsNotFound` naming the tag, the repository and how to produce them.', '',
            '## Intended use', '',
            'Research on local learning and self-supervised representations: linear or kNN readout on frozen '
@@ -178,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f'{study}: recorded metrics in {", ".join(recorded) or "no hub config (none new)"}')
     changed = update_cards(args.root, check=args.check)
     verb = 'out of date' if args.check else 'written'
-    print(f'{verb}: {", ".join(changed)}' if changed else 'MODEL_CARD.md and the README\'s generated sections are up to date')
+    print(f'{verb}: {", ".join(changed)}' if changed else
+          'MODEL_CARD.md and the README\'s generated sections are up to date')
     return 1 if args.check and changed else 0
 
 

@@ -1,4 +1,5 @@
-"""Repository tool: a tag's measured results from a study: the ``metrics:`` section of its hub config, written from a study's runs.
+"""Repository tool: a tag's measured results from a study, the ``metrics:`` section of its hub config written from
+a study's runs.
 
 The study (:mod:`loco_timm.evaluation.study`) trains and reads out each arm with its tag's recipe; a run whose recipe
 (the study's recipe with its overrides, the arm's mode and decoder, the run's seed) equals a tag's recipe measures

@@ -137,7 +137,8 @@ class TrainConfig:
         _check_pipeline(self)
         lo, hi = (self.crop_scale + [None, None])[:2]
         if len(self.crop_scale) != 2 or not 0 < lo <= hi <= 1:
-            raise ConfigError(f'crop_scale={self.crop_scale!r} must be [min, max] area fractions with 0 < min <= max <= 1')
+            raise ConfigError(f'crop_scale={self.crop_scale!r} must be [min, max] area fractions with '
+                              f'0 < min <= max <= 1')
 
     @property
     def lr(self) -> float:

@@ -28,7 +28,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ['DECODERS', 'NORMS', 'LAYOUTS', 'Pool', 'ToNCHW', 'ProjectionMLP', 'LocalDecoder', 'create_decoder', 'count_flops']
+__all__ = ['DECODERS', 'NORMS', 'LAYOUTS', 'Pool', 'ToNCHW', 'ProjectionMLP', 'LocalDecoder', 'create_decoder',
+           'attention_heads', 'count_flops']
 
 DECODERS = ('mlp', 'conv')
 NORMS = ('batch', 'layer', 'none')
@@ -193,6 +194,15 @@ def _branch(kind: str, shape: Sequence[int], layout: str, norm: str, token_pool:
     raise ValueError(f'unknown layout {layout!r}: use one of {", ".join(LAYOUTS)}')
 
 
+def _check_decoder(kind: str, norm: str, blocks: int | None) -> None:
+    if kind not in DECODERS:
+        raise ValueError(f'unknown decoder {kind!r}: use one of {", ".join(DECODERS)}')
+    if blocks is not None and not (isinstance(blocks, int) and blocks >= 0):
+        raise ValueError(f'decoder_blocks={blocks!r} must be a whole number >= 0 (0: pooling and MLP only)')
+    if norm not in NORMS:
+        raise ValueError(f'unknown decoder norm {norm!r}: use one of {", ".join(NORMS)}')
+
+
 def create_decoder(
         kind: str,
         feature_shape: Sequence,
@@ -232,12 +242,7 @@ def create_decoder(
     Raises:
         ValueError: For an unknown ``kind``, ``norm`` or layout, or an unsupported feature shape.
     """
-    if kind not in DECODERS:
-        raise ValueError(f'unknown decoder {kind!r}: use one of {", ".join(DECODERS)}')
-    if blocks is not None and not (isinstance(blocks, int) and blocks >= 0):
-        raise ValueError(f'decoder_blocks={blocks!r} must be a whole number >= 0 (0: pooling and MLP only)')
-    if norm not in NORMS:
-        raise ValueError(f'unknown decoder norm {norm!r}: use one of {", ".join(NORMS)}')
+    _check_decoder(kind, norm, blocks)
     multi = len(feature_shape) > 0 and isinstance(feature_shape[0], (tuple, list))
     shapes = list(feature_shape) if multi else [feature_shape]
     layouts = list(layout) if multi and layout is not None else [layout] * len(shapes)

@@ -274,7 +274,8 @@ class LocalLearner(nn.Module):
         return run_stages(self, torch.cat([view1, view2]), active, backward)[0].losses
 
     def summary(self) -> list[dict]:
-        """Per unit: its stages, the decoder's input shape and layout, kind, parameter count and forward FLOPs per image."""
+        """Per unit: its stages, the decoder's input shape and layout, kind, parameter count and forward FLOPs per
+        image."""
         rows = []
         for (first, last), dec in zip(self.units, self.decoders):
             param = next(dec.parameters())

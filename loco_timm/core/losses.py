@@ -65,7 +65,8 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, g
         Scalar loss: mean over this rank's 2B anchors, computed in float32 (or float64 for float64 inputs).
     """
     if z1.shape != z2.shape or z1.ndim != 2:
-        raise ValueError(f'embeddings of the two views must both be (B, D), got {tuple(z1.shape)} and {tuple(z2.shape)}')
+        raise ValueError(f'embeddings of the two views must both be (B, D), got {tuple(z1.shape)} and '
+                         f'{tuple(z2.shape)}')
     if temperature <= 0:
         raise ValueError(f'temperature must be positive, got {temperature}')
     batch = z1.shape[0]

@@ -29,11 +29,11 @@ __all__ = ['run_stages', 'deliver']
 
 def run_stages(learner, h, active: Sequence[int], backward: Callable[[torch.Tensor], None], *, start: int = 0,
                stop: int | None = None, stash: bool = False) -> tuple[Schedule, object]:
-    """:meth:`LocalLearner.step`'s schedule over stages ``start..stop`` only (stage parallelism): ``h`` is stage ``start``'s
-    input (both views' images, or the output of stage ``start - 1``). Runs the losses of the ``active`` units
-    whose last stage is in range; an active unit ending above ``stop`` waits for :func:`deliver`, one starting
-    below ``start`` leaves its gradient at stage ``start``'s input (``state.grad[j]``, ``state.at[j] == start -
-    1``). Returns the schedule and stage ``stop``'s output (default: up to the active units' last stage).
+    """:meth:`LocalLearner.step`'s schedule over stages ``start..stop`` only (stage parallelism): ``h`` is stage
+    ``start``'s input (both views' images, or the output of stage ``start - 1``). Runs the losses of the ``active``
+    units whose last stage is in range; an active unit ending above ``stop`` waits for :func:`deliver`, one starting
+    below ``start`` leaves its gradient at stage ``start``'s input (``state.grad[j]``, ``state.at[j] == start - 1``).
+    Returns the schedule and stage ``stop``'s output (default: up to the active units' last stage).
 
     ``stash`` (pipelined stage parallelism): stage ``stop`` runs with its weights stashed
     (:func:`~loco_timm.core.gradients.stashed_forward`) and keeps its graph until the units above deliver, even
@@ -45,7 +45,7 @@ def run_stages(learner, h, active: Sequence[int], backward: Callable[[torch.Tens
     needs_input_grad = {k for first, last in spans.values() for k in range(first + 1, last + 1)}
     members = {k: [j for j, (first, last) in spans.items() if first <= k <= last] for k in range(top + 1)}
     every = dict(enumerate(learner.units))  # who owns a stage's weights does not depend on which units run
-    owners = weight_units(learner.sharing, every, {k: [j for j, (f, l) in every.items() if f <= k <= l]
+    owners = weight_units(learner.sharing, every, {k: [j for j, (lo, hi) in every.items() if lo <= k <= hi]
                                                 for k in range(top + 1)})
     state = Schedule(spans, members, owners)
     state.bottom = bottom

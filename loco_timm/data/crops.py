@@ -1,11 +1,11 @@
 """SimCLR's random resized crop on the whole decoded image, in the loader.
 
-Images of a folder differ in size, so they cannot be batched before cropping. Centre-cropping them to a square
-first (as the loader once did) would keep every crop out of the parts of a non-square image outside that square;
-SimCLR and the paper crop 8-100 % of the *whole* image at aspect 3/4-4/3. Here each image is decoded once and both
-views are cut from it with the draws of :func:`loco_timm.data.augment.sample_uniforms` for ``(seed, epoch, index,
-view)`` (the slots :class:`~loco_timm.data.augment.SimCLRAugment` uses for its own crop) and resized to the training size
-with antialiasing; the flip, colour and blur steps stay batched on the device. Runs stay identical for any number of
+Images of a folder differ in size, so they cannot be batched before cropping. Centre-cropping them to a square first (as
+the loader once did) would keep every crop out of the parts of a non-square image outside that square; SimCLR and the
+paper crop 8-100 % of the *whole* image at aspect 3/4-4/3. Here each image is decoded once and both views are cut from
+it with the draws of :func:`loco_timm.data.augment.sample_uniforms` for ``(seed, epoch, index, view)`` (the slots
+:class:`~loco_timm.data.augment.SimCLRAugment` uses for its own crop) and resized to the training size with
+antialiasing; the flip, colour and blur steps stay batched on the device. Runs stay identical for any number of
 processes and workers.
 
 The sampler passes the epoch to the dataset inside each key (``epoch * KEY_STRIDE + index``), so worker

@@ -184,19 +184,25 @@ def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLik
             :func:`loco_timm.data.sources.decode_views` on the training device.
 
     Raises:
-        ValueError: Unknown name or split. FileNotFoundError: missing or empty data.
+        ConfigError: Unknown name or split. DataNotFoundError: missing or empty data.
     """
     if split not in SPLITS:
         raise ConfigError(f'unknown split {split!r}: use one of {", ".join(SPLITS)}')
-    train = split != 'test'
     if is_timm_source(name):
         ds = build_source(name, split, data_dir, image_size, subset, crops=crops, splits=splits, download=download,
                           seed=seed, batch_size=batch_size, draft=draft, encoded=encoded)
         if is_stream(name):
             return ds
-        if len(ds) == 0:
-            raise DataNotFoundError(f'dataset {name} ({split}) in {data_dir} is empty: add images, then run again')
-        return _Subset(ds, subset) if subset is not None and subset < len(ds) else ds
+    else:
+        ds = _in_memory(name, split, data_dir, download)
+    if len(ds) == 0:
+        raise DataNotFoundError(f'dataset {name} ({split}) in {data_dir} is empty: add images, then run again')
+    return _Subset(ds, subset) if subset is not None and subset < len(ds) else ds
+
+
+def _in_memory(name: str, split: str, data_dir: str | os.PathLike | None, download: bool) -> ImageTensorDataset:
+    """Fashion-MNIST, CIFAR and STL-10 as uint8 tensors in memory."""
+    train = split != 'test'
     if name == 'fashion_mnist':
         base = fashion_mnist(train=train, data_dir=data_dir, download=download)
         ds = ImageTensorDataset(base.data.unsqueeze(1), base.targets, base.classes, name)
@@ -212,11 +218,7 @@ def build_dataset(name: str, split: str = 'pretrain', data_dir: str | os.PathLik
         ds = ImageTensorDataset(torch.from_numpy(base.data), torch.from_numpy(base.labels).long(), base.classes, name)
     else:
         raise ConfigError(f'unknown dataset {name!r}: use one of {", ".join(NORMALIZATION)} or a timm dataset name '
-                         f'(torch/, hfds/, hfids/, wds/, tfds/)')
-    if len(ds) == 0:
-        raise DataNotFoundError(f'dataset {name} ({split}) in {data_dir} is empty: add images, then run again')
-    if subset is not None and subset < len(ds):
-        ds = _Subset(ds, subset)
+                          f'(torch/, hfds/, hfids/, wds/, tfds/)')
     return ds
 
 

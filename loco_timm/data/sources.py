@@ -92,7 +92,8 @@ def timm_source(name: str, split: str, data_dir: str | os.PathLike | None, *, tr
         try:
             __import__(module[package])
         except ImportError:
-            raise MissingDependencyError(f'dataset {name!r} needs the package {package}: pip install {package}') from None
+            raise MissingDependencyError(f'dataset {name!r} needs the package {package}: '
+                                         f'pip install {package}') from None
     root = None if data_dir is None else str(data_dir)
     if name == 'imagefolder':
         if not root or not Path(root).exists():
@@ -189,8 +190,8 @@ class DecodedDataset(Dataset):
         try:
             image = decode(sample, request, self.draft)
         except Exception as err:
-            raise UnreadableImageError(f'unreadable image {self._name(index)} ({err.__class__.__name__}: {err}): remove or '
-                               f'replace the file, then run again') from None
+            raise UnreadableImageError(f'unreadable image {self._name(index)} ({err.__class__.__name__}: {err}): '
+                                       f'remove or replace the file, then run again') from None
         finally:
             if hasattr(sample, 'close'):
                 sample.close()

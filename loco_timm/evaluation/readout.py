@@ -37,6 +37,7 @@ from ..data.datasets import build_dataset, normalization
 from ..errors import DataError
 from ..training.checkpoint import load_weights, read_progress, resolve_checkpoint
 from ..training.factory import build_learner
+from .plots import NO_MATPLOTLIB, pyplot
 
 __all__ = ['extract_features', 'train_linear', 'select_lr', 'knn_accuracy', 'evaluate_features', 'readout',
            'plot_readout', 'reference_key']
@@ -215,6 +216,29 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _data_key(train_cfg: TrainConfig, data_dir: str | None, splits: dict, device: str) -> dict:
+    """What a reference row depends on of the data: dataset, folder, image size, split sizes, device."""
+    data = dict(dataset=train_cfg.dataset, data_dir=str(Path(data_dir).resolve()) if data_dir else None,
+                image_size=train_cfg.image_size, train=len(splits['train']), test=len(splits['test']),
+                device=torch.device(device).type)
+    if train_cfg.splits:  # only when set, so the caches of runs without these keys stay valid
+        data['splits'] = train_cfg.splits
+    if not train_cfg.decode_draft:
+        data['draft'] = False
+    return data
+
+
+def _features(encoder: LocalLearner | None, name: str, splits: dict, augment: SimCLRAugment, cfg: ReadoutConfig,
+              device: str, num_workers: int, log) -> dict[str, tuple[list, torch.Tensor]]:
+    """Every split's per-stage features (``encoder`` None: the raw pixels) and labels."""
+    if encoder is not None:
+        encoder.to(device)
+    dtype = getattr(torch, cfg.feature_dtype)
+    return {split: extract_features(encoder, ds, augment, device=device, dtype=dtype,
+                                    log=lambda text, s=split: log(f'{name:12s} {s}: {text}'), num_workers=num_workers)
+            for split, ds in splits.items()}
+
+
 def readout(checkpoint: str | Path, cfg: ReadoutConfig | None = None, out_dir: str | Path | None = None, *,
             device: str = 'cpu', log=print, reference_cache: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint (or a run folder's latest) and write ``readout.json``, ``readout.png`` and the last
@@ -241,13 +265,7 @@ def readout(checkpoint: str | Path, cfg: ReadoutConfig | None = None, out_dir: s
     results: dict[str, Any] = dict(checkpoint=str(checkpoint), step=progress['step'], mode=train_cfg.mode,
                                    backbone=train_cfg.backbone, dataset=train_cfg.dataset,
                                    readout=json.loads(json.dumps(cfg.__dict__)), rows={})
-    data = dict(dataset=train_cfg.dataset, data_dir=str(Path(data_dir).resolve()) if data_dir else None,
-                image_size=train_cfg.image_size, train=len(splits['train']), test=len(splits['test']),
-                device=torch.device(device).type)
-    if train_cfg.splits:  # only when set, so the caches of runs without these keys stay valid
-        data['splits'] = train_cfg.splits
-    if not train_cfg.decode_draft:
-        data['draft'] = False
+    data = _data_key(train_cfg, data_dir, splits, device)
     for name, encoder in encoders.items():
         cached = None
         if name != 'model' and reference_cache is not None:
@@ -256,13 +274,7 @@ def readout(checkpoint: str | Path, cfg: ReadoutConfig | None = None, out_dir: s
                 results['rows'][name] = json.loads(cached.read_text())
                 log(f'{name:12s} linear top-1 per stage: {results["rows"][name]["linear"]}  (cached: {cached})')
                 continue
-        if encoder is not None:
-            encoder.to(device)
-        dtype = getattr(torch, cfg.feature_dtype)
-        feats = {split: extract_features(encoder, ds, augment, device=device, dtype=dtype,
-                                         log=lambda text, s=split, n=name: log(f'{n:12s} {s}: {text}'),
-                                         num_workers=train_cfg.num_workers)
-                 for split, ds in splits.items()}
+        feats = _features(encoder, name, splits, augment, cfg, device, train_cfg.num_workers, log)
         num_classes = num_classes or int(max(feats['train'][1].max(), feats['test'][1].max())) + 1
         rows, head = evaluate_features(feats['train'], feats['test'], num_classes, cfg)
         results['rows'][name] = rows
@@ -273,19 +285,22 @@ def readout(checkpoint: str | Path, cfg: ReadoutConfig | None = None, out_dir: s
         if name == 'model':
             classifier = learner.encoder.default_cfg.get('classifier', 'fc')
             save_file({f'{classifier}.weight': head.weight.detach().contiguous(),
-                       f'{classifier}.bias': head.bias.detach().contiguous()}, str(out_dir / 'readout_head.safetensors'))
+                       f'{classifier}.bias': head.bias.detach().contiguous()},
+                      str(out_dir / 'readout_head.safetensors'))
     results['seconds'] = round(time.perf_counter() - started, 1)
     (out_dir / 'readout.json').write_text(json.dumps(results, indent=2))
-    plot_readout(results, out_dir / 'readout.png')
-    log(f'readout of {checkpoint} in {results["seconds"]:.0f} s: {out_dir / "readout.json"}, {out_dir / "readout.png"}')
+    plotted = plot_readout(results, out_dir / 'readout.png')
+    log(f'readout of {checkpoint} in {results["seconds"]:.0f} s: {out_dir / "readout.json"}' +
+        (f', {out_dir / "readout.png"}' if plotted else f' (no readout.png: {NO_MATPLOTLIB})'))
     return results
 
 
-def plot_readout(results: dict, path: str | Path) -> None:
-    """Bar chart of linear top-1 per stage for the model and the random-init encoder, pixels as a line."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+def plot_readout(results: dict, path: str | Path) -> bool:
+    """Bar chart of linear top-1 per stage for the model and the random-init encoder, pixels as a line; False
+    where matplotlib is not installed (nothing written)."""
+    plt = pyplot()
+    if plt is None:
+        return False
     rows = results['rows']
     stages = range(1, len(rows['model']['linear']) + 1)
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -305,3 +320,4 @@ def plot_readout(results: dict, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True

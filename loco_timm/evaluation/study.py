@@ -1,12 +1,12 @@
 """The paper's comparison at small scale: ``loco-timm study``.
 
-Six arms share one recipe (the main job's tag: backbone, budget, optimiser, augmentations, readout) and differ only
-in mode and decoder: E2E SimCLR with the mlp decoder and with the conv decoder (the paper's control), GIM with mlp and
-conv decoders, LoCo with conv and mlp decoders; each for several seeds. The paper's ablations are further arms
-(``ABLATIONS``: sharing strategies and decoder depths), each compared with the arm it changes. Every run is trained and read out like the
-main job, in ``OUT/<arm>/seed-<s>``; finished runs are skipped and interrupted ones resumed, so a study may span
-sessions, and runs recorded in ``OUT/results.json`` (committed) count as finished, so it may span machines. After
-every run the command rewrites ``OUT/results.json`` (all runs), ``OUT/results.md`` (mean +- std over
+Six arms share one recipe (the main job's tag: backbone, budget, optimiser, augmentations, readout) and differ only in
+mode and decoder: E2E SimCLR with the mlp decoder and with the conv decoder (the paper's control), GIM with mlp and conv
+decoders, LoCo with conv and mlp decoders; each for several seeds. The paper's ablations are further arms
+(``ABLATIONS``: sharing strategies and decoder depths), each compared with the arm it changes. Every run is trained and
+read out like the main job, in ``OUT/<arm>/seed-<s>``; finished runs are skipped and interrupted ones resumed, so a
+study may span sessions, and runs recorded in ``OUT/results.json`` (committed) count as finished, so it may span
+machines. After every run the command rewrites ``OUT/results.json`` (all runs), ``OUT/results.md`` (mean +- std over
 seeds, paired per-seed differences, the paper's claims checked), ``OUT/readout.png`` (per-stage linear top-1) and
 ``OUT/losses.png`` (per-unit training losses). The reference rows (raw pixels; the random-init encoder, the same for
 every arm of a seed) are read out once and kept in ``OUT/references``.
@@ -24,6 +24,7 @@ from ..config import ReadoutConfig, TrainConfig, from_dict, load_recipe
 from ..errors import ConfigError
 from ..training.checkpoint import latest_checkpoint
 from ..training.train import train
+from .plots import pyplot
 from .readout import readout
 
 __all__ = ['ARMS', 'ABLATIONS', 'arm_overrides', 'expand_arms', 'run_study', 'summarize', 'CLAIMS']
@@ -154,8 +155,8 @@ def results_markdown(summary: dict, seeds: int) -> str:
     for label, pair in summary['pairs'].items():
         lines.append(f'| {label} | {", ".join(f"{d:+.2f}" for d in pair["diff"])} | {_fmt(pair["diff"])} |')
     if summary.get('ablations'):
-        lines += ['', 'Ablations: each arm minus the arm it changes, paired per seed (last-stage linear top-1), next to '
-                      'the same difference in the paper (ResNet-50, ImageNet, 100 epochs):', '',
+        lines += ['', 'Ablations: each arm minus the arm it changes, paired per seed (last-stage linear top-1), next '
+                      'to the same difference in the paper (ResNet-50, ImageNet, 100 epochs):', '',
                   '| ablation (the paper\'s row) | difference | per seed | mean +- std | paper | same sign |',
                   '|---|---|---|---|---|---|']
         for name, row in summary['ablations'].items():
@@ -180,9 +181,11 @@ def results_markdown(summary: dict, seeds: int) -> str:
 
 
 def _plots(runs: list[dict], summary: dict, out: Path) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    """``readout.png`` (per-stage linear top-1 per arm) and ``losses.png`` (training curves), where matplotlib is
+    installed."""
+    plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = {'e2e': 'tab:blue', 'gim': 'tab:orange', 'loco': 'tab:green'}
     for name, arm in summary['arms'].items():

@@ -1,5 +1,5 @@
 """The training-budget trend of a study: the same arms and recipe at several epoch budgets, one study folder per
-budget (``loco-timm study --out study/fmnist-10ep --set epochs 10 ...``), compared on paired per-seed differences.
+budget (``loco-timm study --out mine-10ep --set epochs 10 ...``), compared on paired per-seed differences.
 
 For each budget: LoCo - E2E and LoCo - GIM at the last stage, per seed, with mean and standard error (sample std /
 sqrt(seeds)), and each of the paper's two main claims judged with an approximate 95 % interval (mean +- 2 standard
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .plots import pyplot
 
 __all__ = ['ARMS', 'budget', 'change', 'judge', 'trend', 'trend_markdown', 'write_trend']
 
@@ -142,13 +143,13 @@ def trend_markdown(report: dict) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def _plot(report: dict, path: Path) -> None:
+def _plot(report: dict, path: Path) -> bool:
     """The paired differences per budget (each seed a dot, mean +- 2 s.e.) and the per-stage readout of the three
-    arms per budget."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
+    arms per budget; False where matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    from matplotlib.ticker import NullFormatter  # optional dependency: installed, as pyplot() found
     epochs = [entry['epochs'] for entry in report['budgets']]
     fig, axes = plt.subplots(1, len(PAIRS) + 1, figsize=(5 * (len(PAIRS) + 1), 3.6), squeeze=False)
     for ax, label in zip(axes[0], PAIRS):
@@ -184,14 +185,16 @@ def _plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def write_trend(folders: list[str | Path], out: str | Path) -> dict:
-    """Write ``trend.json``, ``trend.md`` and ``trend.png`` of the study folders into ``out``."""
+    """Write ``trend.json``, ``trend.md`` and (with matplotlib) ``trend.png`` of the study folders into ``out``; the
+    report's ``plot`` is the figure's path, or None."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = trend(folders)
     (out / 'trend.json').write_text(json.dumps(report, indent=2) + '\n')
     (out / 'trend.md').write_text(trend_markdown(report))
-    _plot(report, out / 'trend.png')
+    report['plot'] = str(out / 'trend.png') if _plot(report, out / 'trend.png') else None
     return report

@@ -64,8 +64,10 @@ def _stage_table(rows: dict[str, dict[str, list]]) -> list[str]:
     return lines
 
 
-def model_card(hub: HubConfig, results: dict | None = None, train_summary: dict | None = None) -> str:
-    """The ``README.md`` of an exported repository of ``hub``'s tag, with the readout ``results`` of its weights."""
+def model_card(hub: HubConfig, results: dict | None = None, train_summary: dict | None = None, *,
+               figure: bool = True) -> str:
+    """The ``README.md`` of an exported repository of ``hub``'s tag, with the readout ``results`` of its weights
+    (``figure``: the repository has the readout's ``readout.png``)."""
     dataset_id = hub.hub.get('dataset')
     evals = []
     if results:
@@ -105,7 +107,7 @@ def model_card(hub: HubConfig, results: dict | None = None, train_summary: dict 
         body += ['## Evaluation', '',
                  f'Top-1 (%) on the {dataset_name(hub)} test split, per stage, for these weights, next to raw pixels '
                  f'and the same encoder at random initialisation (`loco-timm readout`, recipe above):', '']
-        body += _stage_table(results['rows']) + ['', '![per-stage readout](readout.png)', '']
+        body += _stage_table(results['rows']) + (['', '![per-stage readout](readout.png)', ''] if figure else [''])
         if train_summary:
             body += [f'Training: {train_summary.get("steps")} steps in {train_summary.get("wall_seconds")} s on '
                      f'{train_summary.get("processes")} process(es).', '']
@@ -115,7 +117,7 @@ def model_card(hub: HubConfig, results: dict | None = None, train_summary: dict 
              'training;',
              f'- `{hub.name}.yaml`: the hub config (recipe) it was trained and exported with '
              f'(`loco-timm train --config {hub.name}.yaml`);',
-             '- `readout.json`, `readout.png`: the evaluation above.', '',
+             f'- `readout.json`{", `readout.png`" if figure else ""}: the evaluation above.', '',
              '## Limitations', '', hub.card.get('limitations', ''), '',
              '## Citation', '', '```bibtex', BIBTEX, '```', '']
     return f'---\n{data.to_yaml()}\n---\n\n' + '\n'.join(body)

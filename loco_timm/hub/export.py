@@ -22,6 +22,7 @@ from timm.models._hub import save_config_for_hf
 from ..config import TrainConfig, from_dict
 from ..errors import ConfigError, DamagedFileError, MissingFileError, OutputExistsError
 from ..files import plain_permissions
+from ..models import ARCHITECTURES
 from ..models.tags import HubConfig, get_hub_config
 from ..training.checkpoint import read_progress, resolve_checkpoint
 from .card import model_card
@@ -45,7 +46,7 @@ def build_export_model(hub: HubConfig, encoder_state: dict[str, torch.Tensor],
                        head_state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The tag's timm model (``architecture.tag``, its pretrained config) holding the encoder and readout head."""
     kwargs = dict(dict(num_classes=hub.model['num_classes'], in_chans=hub.model['input_size'][0]), **hub.model_args)
-    if hub.name in timm.list_pretrained(hub.name):  # a registered tag: its pretrained config comes with it
+    if hub.architecture in ARCHITECTURES:  # a registered tag: its pretrained config comes with it
         model = timm.create_model(hub.name, pretrained=False, **kwargs)
     else:  # any other timm architecture: the hub config supplies the tag's part of the pretrained config
         model = timm.create_model(hub.architecture, pretrained=False, **kwargs)
@@ -145,7 +146,7 @@ def export(checkpoint: str | Path, config: str | Path, out: str | Path, *, reado
         shutil.copyfile(readout_dir / 'readout.png', tmp / 'readout.png')
     summary_path = checkpoint.parent.parent / 'train_summary.json'
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    (tmp / 'README.md').write_text(model_card(hub, results, summary))
+    (tmp / 'README.md').write_text(model_card(hub, results, summary, figure=(tmp / 'readout.png').is_file()))
     plain_permissions(tmp)  # libraries write some files at 0600
     if out.exists():
         out.rmdir()

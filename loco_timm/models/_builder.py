@@ -15,7 +15,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 from safetensors.torch import load_file
-from timm.models import build_model_with_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._builder import resolve_pretrained_cfg
 from torch import nn
 
@@ -23,9 +23,23 @@ from ..errors import PretrainedWeightsNotFound
 from ..files import file_digest
 from .tags import list_hub_configs
 
-__all__ = ['tag_cfgs', 'create']
+__all__ = ['loco_default_cfgs', 'tag_cfgs', 'create']
 
 COMMON_CFG = {'url': '', 'interpolation': 'bilinear', 'license': 'apache-2.0', 'paper_ids': 'arxiv:2008.01342'}
+
+
+def loco_default_cfgs(architectures: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """timm's ``generate_default_cfgs`` of :func:`tag_cfgs`, each architecture's LoCo tag kept as its default (timm
+    would make the first tag with published weights the default, which is another method's weights while only they
+    are published)."""
+    cfgs = generate_default_cfgs(tag_cfgs(architectures))
+    modes = {hub.name: hub.mode for hub in list_hub_configs()}
+    for name, default in cfgs.items():
+        loco = [tag for tag in default.tags if modes.get(f'{name}.{tag}') == 'loco']
+        if loco and default.tags[0] != loco[0]:
+            default.tags.remove(loco[0])
+            default.tags.appendleft(loco[0])
+    return cfgs
 
 
 def tag_cfgs(architectures: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -43,10 +57,19 @@ def tag_cfgs(architectures: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
     return cfgs
 
 
+def _hub_id(variant: str, cfg) -> str | None:
+    """Where a tag's weights are: its pretrained config's ``hf_hub_id`` (published tags), else the repository its hub
+    config names (an unpublished tag may be on a mirror at ``HF_ENDPOINT``)."""
+    if cfg.hf_hub_id:
+        return cfg.hf_hub_id
+    hub = {c.name: c for c in list_hub_configs()}.get(f'{variant}.{cfg.tag}')
+    return hub.hf_hub_id if hub is not None else None
+
+
 def _missing_weights_message(variant: str, kwargs: dict, err: Exception) -> str:
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
                                  pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-    tag, hub_id = cfg.tag, cfg.hf_hub_id or '(no hf_hub_id)'
+    tag, hub_id = cfg.tag, _hub_id(variant, cfg) or '(no hf_hub_id)'
     endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (f'no pretrained weights for {variant}.{tag} at {hub_id} on {endpoint} ({type(err).__name__}: {reason}). '
@@ -111,8 +134,9 @@ def create(model_cls: type, variant: str, pretrained: bool, **kwargs: Any) -> nn
             overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
             cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
                                          pretrained_cfg_overlay=overlay)
-            if cfg.hf_hub_id and not (cfg.file or cfg.state_dict):
-                kwargs['pretrained_cfg_overlay'] = dict(overlay, file=_hub_weights(variant, cfg.hf_hub_id))
+            hub_id = _hub_id(variant, cfg)
+            if hub_id and not (cfg.file or cfg.state_dict):
+                kwargs['pretrained_cfg_overlay'] = dict(overlay, file=_hub_weights(variant, hub_id))
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
     except (HfHubHTTPError, EntryNotFoundError, LocalEntryNotFoundError, ConnectionError) as err:
         raise PretrainedWeightsNotFound(_missing_weights_message(variant, kwargs, err)) from None

@@ -1,8 +1,10 @@
 """The timm model API shared by loco-timm's own architectures: a stem (``conv1`` + ``maxpool``), ``stages`` (an
-``nn.Sequential`` of stages), an optional tail module after the last stage (ShuffleNet's ``conv6``), and timm's
-``ClassifierHead`` as ``head``."""
-from __future__ import annotations
-
+``nn.Sequential`` of stages), an optional tail after the last stage (:meth:`StagedNet.forward_tail`, ShuffleNet's
+``conv6``), and timm's ``ClassifierHead`` as ``head``. Scriptable with ``torch.jit.script`` (so no postponed
+annotations here: TorchScript reads them), and built directly on any device (:func:`build_on`).
+"""
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -11,14 +13,21 @@ from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 from torch import nn
 
-__all__ = ['StagedNet']
+__all__ = ['StagedNet', 'build_on']
+
+
+@contextlib.contextmanager
+def build_on(device: str | torch.device | None) -> Iterator[None]:
+    """Create the parameters and buffers of modules built inside on ``device`` (timm's ``device`` construction
+    argument; ``'meta'`` allocates nothing)."""
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        yield
 
 
 class StagedNet(nn.Module):
     """Subclasses set ``conv1``, ``maxpool``, ``stages``, ``head``, ``num_classes`` and ``grad_checkpointing``, and
-    name in ``TAIL`` a module run after the last stage (the last ``feature_info`` level is then its output)."""
-
-    TAIL: str | None = None
+    override :meth:`forward_tail` (and :meth:`_remove_tail`) where a module runs after the last stage (the last
+    ``feature_info`` level is then its output)."""
 
     def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float) -> None:
         """timm's classifier head on ``num_features`` channels, then He-initialised convolutions."""
@@ -29,7 +38,11 @@ class StagedNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
 
     def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self, self.TAIL)(x) if self.TAIL else x
+        """What runs after the last stage (nothing here)."""
+        return x
+
+    def _remove_tail(self) -> None:
+        """Drop the tail (pruned intermediate layers)."""
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
@@ -47,8 +60,9 @@ class StagedNet(nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
-                              stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False,
                               ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """The stages' outputs, the last one after the tail (timm's ``forward_intermediates`` protocol)."""
         if output_fmt != 'NCHW':
@@ -70,8 +84,7 @@ class StagedNet(nn.Module):
         take, last = feature_take_indices(len(self.stages), indices)
         if last < len(self.stages) - 1:
             self.stages = self.stages[:last + 1]
-            if self.TAIL:
-                setattr(self, self.TAIL, nn.Identity())
+            self._remove_tail()
         if prune_head:
             self.reset_classifier(0, '')
         return take

@@ -34,11 +34,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import ConvNormAct
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from torch import nn
 
-from ._builder import create, tag_cfgs
-from ._staged import StagedNet
+from ._builder import create, loco_default_cfgs
+from ._staged import StagedNet, build_on
 
 try:
     from timm.layers import register_notrace_module
@@ -62,9 +62,14 @@ class Resize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.num == self.den:
             return x
-        h, w = x.shape[-2:]
-        size = (max(1, round(h * self.num / self.den)), max(1, round(w * self.num / self.den)))
+        size = [max(1, self._scaled(x.shape[-2])), max(1, self._scaled(x.shape[-1]))]
         return F.interpolate(x, size=size, mode='bilinear', align_corners=False)
+
+    def _scaled(self, side: int) -> int:
+        """``side * num / den`` rounded half to even (as Python's ``round``), in whole numbers (TorchScript's
+        ``round`` gives a float)."""
+        q, r = divmod(side * self.num, self.den)
+        return q + 1 if 2 * r > self.den or (2 * r == self.den and q % 2 == 1) else q
 
     def extra_repr(self) -> str:
         return f'ratio={self.num}/{self.den}'
@@ -118,14 +123,26 @@ class ProgressiveResNet(StagedNet):
         in_chans: Input channels.
         global_pool: timm pooling type of the head.
         drop_rate: Dropout before the classifier.
+        device: Where the parameters are created (``'meta'``: nowhere).
+        dtype: The parameters' floating-point type.
     """
 
     def __init__(self, widths: tuple[int, ...] = (56, 96, 576, 1024, 2048, 4096),
                  mid_widths: tuple[int | None, ...] = (None, None, 144, 256, 512, 1024),
                  groups: tuple[int, ...] = (1, 1, 1, 2, 16, 128), sizes: tuple[int, ...] = (56, 36, 24, 16, 12, 8),
                  depths: tuple[int, ...] = (3, 3, 3, 3, 3, 3), stem_width: int = 32,
-                 num_classes: int = 1000, in_chans: int = 3, global_pool: str = 'avg', drop_rate: float = 0.0):
+                 num_classes: int = 1000, in_chans: int = 3, global_pool: str = 'avg', drop_rate: float = 0.0,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
+        with build_on(device):
+            self._build(widths, mid_widths, groups, sizes, depths, stem_width, num_classes, in_chans, global_pool,
+                        drop_rate)
+        if dtype is not None:
+            self.to(dtype=dtype)
+
+    def _build(self, widths: tuple[int, ...], mid_widths: tuple[int | None, ...], groups: tuple[int, ...],
+               sizes: tuple[int, ...], depths: tuple[int, ...], stem_width: int, num_classes: int, in_chans: int,
+               global_pool: str, drop_rate: float) -> None:
         self.num_classes, self.drop_rate = num_classes, drop_rate
         self.grad_checkpointing = False
         self.conv1 = ConvNormAct(in_chans, stem_width, 7, stride=2)
@@ -149,7 +166,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
                            num_classes=1000, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
 }
 
-default_cfgs = generate_default_cfgs(tag_cfgs(ARCHITECTURES))
+default_cfgs = loco_default_cfgs(ARCHITECTURES)
 
 
 @register_model

@@ -7,18 +7,18 @@ LoCo: Local Contrastive Representation Learning (Xiong, Ren & Urtasun, NeurIPS 2
 * ``loco_resnet18_small``: a ResNet-18 (BasicBlock, 2-2-2-2) for small images such as Fashion-MNIST's 28 px: deep
   3x3 stem (8-8-16 channels) at stride 2, no max-pool, widths 16-32-64-256, so its feature maps are 14, 7, 4 and
   2 px (``stem_stride=1`` doubles them). Its head pools the 2x2 map by concatenated average and max pooling (timm's
-  ``catavgmax``, 512 features): on a map this small, max pooling keeps where a part responds, which an average
-  loses. timm's ResNet cannot express a stem without max-pool, so loading it needs ``import loco_timm``.
+  ``fastcatavgmax``, 512 features, scriptable): on a map this small, max pooling keeps where a part responds, which
+  an average loses. timm's ResNet cannot express a stem without max-pool, so loading it needs ``import loco_timm``.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-from ._builder import create, tag_cfgs
+from ._builder import create, loco_default_cfgs
 
 __all__ = ['SmallImageResNet', 'RESNETS']
 
@@ -44,14 +44,14 @@ RESNETS: dict[str, dict[str, Any]] = {
 }
 
 
-default_cfgs = generate_default_cfgs(tag_cfgs(RESNETS))
+default_cfgs = loco_default_cfgs(RESNETS)
 
 
 @register_model
 def loco_resnet18_small(pretrained: bool = False, **kwargs: Any) -> SmallImageResNet:
     """ResNet-18 for small images (deep stem at stride 2, no max-pool), widths 16-32-64-256, avg+max pooled head."""
     model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2), channels=(16, 32, 64, 256), stem_type='deep',
-                      stem_width=8, in_chans=1, num_classes=10, global_pool='catavgmax')
+                      stem_width=8, in_chans=1, num_classes=10, global_pool='fastcatavgmax')
     return create(SmallImageResNet, 'loco_resnet18_small', pretrained, **dict(model_args, **kwargs))
 
 

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 from timm.layers import ConvNormAct
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from torch import nn
 
-from ._builder import create, tag_cfgs
-from ._staged import StagedNet
+from ._builder import create, loco_default_cfgs
+from ._staged import StagedNet, build_on
 
 __all__ = ['ShuffleUnit', 'ShuffleNetV2']
 
@@ -87,14 +87,22 @@ class ShuffleNetV2(StagedNet):
         in_chans: Input channels.
         global_pool: timm pooling type of the head.
         drop_rate: Dropout before the classifier.
+        device: Where the parameters are created (``'meta'``: nowhere).
+        dtype: The parameters' floating-point type.
     """
-
-    TAIL = 'conv6'
 
     def __init__(self, widths: tuple[int, ...] = (244, 488, 976, 1952), depths: tuple[int, ...] = (3, 4, 6, 3),
                  stem_width: int = 64, num_features: int = 2048, num_classes: int = 1000, in_chans: int = 3,
-                 global_pool: str = 'avg', drop_rate: float = 0.0):
+                 global_pool: str = 'avg', drop_rate: float = 0.0, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
+        with build_on(device):
+            self._build(widths, depths, stem_width, num_features, num_classes, in_chans, global_pool, drop_rate)
+        if dtype is not None:
+            self.to(dtype=dtype)
+
+    def _build(self, widths: tuple[int, ...], depths: tuple[int, ...], stem_width: int, num_features: int,
+               num_classes: int, in_chans: int, global_pool: str, drop_rate: float) -> None:
         self.num_classes, self.drop_rate = num_classes, drop_rate
         self.grad_checkpointing = False
         self.conv1 = ConvNormAct(in_chans, stem_width, 3, stride=2)
@@ -115,6 +123,12 @@ class ShuffleNetV2(StagedNet):
         self.feature_info.append(dict(num_chs=num_features, reduction=reduction, module='conv6'))
         self._init_head(num_features, num_classes, global_pool, drop_rate)
 
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv6(x)
+
+    def _remove_tail(self) -> None:
+        self.conv6 = nn.Identity()
+
 
 # architecture facts of the pretrained config; the tag's facts come from its hub config
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -123,7 +137,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
                                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
 }
 
-default_cfgs = generate_default_cfgs(tag_cfgs(ARCHITECTURES))
+default_cfgs = loco_default_cfgs(ARCHITECTURES)
 
 
 @register_model

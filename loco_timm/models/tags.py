@@ -31,7 +31,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..errors import ConfigError
 
-__all__ = ['SECTIONS', 'HubConfig', 'hub_config_dir', 'list_hub_configs', 'get_hub_config', 'load_hub_config', 'reload_hub_configs', 'MODE_ORDER']
+__all__ = ['SECTIONS', 'HubConfig', 'hub_config_dir', 'list_hub_configs', 'get_hub_config', 'load_hub_config',
+           'reload_hub_configs', 'MODE_ORDER']
 
 # the sections of a hub config; a plain recipe has the first two
 SECTIONS = ('train', 'readout', 'model', 'hub', 'metrics', 'card')
@@ -115,8 +116,9 @@ class HubConfig:
         return 'the paper' if 'paper' in source else f'loco-timm (`{self.metrics.get("command", "")}`)'
 
     def pretrained_cfg(self) -> dict[str, Any]:
-        """The tag's part of timm's pretrained config (the architecture adds ``first_conv``, ``classifier`` ...)."""
-        cfg = dict(hf_hub_id=self.hf_hub_id, num_classes=self.model['num_classes'],
+        """The tag's part of timm's pretrained config (the architecture adds ``first_conv``, ``classifier`` ...). Only a
+        published tag names its ``hf_hub_id`` there, so ``timm.list_pretrained`` lists exactly the published tags."""
+        cfg = dict(num_classes=self.model['num_classes'],
                    input_size=tuple(self.model['input_size']), mean=tuple(self.model['mean']),
                    std=tuple(self.model['std']), crop_pct=self.model.get('crop_pct', 1.0),
                    interpolation=self.model.get('interpolation', 'bilinear'),
@@ -125,6 +127,8 @@ class HubConfig:
                           ('' if self.published else '; weights not published yet'),))
         if self.model.get('label_names'):
             cfg['label_names'] = tuple(self.model['label_names'])
+        if self.published:
+            cfg['hf_hub_id'] = self.hf_hub_id
         return cfg
 
     def recipe(self) -> dict[str, Any]:

@@ -156,7 +156,7 @@ class StageParallel:
         self.gather_group = gather_group
         self.first, self.last = self.placement[self.rank][0], self.placement[self.rank][-1]
         units = learner.units
-        self.active = [j for j, (f, l) in enumerate(units) if f <= self.last and l >= self.first]
+        self.active = [j for j, (lo, hi) in enumerate(units) if lo <= self.last and hi >= self.first]
         self.local_units = [j for j in self.active if self.first <= units[j][1] <= self.last]
         above = self.placement[self.rank + 1][-1] if self.rank + 1 < size else self.last
         # gradients received from rank + 1, in the order it sends them (see to_below)

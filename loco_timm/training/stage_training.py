@@ -1,17 +1,17 @@
 """Stage parallelism in ``loco-timm train``: the recipe keys ``pipeline`` (stage groups P), ``placement`` and
 ``pipelined`` (:mod:`loco_timm.training.stage_parallel`).
 
-The processes form a grid of P stage groups x D replicas (``accelerate launch --num_processes`` P x D; global rank
-= replica x P + stage group). Process ``(d, p)`` holds the stages of ``placement[p]``, their units' decoders and the
-optimizer state of those parameters; the first stage group's process of replica ``d`` alone loads images, share ``d``
-of every global batch (:class:`~loco_timm.data.datasets.ShareSampler`); gradients are averaged over the D replicas of a stage
-group, and NT-Xent gathers its negatives over them.
+The processes form a grid of P stage groups x D replicas (``accelerate launch --num_processes`` P x D; global rank =
+replica x P + stage group). Process ``(d, p)`` holds the stages of ``placement[p]``, their units' decoders and the
+optimizer state of those parameters; the first stage group's process of replica ``d`` alone loads images, share ``d`` of
+every global batch (:class:`~loco_timm.data.datasets.ShareSampler`); gradients are averaged over the D replicas of a
+stage group, and NT-Xent gathers its negatives over them.
 
 Placement: :func:`~loco_timm.training.placement.resolve_placement` (the recipe's, a resumed run's, or the measured
 balance of the stages' step times).
 
-The per-step losses and the stop flag (SIGTERM/SIGINT) are reduced over all processes without waiting: a step reads
-the previous step's (:meth:`StageParallelTraining.step`), so the processes of a pipeline are not locked to each other every
+The per-step losses and the stop flag (SIGTERM/SIGINT) are reduced over all processes without waiting: a step reads the
+previous step's (:meth:`StageParallelTraining.step`), so the processes of a pipeline are not locked to each other every
 step; a step that logs, checkpoints or ends the run waits for its own.
 
 Checkpoints stay whole-model, in the usual format: the replica-0 process of each stage group writes its tensors and
@@ -180,7 +180,8 @@ class StageParallelTraining(Strategy):
         """Every process: its optimizer state and delayed gradient, and (main) the untrained tensors."""
         files = sorted(checkpoint.glob(OPTIMIZER.format('*')))
         if not files:
-            raise DamagedFileError(f'{checkpoint} has no {OPTIMIZER.format("*")} (not written by stage-parallel training)')
+            raise DamagedFileError(f'{checkpoint} has no {OPTIMIZER.format("*")} (not written by stage-parallel '
+                                   f'training)')
         tensors, scalars = {}, {}
         for path in files:  # by parameter name: a synchronous run may resume on another placement
             with safe_open(str(path), 'pt', device='cpu') as f:

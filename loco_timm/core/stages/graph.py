@@ -149,85 +149,97 @@ def _flat_nodes(value: Any) -> list[fx.Node]:
     return out
 
 
+def _stage_assignment(nodes: list[fx.Node], ends: list[int]) -> dict[fx.Node, int]:
+    """The stage of every node that runs in one: those that depend on the input, and those that run for their side
+    effect only (an in-place buffer update); the others are repeated wherever they are read. The input is -1."""
+    pos = {n: i for i, n in enumerate(nodes)}
+    dynamic = {}
+    for n in nodes:
+        dynamic[n] = n is nodes[0] or any(dynamic[a] for a in n.all_input_nodes)
+    stage_of = {n: bisect.bisect_right(ends, pos[n]) for n in nodes
+                if n.op not in ('placeholder', 'output') and (dynamic[n] or not n.users)}
+    stage_of[nodes[0]] = -1
+    return stage_of
+
+
+def _live_values(nodes: list[fx.Node], stage_of: dict[fx.Node, int], features: list, k: int) -> list[list[fx.Node]]:
+    """Per boundary b (before stage b, 1 <= b < k): the nodes it carries, in graph order: those computed before it
+    and read after it, and the feature of the level that ends there."""
+    pos = {n: i for i, n in enumerate(nodes)}
+    out_node = nodes[-1]
+    last_use = {}
+    for n in stage_of:
+        uses = [stage_of[u] for u in n.users if u in stage_of] + ([k] if out_node in n.users else [])
+        last_use[n] = max(uses, default=stage_of[n])
+    live = []
+    for b in range(1, k):
+        carried = [n for n in stage_of if stage_of[n] < b <= last_use[n]]
+        carried += [n for n in _flat_nodes(features[b - 1]) if n not in carried]
+        live.append(sorted(carried, key=pos.get))
+    return live
+
+
 class _Compiled:
     """The stages of one trace: generated functions, the values each boundary carries and the feature indices."""
 
     def __init__(self, traced: TracedFeatures, cut_modules: list[str], model: nn.Module):
         nodes = list(traced.graph.nodes)
-        pos = {n: i for i, n in enumerate(nodes)}
-        ends = [traced.ends[m] for m in cut_modules]
-        k = len(ends) + 1
-        dynamic = {}
-        for n in nodes:
-            dynamic[n] = n is nodes[0] or any(dynamic[a] for a in n.all_input_nodes)
         inp = nodes[0]  # the image batch; other arguments of forward_features are traced with their defaults
-        out_node = nodes[-1]
-        # a stage runs the nodes that depend on the input, and those run for their side effect only (an in-place
-        # buffer update); the others are repeated wherever they are read
-        stage_of = {n: bisect.bisect_right(ends, pos[n]) for n in nodes
-                    if n.op not in ('placeholder', 'output') and (dynamic[n] or not n.users)}
-        stage_of[inp] = -1
-        last_use = {}
-        for n in stage_of:
-            uses = [stage_of[u] for u in n.users if u in stage_of] + ([k] if out_node in n.users else [])
-            last_use[n] = max(uses, default=stage_of[n])
+        k = len(cut_modules) + 1
+        stage_of = _stage_assignment(nodes, [traced.ends[m] for m in cut_modules])
         features = [traced.outputs[m] for m in cut_modules]
-        self.live = []  # per boundary b (before stage b): nodes carried
-        for b in range(1, k):
-            carried = [n for n in stage_of if stage_of[n] < b <= last_use[n]]
-            carried += [n for n in _flat_nodes(features[b - 1]) if n not in carried]
-            self.live.append(sorted(carried, key=pos.get))
+        self.live = _live_values(nodes, stage_of, features, k)
         # a trace specialised to one input size: per stage, the per-sample shape of each tensor it reads
         self.input_size = traced.input_size
         self.expected = None if traced.input_size is None else [
             tuple(traced.shapes[n][1:] if n in traced.shapes else None for n in ([inp] if s == 0 else self.live[s - 1]))
             for s in range(k)]
         self.functions, self.feature_index, self.params, self.buffers, self.modules = [], [], [], [], []
-        namespace_constants = traced.constants
         for s in range(k):
-            g = fx.Graph()
-            env: dict[fx.Node, fx.Node] = {}
-            ins = [inp] if s == 0 else self.live[s - 1]
-            for n in ins:
-                env[n] = g.placeholder(n.name)
-
-            def copy_static(node: fx.Node) -> None:
-                if node.op == 'placeholder':  # another argument of forward_features: its default, as traced
-                    env[node] = g.placeholder(node.name, default_value=traced.default_of(node.target))
-                    return
-                for a in node.all_input_nodes:
-                    if a not in env:
-                        copy_static(a)
-                env[node] = g.node_copy(node, env.__getitem__)
-
-            for n in nodes:
-                if stage_of.get(n) == s and n is not inp:
-                    for a in n.all_input_nodes:
-                        if a not in env:
-                            copy_static(a)
-                    env[n] = g.node_copy(n, env.__getitem__)
-            if s < k - 1:
-                values = self.live[s]
-                for n in values:
-                    if n not in env:
-                        copy_static(n)
-                g.output(tuple(env[n] for n in values))
-                feature = features[s]
-                index = {n: i for i, n in enumerate(values)}
-                if isinstance(feature, fx.Node):
-                    self.feature_index.append(index[feature])
-                else:
-                    self.feature_index.append(tuple(index[n] for n in _flat_nodes(feature)))
-            else:
-                for n in _flat_nodes(out_node.args[0]):
-                    if n not in env:
-                        copy_static(n)
-                g.output(fx.node.map_arg(out_node.args[0], env.__getitem__))
-                self.feature_index.append(None)
+            g, feature_index = self._stage_graph(traced, nodes, stage_of, features, s)
             code = g.python_code(root_module='self')
             self.functions.append(fx.graph_module._forward_from_src(code.src, code.globals))
-            self._collect_state(g, model, namespace_constants)
-        self.namespace = _Namespace(model, namespace_constants)
+            self.feature_index.append(feature_index)
+            self._collect_state(g, model, traced.constants)
+        self.namespace = _Namespace(model, traced.constants)
+
+    def _stage_graph(self, traced: TracedFeatures, nodes: list[fx.Node], stage_of: dict[fx.Node, int],
+                     features: list, s: int) -> tuple[fx.Graph, int | tuple[int, ...] | None]:
+        """Stage ``s``'s graph (its nodes, and the static ones they read copied in) and where its level's feature is
+        among its outputs (None for the last stage, which returns what ``forward_features`` returns)."""
+        inp, out_node = nodes[0], nodes[-1]
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {n: g.placeholder(n.name) for n in ([inp] if s == 0 else self.live[s - 1])}
+
+        def copy_static(node: fx.Node) -> None:
+            if node.op == 'placeholder':  # another argument of forward_features: its default, as traced
+                env[node] = g.placeholder(node.name, default_value=traced.default_of(node.target))
+                return
+            for a in node.all_input_nodes:
+                if a not in env:
+                    copy_static(a)
+            env[node] = g.node_copy(node, env.__getitem__)
+
+        for n in nodes:
+            if stage_of.get(n) == s and n is not inp:
+                for a in n.all_input_nodes:
+                    if a not in env:
+                        copy_static(a)
+                env[n] = g.node_copy(n, env.__getitem__)
+        if s == len(self.live):  # the last stage
+            for n in _flat_nodes(out_node.args[0]):
+                if n not in env:
+                    copy_static(n)
+            g.output(fx.node.map_arg(out_node.args[0], env.__getitem__))
+            return g, None
+        values = self.live[s]
+        for n in values:
+            if n not in env:
+                copy_static(n)
+        g.output(tuple(env[n] for n in values))
+        index = {n: i for i, n in enumerate(values)}
+        feature = features[s]
+        return g, index[feature] if isinstance(feature, fx.Node) else tuple(index[n] for n in _flat_nodes(feature))
 
     def _collect_state(self, g: fx.Graph, model: nn.Module, constants: dict) -> None:
         params, buffers, modules = {}, [], {}

@@ -259,7 +259,8 @@ def split_stages(model: nn.Module, num_stages: int | None = None, *, first_block
     return stages
 
 
-def _stage_levels(model: nn.Module, levels: list[dict], all_levels: list[dict], cut_modules: list[str]) -> list[dict | None]:
+def _stage_levels(model: nn.Module, levels: list[dict], all_levels: list[dict],
+                  cut_modules: list[str]) -> list[dict | None]:
     """Per stage, the feature_info entry of the module it ends with (the last stage: the model's features)."""
     by_module = {f['module']: f for f in all_levels}
     last = dict(levels[-1], num_chs=getattr(model, 'num_features', levels[-1].get('num_chs')))

@@ -10,7 +10,7 @@
 
 Writes ``benchmarks/results/coverage.json`` (one row per family: model, input size, stages, feature shapes and
 layouts, composition check, LoCo step, seconds, or the reason it fails) and ``coverage.md``, and rewrites the
-"Supported backbone families" table of README.md between its markers. The protocol is
+table of docs/backbones.md ("Supported backbone families") between its markers. The protocol is
 :func:`tools.coverage.check_model`.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from readme_block import replace_block  # noqa: E402
+from doc_blocks import replace_block  # noqa: E402
 
 from tools.coverage import check_model, largest_models, param_count, smallest_models  # noqa: E402
 
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument('--out', type=Path, default=RESULTS)
     parser.add_argument('--max-params', type=float, default=500e6,
                         help='families whose smallest model is larger are listed as not run (default 500e6)')
-    parser.add_argument('--no-readme', action='store_true', help='do not rewrite README.md')
+    parser.add_argument('--no-readme', action='store_true', help='do not rewrite the documentation block')
     parser.add_argument('--largest-under', type=float, default=None, metavar='PARAMS',
                         help='check each family\'s largest model under PARAMS parameters instead of its smallest (a '
                              'second sample of every family; e.g. 30e6 with --out benchmarks/results/coverage_largest)')

@@ -1,4 +1,4 @@
-"""Print the units and decoder sizes of LoCo / GIM / E2E learners as a Markdown table (used in the README).
+"""Print the units and decoder sizes of LoCo / GIM / E2E learners as a Markdown table (used in docs/backbones.md).
 
     .venv/bin/python benchmarks/decoder_table.py resnet50 --input-size 3 224 224
 """

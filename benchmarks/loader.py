@@ -20,7 +20,7 @@ blur (p 0.5):
 Each pipeline runs in this process with one thread (``torch.set_num_threads(1)``), so img/s is per core (a
 DataLoader worker is one such process); the pipelines take turns, and the median of ``--repeats`` passes over the
 images is reported, with the cores needed to feed 1,000 and 3,000 img/s. Writes ``benchmarks/results/loader_cpu.json``
-and the README block ``loader``.
+and the documentation block ``loader`` (docs/data.md).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from readme_block import cpu_name, write_report  # noqa: E402
+from doc_blocks import cpu_name, write_report  # noqa: E402
 
 SIZE, SCALE = 224, (0.08, 1.0)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument('--images', type=int, default=300)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--out', default='benchmarks/results/loader_cpu.json')
-    parser.add_argument('--no-readme', action='store_true', help='do not rewrite the README table')
+    parser.add_argument('--no-readme', action='store_true', help='do not rewrite the documentation block')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         mean_kb = make_images(Path(tmp), args.images)

@@ -17,7 +17,7 @@ end-to-end SimCLR pipeline-parallel, runs through ``torch.distributed.pipelining
 with the NT-Xent over the whole batch as GradCache computes it: a forward-only pass for the embeddings, the loss and
 its gradient on the last process, then a forward-backward pass seeding each micro-batch with its slice (so every
 loss keeps all its negatives, at the price of a second forward). Writes ``benchmarks/results/pipeline_cpu.json``
-and the README block ``pipeline``.
+and the documentation block ``pipeline`` (docs/parallelism.md).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository's tools/
-from readme_block import cpu_name, write_report  # noqa: E402
+from doc_blocks import cpu_name, write_report  # noqa: E402
 
 from tools.memory import SavedTensorMeter  # noqa: E402
 
@@ -302,8 +302,8 @@ def main() -> None:
     parser.add_argument('--out', help='default: benchmarks/results/pipeline_{cpu,gpu}.json')
     parser.add_argument('--no-readme', action='store_true')
     parser.add_argument('--readme-only', action='store_true',
-                        help='measure nothing: rewrite the README block from the --out JSON (e.g. one a GPU machine '
-                             'wrote with --no-readme)')
+                        help='measure nothing: rewrite the documentation block from the --out JSON (e.g. one a GPU '
+                             'machine wrote with --no-readme)')
     args = parser.parse_args()
     gpu = args.device == 'cuda'
     out = args.out or f'benchmarks/results/pipeline_{"gpu" if gpu else "cpu"}.json'

@@ -11,7 +11,8 @@ Usage: ``.venv/bin/python benchmarks/pipelined_accuracy.py [--seeds 0 1 2] [--ru
 [--reuse synchronous]`` (about 4-6 minutes of training and 1.5 of readout per run on 2 cores). ``--reuse ARM``
 takes that arm's results recorded in the committed JSON (with their machine and date) for seeds whose run folder is
 absent, instead of training them again: for an arm whose code did not change. Writes
-``benchmarks/results/pipelined_accuracy_cpu.json`` and the README block ``pipelined-accuracy``.
+``benchmarks/results/pipelined_accuracy_cpu.json`` and the documentation block ``pipelined-accuracy``
+(docs/parallelism.md).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from readme_block import cpu_name, write_report  # noqa: E402
+from doc_blocks import cpu_name, write_report  # noqa: E402
 
 TAG = 'loco_resnet18_small.simclr_fmnist'
 ARMS = {'synchronous': [], 'pipelined': ['--pipelined']}

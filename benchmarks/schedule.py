@@ -23,7 +23,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's tools/
-from readme_block import replace_block  # noqa: E402
+from doc_blocks import replace_block  # noqa: E402
 
 import loco_timm  # noqa: E402,F401  (registers loco_* models)
 from loco_timm import LocalLearner  # noqa: E402
@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument('--out', default='benchmarks/results/schedule_cpu.json')
     parser.add_argument('--shares', action='store_true', help='only print each stage\'s share of the activations')
     parser.add_argument('--markdown', action='store_true', help='only rewrite the .md of an existing --out JSON')
-    parser.add_argument('--no-readme', action='store_true', help='do not rewrite the README table')
+    parser.add_argument('--no-readme', action='store_true', help='do not rewrite the documentation block')
     args = parser.parse_args()
     if args.markdown:
         write_markdown(json.loads(Path(args.out).read_text()), Path(args.out), readme=not args.no_readme)
@@ -168,7 +168,7 @@ def main() -> None:
 
 
 def write_markdown(results: dict, out: Path, readme: bool = True) -> None:
-    """The table and notes (``out`` with suffix .md) from a results JSON, also as README's schedule block."""
+    """The table and notes (``out`` with suffix .md) from a results JSON, also as the documentation's schedule block."""
     text = table(results)
     big = results['models'].get('resnet50')
     if big:

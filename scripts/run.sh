@@ -3,11 +3,12 @@
 #
 #   bash scripts/run.sh main [ARGS]    the main job: LoCo on Fashion-MNIST, then the per-stage readout
 #   bash scripts/run.sh demo [ARGS]    a one-minute demo of the learner on a real Fashion-MNIST batch
-#   bash scripts/run.sh test [ARGS]    the test suite (pytest, one worker per core; slow tests included), then the
-#                                      oldest-timm check
+#   bash scripts/run.sh test [ARGS]    lint, the layering contract, the documentation build, the test suite (pytest,
+#                                      one worker per core; slow tests included), then the oldest-timm check
+#   bash scripts/run.sh docs           build the documentation site into site/ (open site/index.html)
 #
 # Set-up: Debian's dataset-fashion-mnist (and python3-venv where missing) through apt-get when run as root or
-# with sudo, then a virtual environment in .venv with `pip install -e .[test,plot,track]`. It is redone only
+# with sudo, then a virtual environment in .venv with `pip install -e .[test,plot,track,docs]`. It is redone only
 # when pyproject.toml changes. PYTHON picks the interpreter (default python3, >= 3.10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +37,7 @@ setup() {
   echo "run.sh: setting up .venv (a few minutes the first time)"
   "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test,plot,track]'
+  .venv/bin/python -m pip install -q -e '.[test,plot,track,docs]'
   echo "$stamp" > .venv/.loco-stamp
 }
 
@@ -59,6 +60,8 @@ case "$job" in
     # downwards, no package's modules import each other in a cycle
     .venv/bin/ruff check .
     .venv/bin/lint-imports --no-cache
+    # the documentation site, offline, warnings as errors (a broken link or API reference fails)
+    NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
     # one pytest worker per core, one thread each: most of the suite is single-threaded Python (tracing, model
     # construction), so workers use the cores better than threads; tests that compare runs pin their own threads
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest -q -n "${LOCO_TEST_WORKERS:-auto}" "$@"
@@ -68,6 +71,10 @@ case "$job" in
     echo "run.sh: core tests with timm $OLDEST_TIMM"
     PYTHONPATH="$old" .venv/bin/python -m pytest -q -p no:cacheprovider -m "not slow" \
       tests/test_stages.py tests/test_learner.py tests/test_losses.py tests/test_families.py ;;
+  docs)
+    setup
+    NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet
+    echo "run.sh: documentation built: open site/index.html (or serve it: .venv/bin/mkdocs serve)" ;;
   *)
-    echo "usage: bash scripts/run.sh {main|demo|test} [ARGS]" >&2; exit 2 ;;
+    echo "usage: bash scripts/run.sh {main|demo|test|docs} [ARGS]" >&2; exit 2 ;;
 esac

@@ -1,12 +1,14 @@
-"""Repository tool: the zoo's ``MODEL_CARD.md`` and the README's generated sections, written from ``hub_configs/``
-and the committed study results, so that no fact about a tag is typed twice.
+"""Repository tool: the zoo's ``MODEL_CARD.md`` and the generated sections of the README and the documentation,
+written from ``hub_configs/``, the committed study results and the recipe keys' declarations, so that no fact is typed
+twice.
 
-    python tools/cards.py                     # rewrite MODEL_CARD.md and the README's generated sections
+    python tools/cards.py                     # rewrite MODEL_CARD.md and the generated sections
     python tools/cards.py --check             # exit 1 when they are out of date (CI runs this through the tests)
     python tools/cards.py --from-study study/fmnist   # first write the metrics a study measured into hub_configs/
 
-The README's model table sits between ``<!-- zoo-table:start -->`` and ``<!-- zoo-table:end -->``; the study and the
-budget trend between their own markers. The library (``loco_timm``) writes none of these files.
+A generated section sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``README.md`` or a page of
+``docs/``: ``zoo-table``, ``study``, ``trend`` and ``recipe-keys`` are written here, the benchmarks' tables by the
+benchmarks (``benchmarks/doc_blocks.py``). The library (``loco_timm``) writes none of these files.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 if __package__ in (None, ''):  # run as a script: the repository root is the import root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from loco_timm.config import TRAIN_SECTIONS, ReadoutConfig, TrainConfig, declared_keys  # noqa: E402
 from loco_timm.hub.card import BIBTEX, MODE_NAMES, dataset_name, recipe_keys  # noqa: E402
 from loco_timm.models.tags import HubConfig, list_hub_configs  # noqa: E402
 from tools.study_metrics import record_study_metrics  # noqa: E402
@@ -128,38 +131,64 @@ def zoo_card(configs: list[HubConfig] | None = None, study_md: str | None = None
     return '\n'.join(out)
 
 
+def recipe_keys_markdown() -> str:
+    """Every recipe key, one table per section, from the keys' declarations (``loco_timm.config``)."""
+    out = []
+    for cls, sections in ((TrainConfig, TRAIN_SECTIONS), (ReadoutConfig, {'readout': 'the readout: section'})):
+        keys = declared_keys(cls)
+        for section, about in sections.items():
+            out += [f'**{section}** ({about})', '', '| key | default | resume | help |', '|---|---|---|---|']
+            for k in (k for k in keys if k.section == section):
+                choices = f' One of: {", ".join(str(c) for c in k.choices if c is not None)}.' if k.choices else ''
+                resume = 'must match' if k.resume else 'may change'
+                out.append(f'| `{k.name}` | `{k.default!r}` | {resume} | {_cell(k.help)}.{choices} |')
+            out.append('')
+    return '\n'.join(out).rstrip()
+
+
+def _cell(text: str) -> str:
+    return text.replace('|', '\\|')
+
+
+def _replace_block(text: str, name: str, body: str) -> str:
+    start, end = f'<!-- {name}:start -->', f'<!-- {name}:end -->'
+    if start not in text or end not in text:
+        return text
+    head, rest = text.split(start, 1)
+    return f'{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}'
+
+
 def update_cards(root: str | Path, check: bool = False) -> list[str]:
-    """Write (or with ``check``, compare) ``MODEL_CARD.md`` and the README's model table under ``root``.
+    """Write (or with ``check``, compare) ``MODEL_CARD.md`` and the generated blocks of ``README.md`` and the pages of
+    ``docs/`` under ``root``: the zoo table, the study and trend results and the recipe keys, wherever their markers
+    are.
 
     Returns:
         The files that were (or, with ``check``, would be) changed.
+
+    Raises:
+        ValueError: No file holds the zoo table's markers.
     """
     root = Path(root)
-    changed = []
-    card_path = root / 'MODEL_CARD.md'
     study_md = (root / STUDY_RESULTS).read_text() if (root / STUDY_RESULTS).is_file() else None
     trend_md = (root / TREND_RESULTS).read_text() if (root / TREND_RESULTS).is_file() else None
-    card = zoo_card(study_md=study_md, trend_md=trend_md)
-    if not card_path.is_file() or card_path.read_text() != card:
-        changed.append(str(card_path))
-        if not check:
-            card_path.write_text(card)
-    readme_path = root / 'README.md'
-    readme = readme_path.read_text()
-    if TABLE_START not in readme or TABLE_END not in readme:
-        raise ValueError(f'{readme_path} lacks the {TABLE_START} ... {TABLE_END} markers of the model table')
-    head, rest = readme.split(TABLE_START, 1)
-    new = f'{head}{TABLE_START}\n{zoo_table()}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}'
-    if STUDY_START in new and STUDY_END in new:
-        head, rest = new.split(STUDY_START, 1)
-        new = f'{head}{STUDY_START}\n{study_section(study_md)}\n{STUDY_END}{rest.split(STUDY_END, 1)[1]}'
-    if TREND_START in new and TREND_END in new:
-        head, rest = new.split(TREND_START, 1)
-        new = f'{head}{TREND_START}\n{trend_section(trend_md)}\n{TREND_END}{rest.split(TREND_END, 1)[1]}'
-    if new != readme:
-        changed.append(str(readme_path))
-        if not check:
-            readme_path.write_text(new)
+    blocks = {'zoo-table': zoo_table(), 'study': study_section(study_md), 'trend': trend_section(trend_md),
+              'recipe-keys': recipe_keys_markdown()}
+    files = {root / 'MODEL_CARD.md': zoo_card(study_md=study_md, trend_md=trend_md)}
+    for path in [root / 'README.md', *sorted((root / 'docs').glob('**/*.md'))]:
+        if path.is_file():
+            text = path.read_text()
+            for name, body in blocks.items():
+                text = _replace_block(text, name, body)
+            files[path] = text
+    if not any(TABLE_START in text for text in files.values()):
+        raise ValueError(f'no page under {root} holds the {TABLE_START} ... {TABLE_END} markers of the model table')
+    changed = []
+    for path, text in files.items():
+        if not path.is_file() or path.read_text() != text:
+            changed.append(str(path))
+            if not check:
+                path.write_text(text)
     return changed
 
 
@@ -180,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     changed = update_cards(args.root, check=args.check)
     verb = 'out of date' if args.check else 'written'
     print(f'{verb}: {", ".join(changed)}' if changed else
-          'MODEL_CARD.md and the README\'s generated sections are up to date')
+          'MODEL_CARD.md and the generated sections are up to date')
     return 1 if args.check and changed else 0
 
 

@@ -49,7 +49,7 @@ def _distributed(group=None) -> bool:
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather: bool = True,
-                 group=None) -> torch.Tensor:
+                 group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """NT-Xent loss of two batches of embeddings (view 1 and view 2 of the same images, in the same order).
 
     Args:

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..core.schedule import deliver, run_stages
 from ..core.stages import stage_tensors
+from ..errors import ConfigError
 
 __all__ = ['balance', 'check_placement', 'StageParallel']
 
@@ -148,8 +149,8 @@ class StageParallel:
             raise ValueError(f'placement has {len(self.placement)} groups of stages for {size} processes: give one '
                              f'group per process')
         if learner.sharing == 'l2':
-            raise ValueError('sharing="l2" keeps a copy of each shared stage on both sides of a cut: not supported '
-                             'with stage parallelism')
+            raise ConfigError('sharing="l2" keeps a copy of each shared stage on both sides of a cut: not supported '
+                              'with stage parallelism')
         self.learner, self.rank, self.size = learner, dist.get_rank(group), size
         # point-to-point calls take global ranks
         self.peers = [dist.get_global_rank(group, r) if group is not None else r for r in range(size)]
@@ -171,8 +172,8 @@ class StageParallel:
         one_hop = all(units[j][0] == self.last for j in self.from_above) and all(
             units[j][0] == self.first - 1 and units[j][1] <= self.last for j in self.to_below)
         if pipelined and not one_hop:
-            raise ValueError('pipelined stage parallelism needs every unit that crosses a cut to start at the stage '
-                             'just below it (LoCo, GIM): E2E and longer custom units need the synchronous mode')
+            raise ConfigError('pipelined stage parallelism needs every unit that crosses a cut to start at the stage '
+                              'just below it (LoCo, GIM): E2E and longer custom units need the synchronous mode')
         self._release()
         held = {id(p) for k in range(self.first, self.last + 1) for p in learner.stages[k].parameters()}
         held |= {id(p) for j in self.local_units for p in learner.decoders[j].parameters()}
@@ -233,8 +234,8 @@ class StageParallel:
         if self.rank < self.size - 1:
             tensors = stage_tensors(out)
             if len(tensors) != 1 or not isinstance(out, torch.Tensor):
-                raise ValueError(f'stage {self.last} hands {len(tensors)} values over the cut to the next process: '
-                                 f'stage parallelism needs a single tensor there, choose another placement')
+                raise ConfigError(f'stage {self.last} hands {len(tensors)} values over the cut to the next process: '
+                                  f'stage parallelism needs a single tensor there, choose another placement')
             self._out(out.detach(), self.peers[self.rank + 1])
         sent = self._send_ready(state, [])
         if self.pipelined:
@@ -307,8 +308,8 @@ class StageParallel:
         own = dict(self.named_parameters())
         unknown = sorted(set(tensors) - set(own))
         if unknown:
-            raise ValueError(f'the delayed gradient of {unknown[0]} belongs to another process: resume with the '
-                             f'placement the checkpoint was written with')
+            raise ConfigError(f'the delayed gradient of {unknown[0]} belongs to another process: resume with the '
+                              f'placement the checkpoint was written with')
         # in the parameter's memory layout (e.g. channels_last), as the uninterrupted run computed it
         self._delayed = {name: torch.empty_like(own[name]).copy_(t) for name, t in tensors.items()} or None
 

@@ -25,7 +25,8 @@ StemLevels = Callable[[nn.Module], set]
 _ADAPTERS: OrderedDict[type, tuple[str, Callable[[nn.Module], Atoms], StemLevels | None]] = OrderedDict()
 
 
-def register_stage_adapter(cls: type, family: str | None = None, stem_levels: StemLevels | None = None):
+def register_stage_adapter(cls: type, family: str | None = None,
+                           stem_levels: StemLevels | None = None) -> Callable[[Callable], Callable]:
     """Register a function listing the atoms of ``cls.forward_features`` (decorator).
 
     Atoms without a dot in their name form the stem; dotted atoms are blocks (``layer1.0``), and a stage may end

@@ -1,11 +1,11 @@
-"""MkDocs hook: the committed figures of the study (``study/**/*.png``) are served under ``figures/`` so the pages
-show them without a copy in ``docs/``."""
+"""MkDocs hook: the committed figures (``study/**/*.png``, ``benchmarks/results/**/*.png``) are served under
+``figures/`` so the pages show them without a copy in ``docs/``."""
 from pathlib import Path
 
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[1]
-FIGURES = ('study',)
+FIGURES = ('study', 'benchmarks/results')
 
 
 def on_files(files, config):

@@ -1,0 +1,230 @@
+"""Does local contrastive learning work beyond ResNets? E2E, GIM and LoCo side by side across timm's families.
+
+Each family is one small member, compute-matched to ``loco_resnet18_small`` (0.5x-2x its multiply-adds per image) with
+the family's own timm constructor arguments, trained with the main job's recipe: its hub config
+``hub_configs/<model>.simclr_fmnist.yaml`` (:data:`FAMILIES`). Per family, ``loco-timm study`` trains and reads out the
+arms ``e2e_mlp``, ``gim_conv`` and ``loco_conv`` over the seeds in ``study/families/<family>/`` (the ResNet of the main
+job is the reference, with its runs in ``study/fmnist``); the seeds go round all families before the next one starts,
+so an interrupted table is complete for every family up to its last seed, and a rerun resumes where it stopped.
+
+The table pairs each seed's arms (LoCo - E2E, LoCo - GIM: mean +- standard error, judged held / did not hold /
+unresolved on mean +- 2 s.e. as the training-budget trend judges them), gives the per-stage readout, what LoCo and GIM
+save against E2E (peak saved activations and step time of one ``LocalLearner.step`` at the recipe's batch, measured as
+``benchmarks/schedule.py`` measures them) and each member's multiply-adds and parameters.
+
+    .venv/bin/python benchmarks/families.py                      # every family: studies, costs, table, figure
+    .venv/bin/python benchmarks/families.py --families convnext --seeds 0    # one family's seed 0
+    .venv/bin/python benchmarks/families.py --report-only        # the table and figure from the recorded runs
+
+Writes ``benchmarks/results/families.json``, ``benchmarks/results/families.png`` and the documentation block
+``families`` (docs/families.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+from doc_blocks import cpu_name, replace_block  # noqa: E402
+from schedule import measure  # noqa: E402
+
+from loco_timm.config import TrainConfig, from_dict, load_recipe  # noqa: E402
+from loco_timm.evaluation.plots import pyplot  # noqa: E402
+from loco_timm.evaluation.study import run_study  # noqa: E402
+from loco_timm.evaluation.trend import PAIRS, judge  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / 'benchmarks' / 'results'
+STUDIES = ROOT / 'study' / 'families'
+REFERENCE = 'resnet'
+FAMILIES = {  # family (timm module): its member's hub config
+    REFERENCE: 'loco_resnet18_small.simclr_fmnist',
+    'vision_transformer': 'vit_tiny_patch16_224.simclr_fmnist',
+    'swin_transformer': 'swin_tiny_patch4_window7_224.simclr_fmnist',
+    'convnext': 'convnext_atto.simclr_fmnist',
+    'efficientnet': 'efficientnet_b1.simclr_fmnist',
+    'regnet': 'regnetx_006.simclr_fmnist',
+    'maxxvit': 'coatnet_nano_rw_224.simclr_fmnist',
+}
+ARMS = ('e2e_mlp', 'gim_conv', 'loco_conv')
+COSTS = (('e2e', 'mlp'), ('gim', 'conv'), ('loco', 'conv'))
+
+
+def study_folder(family: str) -> Path:
+    """Where a family's runs are: the main job's study for the reference, ``study/families/<family>`` else."""
+    return ROOT / 'study' / 'fmnist' if family == REFERENCE else STUDIES / family
+
+
+def run_studies(families: list[str], seeds: list[int]) -> None:
+    """Train and read out every (family, seed, arm) not recorded yet, seed by seed across the families."""
+    for seed in seeds:
+        for family in families:
+            print(f'== {family} seed {seed}', flush=True)
+            run_study(study_folder(family), FAMILIES[family], [seed], list(ARMS))
+
+
+def _recipe(tag: str) -> TrainConfig:
+    return from_dict(TrainConfig, load_recipe(tag)['train'])
+
+
+def macs_and_params(tag: str) -> tuple[int, int]:
+    """Multiply-adds of ``forward_features`` on one image (torch's FLOP counter / 2, with scaled dot-product attention
+    counted: torch 2.14 counts timm's fused CPU attention as 0) and parameters of the member with its classifier."""
+    cfg = _recipe(tag)
+    model = timm.create_model(cfg.backbone, in_chans=1, num_classes=10, **cfg.model_args).eval()
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop_count}
+    x = torch.zeros(1, 1, cfg.image_size, cfg.image_size)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model.forward_features(x)
+    return counter.get_total_flops() // 2, sum(p.numel() for p in model.parameters())
+
+
+def costs(tag: str, steps: int = 3) -> dict:
+    """MACs, parameters, and per mode the peak saved activations and median step time of one learner step at the
+    recipe's batch (:func:`schedule.measure`)."""
+    cfg = _recipe(tag)
+    macs, params = macs_and_params(tag)
+    size = (1, cfg.image_size, cfg.image_size)
+    rows = {mode: measure(cfg.backbone, size, cfg.batch_size, dict(cfg.model_args), mode, decoder, False, steps)
+            for mode, decoder in COSTS}
+    return dict(macs=macs, params=params, batch=cfg.batch_size, modes=rows, machine=cpu_name(),
+                date=time.strftime('%Y-%m-%d'), threads=torch.get_num_threads())
+
+
+def _paired(runs: list[dict], a: str, b: str) -> list[tuple[int, float]]:
+    by = {(r['arm'], r['seed']): r['linear'][-1] for r in runs}
+    return [(s, by[(a, s)] - by[(b, s)]) for s in sorted({r['seed'] for r in runs}) if (a, s) in by and (b, s) in by]
+
+
+def summarize(family: str, cost: dict | None) -> dict:
+    """One family's row: its runs' paired differences with their judgement, per-stage readout, and its costs."""
+    path = study_folder(family) / 'results.json'
+    runs = [r for r in json.loads(path.read_text())['runs'] if r['arm'] in ARMS] if path.is_file() else []
+    row = dict(family=family, tag=FAMILIES[family], pairs={}, per_stage={}, seeds={})
+    for label, (a, b) in PAIRS.items():
+        diffs = [d for _, d in _paired(runs, a, b)]
+        if diffs:
+            se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+            row['pairs'][label] = dict(diffs=diffs, mean=statistics.fmean(diffs), se=se, judgement=judge(label, diffs))
+    for arm in ARMS:
+        mine = [r['linear'] for r in runs if r['arm'] == arm]
+        if mine:
+            row['seeds'][arm] = sorted(r['seed'] for r in runs if r['arm'] == arm)
+            row['per_stage'][arm] = [statistics.fmean(v) for v in zip(*mine)]
+    if cost:
+        e2e = cost['modes']['e2e']
+        row.update(macs=cost['macs'], params=cost['params'], costs_measured=f'{cost["machine"]}, {cost["date"]}',
+                   saving={m: e2e['peak_saved_bytes'] / cost['modes'][m]['peak_saved_bytes'] for m in ('gim', 'loco')},
+                   time={m: cost['modes'][m]['step_seconds'] / e2e['step_seconds'] for m in ('gim', 'loco')})
+    return row
+
+
+def _pm(pair: dict | None) -> str:
+    if not pair:
+        return 'not run'
+    se = f' +- {pair["se"]:.2f}' if pair['se'] is not None else ' (1 seed)'
+    return f'{pair["mean"]:+.2f}{se}, {pair["judgement"]}'
+
+
+def markdown(rows: list[dict]) -> str:
+    """The cross-family table, the per-stage readout and how the costs were measured."""
+    reference = next((r for r in rows if r['family'] == REFERENCE and r.get('macs')), None)
+    lines = ['| family | member (tag) | MACs / image (vs ResNet) | params | seeds | LoCo - E2E | LoCo - GIM | '
+             'memory saving LoCo / GIM | step time LoCo / GIM |', '|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        seeds = sorted(set.intersection(*(set(s) for s in r['seeds'].values()))) if r['seeds'] else []
+        macs = (f'{r["macs"] / 1e6:.1f} M ({r["macs"] / reference["macs"]:.2f}x)' if r.get('macs') and reference
+                else '-')
+        params = f'{r["params"] / 1e6:.2f} M' if r.get('params') else '-'
+        saving = f'{r["saving"]["loco"]:.2f}x / {r["saving"]["gim"]:.2f}x' if r.get('saving') else '-'
+        times = f'{r["time"]["loco"]:.2f}x / {r["time"]["gim"]:.2f}x' if r.get('time') else '-'
+        lines.append(f'| {r["family"]} | `{r["tag"]}` | {macs} | {params} | {", ".join(map(str, seeds)) or "-"} | '
+                     f'{_pm(r["pairs"].get("LoCo - E2E"))} | {_pm(r["pairs"].get("LoCo - GIM"))} | {saving} | '
+                     f'{times} |')
+    lines += ['', 'Per-stage linear top-1 (%, mean over the seeds of each arm):', '',
+              '| family | ' + ' | '.join(ARMS) + ' |', '|---|' + '---|' * len(ARMS)]
+    for r in rows:
+        cells = [', '.join(f'{v:.2f}' for v in r['per_stage'][arm]) if arm in r['per_stage'] else '-' for arm in ARMS]
+        lines.append(f'| {r["family"]} | ' + ' | '.join(cells) + ' |')
+    measured = sorted({r['costs_measured'] for r in rows if r.get('costs_measured')})
+    lines += ['', 'Differences: last-stage linear top-1, paired per seed, mean +- standard error; LoCo - E2E "held" '
+              'when mean +- 2 s.e. lies within +-0.5 pt, LoCo - GIM when it lies above 0. Memory saving: peak saved '
+              'activations of one E2E step over the arm\'s (higher saves more); step time: the arm\'s over E2E\'s, '
+              'median of 3 steps at the recipe\'s batch' + (f' ({"; ".join(measured)})' if measured else '') + '.']
+    return '\n'.join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    """Per family: LoCo - E2E and LoCo - GIM with 2 s.e. bars; beside them LoCo's and GIM's memory saving."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    names = [r['family'] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw=dict(width_ratios=[3, 2]))
+    for offset, (label, colour) in zip((-0.15, 0.15), (('LoCo - E2E', 'tab:blue'), ('LoCo - GIM', 'tab:orange'))):
+        xs = [i + offset for i, r in enumerate(rows) if label in r['pairs']]
+        pairs = [r['pairs'][label] for r in rows if label in r['pairs']]
+        left.errorbar(xs, [p['mean'] for p in pairs], yerr=[2 * (p['se'] or 0) for p in pairs], fmt='o', capsize=3,
+                      color=colour, label=f'{label} (mean +- 2 s.e.)')
+    left.axhline(0, color='black', linewidth=0.8)
+    left.axhspan(-0.5, 0.5, color='grey', alpha=0.15, label='within 0.5 pt')
+    left.set_xticks(range(len(names)), names, rotation=30, ha='right', fontsize=8)
+    left.set_ylabel('last-stage linear top-1 difference (pt)')
+    left.legend(fontsize=7)
+    for offset, (mode, colour) in zip((-0.2, 0.2), (('loco', 'tab:green'), ('gim', 'tab:orange'))):
+        right.bar([i + offset for i, r in enumerate(rows) if r.get('saving')],
+                  [r['saving'][mode] for r in rows if r.get('saving')], 0.4, color=colour, label=mode.upper())
+    right.axhline(1, color='black', linewidth=0.8)
+    right.set_xticks(range(len(names)), names, rotation=30, ha='right', fontsize=8)
+    right.set_ylabel('activation memory saving vs E2E (x)')
+    right.legend(fontsize=7)
+    fig.suptitle('E2E, GIM and LoCo across timm families (Fashion-MNIST, main job recipe)', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def report(families: list[str], measure_costs: bool) -> list[dict]:
+    """Measure the missing costs (unless told not to), then write the JSON, the figure and the documentation block."""
+    path = RESULTS / 'families.json'
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    cost_of = recorded.get('costs', {})
+    for family in families:
+        if measure_costs and FAMILIES[family] not in cost_of:
+            print(f'== {family}: costs', flush=True)
+            cost_of[FAMILIES[family]] = costs(FAMILIES[family])
+    rows = [summarize(family, cost_of.get(FAMILIES[family])) for family in FAMILIES]
+    path.write_text(json.dumps(dict(costs=cost_of, rows=rows), indent=1) + '\n')
+    text = markdown(rows)
+    drew = plot(rows, RESULTS / 'families.png')
+    figure = '\n\n![E2E, GIM and LoCo across families](figures/benchmarks/results/families.png)' if drew else ''
+    replace_block('families', text + figure)
+    print(text)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--families', nargs='+', choices=list(FAMILIES), default=list(FAMILIES))
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    parser.add_argument('--report-only', action='store_true', help='train nothing: the table from what is recorded')
+    parser.add_argument('--no-costs', action='store_true', help='do not measure missing memory / time / MACs')
+    args = parser.parse_args()
+    if not args.report_only:
+        run_studies([f for f in args.families if f != REFERENCE], args.seeds)
+    report(args.families, measure_costs=not args.no_costs)
+
+
+if __name__ == '__main__':
+    main()

@@ -29,19 +29,17 @@ import sys
 import time
 from pathlib import Path
 
-import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from doc_blocks import cpu_name, replace_block  # noqa: E402
 from schedule import measure  # noqa: E402
 
-from loco_timm.config import TrainConfig, from_dict, load_recipe  # noqa: E402
 from loco_timm.evaluation.plots import pyplot  # noqa: E402
 from loco_timm.evaluation.study import run_study  # noqa: E402
 from loco_timm.evaluation.trend import PAIRS, judge  # noqa: E402
+from tools.macs import macs_and_params, recipe_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'benchmarks' / 'results'
@@ -73,26 +71,10 @@ def run_studies(families: list[str], seeds: list[int]) -> None:
             run_study(study_folder(family), FAMILIES[family], [seed], list(ARMS))
 
 
-def _recipe(tag: str) -> TrainConfig:
-    return from_dict(TrainConfig, load_recipe(tag)['train'])
-
-
-def macs_and_params(tag: str) -> tuple[int, int]:
-    """Multiply-adds of ``forward_features`` on one image (torch's FLOP counter / 2, with scaled dot-product attention
-    counted: torch 2.14 counts timm's fused CPU attention as 0) and parameters of the member with its classifier."""
-    cfg = _recipe(tag)
-    model = timm.create_model(cfg.backbone, in_chans=1, num_classes=10, **cfg.model_args).eval()
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop_count}
-    x = torch.zeros(1, 1, cfg.image_size, cfg.image_size)
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        model.forward_features(x)
-    return counter.get_total_flops() // 2, sum(p.numel() for p in model.parameters())
-
-
 def costs(tag: str, steps: int = 3) -> dict:
     """MACs, parameters, and per mode the peak saved activations and median step time of one learner step at the
     recipe's batch (:func:`schedule.measure`)."""
-    cfg = _recipe(tag)
+    cfg = recipe_of(tag)
     macs, params = macs_and_params(tag)
     size = (1, cfg.image_size, cfg.image_size)
     rows = {mode: measure(cfg.backbone, size, cfg.batch_size, dict(cfg.model_args), mode, decoder, False, steps)

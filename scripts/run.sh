@@ -64,7 +64,7 @@ case "$job" in
     NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
     # one pytest worker per core, one thread each: most of the suite is single-threaded Python (tracing, model
     # construction), so workers use the cores better than threads; tests that compare runs pin their own threads
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest -q -n "${LOCO_TEST_WORKERS:-auto}" "$@"
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest -q -n "${LOCO_TEST_WORKERS:-auto}" --dist loadgroup "$@"
     # the oldest supported timm, on the core tests
     old=.venv/oldest-timm-$OLDEST_TIMM
     [ -d "$old/timm" ] || .venv/bin/python -m pip install -q --no-deps --target "$old" "timm==$OLDEST_TIMM"

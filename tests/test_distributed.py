@@ -8,6 +8,7 @@ import pytest
 import torch
 from dist_common import build_learner, global_views, trainable_grads
 from safetensors.torch import load_file
+from shared_runs import PROCESSES
 
 HERE = os.path.dirname(__file__)
 
@@ -36,6 +37,7 @@ def _single_process_grads():
 
 
 @pytest.mark.slow
+@PROCESSES
 def test_two_processes_with_half_batches_match_one_process(tmp_path):
     expected = _single_process_grads()
     actual = _two_rank_grads(tmp_path, 'autograd')
@@ -45,6 +47,7 @@ def test_two_processes_with_half_batches_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
+@PROCESSES
 def test_gather_without_autograd_breaks_the_equivalence(tmp_path):
     expected = _single_process_grads()
     actual = _two_rank_grads(tmp_path, 'detached')

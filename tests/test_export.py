@@ -6,7 +6,7 @@ import timm
 import torch
 import yaml
 from safetensors.torch import load_file
-from zoo_common import FMNIST, cli, reference_logits, train_and_read_out
+from zoo_common import FMNIST, cli, reference_logits
 
 import loco_timm  # noqa: F401
 from loco_timm.config import ConfigError, load_recipe
@@ -17,11 +17,15 @@ from loco_timm.models.tags import get_hub_config
 from loco_timm.training.checkpoint import resolve_checkpoint
 
 pytestmark = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST not installed')
+# slow: the tests that read the trained run (conftest.py: trained through the command line, once per test run)
+# or start a process of their own
+slow = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-    return train_and_read_out(tmp_path_factory.mktemp('zoo') / 'run')
+def run_dir(fmnist_run):
+    """The shared tiny run, trained and read out once per test run (conftest.py); only read here."""
+    return fmnist_run
 
 
 @pytest.fixture(scope='module')
@@ -29,6 +33,7 @@ def exported(run_dir, tmp_path_factory):
     return export(run_dir, FMNIST, tmp_path_factory.mktemp('export') / 'repo', log=lambda *_: None)
 
 
+@slow
 def test_export_writes_a_timm_hub_repository_without_pickled_weights(exported):
     assert sorted(p.name for p in exported.iterdir()) == sorted(EXPORT_FILES + (f'{FMNIST}.yaml',))
     assert not [p for p in exported.rglob('*') if p.suffix in ('.bin', '.pt', '.pth', '.pkl')]
@@ -40,6 +45,7 @@ def test_export_writes_a_timm_hub_repository_without_pickled_weights(exported):
     assert list(config['pretrained_cfg']['input_size']) == hub.model['input_size']
 
 
+@slow
 def test_exported_weights_give_the_trained_model_logits(run_dir, exported):
     x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     model = timm.create_model(FMNIST, pretrained=True,
@@ -48,6 +54,7 @@ def test_exported_weights_give_the_trained_model_logits(run_dir, exported):
         torch.testing.assert_close(model(x), reference_logits(run_dir, x), rtol=0, atol=0)
 
 
+@slow
 def test_export_keeps_the_full_learner_state_for_further_training(run_dir, exported):
     ours = load_file(str(exported / 'learner.safetensors'))
     theirs = load_file(str(resolve_checkpoint(run_dir) / 'learner.safetensors'))
@@ -57,6 +64,7 @@ def test_export_keeps_the_full_learner_state_for_further_training(run_dir, expor
     assert load_recipe(exported / f'{FMNIST}.yaml') == load_recipe(FMNIST)  # `loco-timm train --config` it
 
 
+@slow
 def test_model_card_has_hub_front_matter_and_the_measured_readout(exported):
     text = (exported / 'README.md').read_text()
     front, body = text.split('---\n', 2)[1:]
@@ -71,6 +79,7 @@ def test_model_card_has_hub_front_matter_and_the_measured_readout(exported):
         assert part in body, part
 
 
+@slow
 def test_export_refuses_a_missing_or_stale_readout_an_occupied_folder_and_the_wrong_tag(run_dir, exported, tmp_path):
     with pytest.raises(FileExistsError, match='not empty'):
         export(run_dir, FMNIST, exported)
@@ -106,12 +115,14 @@ def _no_token_env(tmp_path):
     return {'HF_HOME': str(tmp_path / 'hf'), 'HF_TOKEN': '', 'HF_HUB_DISABLE_TELEMETRY': '1'}
 
 
+@slow
 def test_publish_without_a_token_is_one_clear_line(exported, tmp_path):
     result = cli('publish', exported, '--repo-id', 'loco-timm/test', env=_no_token_env(tmp_path))
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert 'no Hugging Face token' in result.stderr and 'hf auth login' in result.stderr
 
 
+@slow
 def test_publish_without_network_is_one_clear_line(exported, tmp_path):
     import socket
     with socket.socket() as s:
@@ -123,6 +134,7 @@ def test_publish_without_network_is_one_clear_line(exported, tmp_path):
     assert 'upload of' in result.stderr and 'failed' in result.stderr and f'127.0.0.1:{port}' in result.stderr
 
 
+@slow
 def test_publish_refuses_bad_repo_ids_and_pickled_files(exported, tmp_path):
     for bad in ('no-owner', 'org/has space', 'org//x', '../etc'):
         with pytest.raises(ValueError, match='repo id'):
@@ -136,6 +148,7 @@ def test_publish_refuses_bad_repo_ids_and_pickled_files(exported, tmp_path):
         publish(folder, 'org/name', token='hf_fake')
 
 
+@slow
 def test_publish_uploads_the_folder_and_again_the_same(exported, monkeypatch):
     import huggingface_hub
     calls = []
@@ -154,6 +167,7 @@ def test_publish_uploads_the_folder_and_again_the_same(exported, monkeypatch):
     assert {p.name: p.read_bytes() for p in exported.iterdir()} == before
 
 
+@slow
 def test_a_loco_resnet50_export_names_resnet50_and_loads_in_plain_timm(tmp_path):
     import subprocess
     import sys

@@ -14,7 +14,9 @@ from torch import nn
 
 from loco_timm import LocalLearner, split_stages
 from loco_timm.core.stages import Boundary, detach_stage_output, stage_feature
+from loco_timm.models.tags import list_hub_configs
 from tools.coverage import check_model
+from tools.macs import build, macs_and_params, recipe_of
 
 REPORT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results' / 'coverage.json'
 # tiny models of families the generic splitter handles: NHWC maps, hybrid conv/attention, relative position tokens
@@ -105,12 +107,18 @@ def _report_rows():
     return [r for r in json.loads(REPORT.read_text())['families'] if r.get('ok')]
 
 
-# families whose smallest model has over 100 M parameters (DeepSeek's ViT took 10 minutes at its own size): CI
-# checks the same code at a reduced width and depth; benchmarks/coverage.py checks the model itself
+# families whose smallest model has over 100 M parameters (DeepSeek's ViT took 10 minutes at its own size) or takes
+# 8-22 s at its fixed input size: CI checks the same code at a reduced width or depth (the same stages and layouts);
+# benchmarks/coverage.py checks the model itself
 REDUCED = {
     'deepseek_vit': dict(depth=4, embed_dim=64, num_heads=2),
     'gemma4_vit': dict(depth=4, embed_dim=64, num_heads=2, head_dim=32, intermediate_size=128,
                        position_embedding_size=64),
+    'beit': dict(depth=4, embed_dim=192, num_heads=3),
+    'vision_transformer_sam': dict(depth=4, embed_dim=192, num_heads=3, global_attn_indexes=(1, 3)),
+    'tnt': dict(depth=4),
+    'sequencer': dict(layers=[1, 1, 1, 1]),
+    'swin_transformer_v2': dict(depths=(1, 1, 1, 1)),
 }
 
 
@@ -209,3 +217,29 @@ def test_crossvit_18_wraps_and_trains_one_step():
     learner = LocalLearner(timm.create_model('crossvit_18_240'), 'loco')
     losses = learner.step(torch.randn(2, 3, 240, 240), torch.randn(2, 3, 240, 240))
     assert len(losses) == len(learner.units) and all(torch.isfinite(v) for v in losses.values())
+
+
+# the members of the cross-family study (benchmarks/families.py): the Fashion-MNIST tags of timm's own architectures
+MEMBERS = sorted(c.name for c in list_hub_configs() if c.name.endswith('.simclr_fmnist')
+                 and not c.architecture.startswith('loco_'))
+REFERENCE_MACS = 13.6e6  # loco_resnet18_small at 28 px (test_zoo_models checks the reference's own figures)
+
+
+def test_the_study_has_members_of_six_timm_families_besides_resnet():
+    modules = {m for m in timm.list_modules() for tag in MEMBERS if tag.split('.')[0] in timm.list_models(module=m)}
+    assert len(modules) >= 6 and 'resnet' not in modules, modules
+
+
+@pytest.mark.parametrize('tag', MEMBERS)
+def test_family_members_are_compute_matched_and_train_a_step_in_every_mode(tag):
+    """0.5x-2x the reference's multiply-adds per image; four stages; a finite step of E2E, GIM and LoCo at 8 images."""
+    macs, params = macs_and_params(tag)
+    assert 0.5 <= macs / REFERENCE_MACS <= 2.0, (tag, macs)
+    size = recipe_of(tag).image_size
+    x = torch.randn(8, 1, size, size, generator=torch.Generator().manual_seed(0))
+    for mode, decoder in (('e2e', 'mlp'), ('gim', 'conv'), ('loco', 'conv')):
+        torch.manual_seed(0)
+        learner = LocalLearner(build(tag), mode, decoder=decoder, input_size=(1, size, size)).train()
+        assert len(learner.stages) == 4
+        losses = learner.step(x, x.flip(-1))
+        assert all(torch.isfinite(v) for v in losses.values()), (tag, mode, losses)

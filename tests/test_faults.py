@@ -1,6 +1,7 @@
 """Nothing lost to a damaged file: verified checkpoints, resume from the newest intact one, one-line errors with
 exit 2 that name the file, pruning that keeps intact checkpoints, and plain permissions for atomically written files.
-Real training runs, real files damaged in the ways disks and copies damage them."""
+Real training runs, real files damaged in the ways disks and copies damage them. The finished run is the test run's
+shared one (conftest.py: fmnist_run, trained through the command line once); tests copy it before they change it."""
 import json
 import os
 import re
@@ -15,16 +16,17 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from zoo_common import FMNIST, TINY_READOUT, cli
+from shared_runs import PROCESSES, copy_run, in_process, shared_build
+from zoo_common import FMNIST, TINY_READOUT, TINY_TRAIN, cli, cli_here
 
 from loco_timm.data.datasets import find_fashion_mnist
 from loco_timm.files import plain_permissions, umask
+from loco_timm.hub.export import export
 from loco_timm.training.checkpoint import MANIFEST, _manifest, _prune, list_checkpoints, verify_checkpoint
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST not installed')]
-TRAIN = ['--config', FMNIST, '--subset', '64', '--batch-size', '16', '--max-steps', '6', '--checkpoint-every', '3',
-         '--keep-checkpoints', '2', '--trackers', 'none']
+TRAIN = ['--config', FMNIST, *TINY_TRAIN]  # the shared run's command: 6 steps, checkpoints at steps 3 and 6
 
 
 def _truncate(path: Path, keep: int = 100) -> None:
@@ -38,19 +40,15 @@ def _flip_byte(path: Path, offset: int = -50) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.fixture(scope='module')
-def finished(tmp_path_factory):
-    """A finished 6-step run (checkpoints at steps 3 and 6), kept pristine: tests copy it."""
-    run = tmp_path_factory.mktemp('faults') / 'run'
-    result = cli('train', '--out-dir', run, *TRAIN, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run
+@pytest.fixture
+def finished(fmnist_run):
+    """A finished 6-step run (checkpoints at steps 3 and 6) trained by `loco-timm train TRAIN` and read out, kept
+    pristine: tests copy it."""
+    return fmnist_run
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:
-    target = tmp_path / 'run'
-    shutil.copytree(run, target)
-    return target
+    return copy_run(run, tmp_path)
 
 
 def test_checkpoints_carry_a_manifest_that_verifies(finished):
@@ -129,10 +127,9 @@ def test_pruning_never_removes_the_newest_intact_checkpoints(tmp_path):
 
 def test_atomically_written_files_get_the_permissions_a_plain_write_gives(finished, tmp_path):
     run = _copy(finished, tmp_path)
-    result = cli('readout', run, '--config', FMNIST, *TINY_READOUT)
-    assert result.returncode == 0, result.stderr[-2000:]
-    result = cli('export', run, '--config', FMNIST, '--out', tmp_path / 'export')
-    assert result.returncode == 0, result.stderr[-2000:]
+    cli_here('readout', run, '--config', FMNIST, *TINY_READOUT)  # written here: the copy's readout evaluates it
+    with in_process():
+        export(run, FMNIST, tmp_path / 'export', log=lambda *_: None)
     plain = 0o666 & ~umask()
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / 'export').iterdir()}
     assert modes['model.safetensors'] == plain and set(modes.values()) == {plain}, modes
@@ -143,7 +140,7 @@ def test_atomically_written_files_get_the_permissions_a_plain_write_gives(finish
     assert stat.S_IMODE(secret.stat().st_mode) == plain
 
 
-def _popen(args, threads='2', **kwargs):
+def _popen(args, threads='1', **kwargs):
     env = {**os.environ, 'OMP_NUM_THREADS': threads, 'ACCELERATE_USE_CPU': '1', 'PYTHONUNBUFFERED': '1'}
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, **kwargs)
@@ -168,11 +165,13 @@ LONG = ['--config', FMNIST, '--subset', '64', '--batch-size', '16', '--max-steps
         '--log-every', '1', '--trackers', 'none']
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture
 def uninterrupted(tmp_path_factory):
-    run = tmp_path_factory.mktemp('uninterrupted') / 'run'
-    result = cli('train', '--out-dir', run, *LONG, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    """The final weights of `loco-timm train LONG`, trained once per test run."""
+    def build(run):
+        result = cli('train', '--out-dir', run, *LONG, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    run = shared_build(tmp_path_factory, 'faults-uninterrupted', build)
     return load_file(str(list_checkpoints(run)[-1] / 'learner.safetensors'))
 
 
@@ -184,8 +183,7 @@ def _assert_same_weights(run: Path, expected: dict, steps: int = 40) -> None:
 
 
 @pytest.mark.parametrize('signum', ['SIGTERM', 'SIGINT'])
-def test_a_signal_finishes_the_step_writes_a_checkpoint_and_resume_ends_as_uninterrupted(tmp_path, uninterrupted,
-                                                                                         signum):
+def test_a_signal_finishes_the_step_writes_a_checkpoint_and_resume_ends_as_uninterrupted(tmp_path, request, signum):
     run = tmp_path / 'run'
     proc = _popen(_cli_args('train', '--out-dir', run, *LONG))
     _wait_for_step(run, 3, proc)
@@ -200,9 +198,10 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_resume_ends_as_unint
         return  # the resume from a stop's checkpoint does not depend on the signal (SIGTERM checks it)
     result = cli('train', '--out-dir', run, *LONG, '--resume', timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    _assert_same_weights(run, uninterrupted)
+    _assert_same_weights(run, request.getfixturevalue('uninterrupted'))
 
 
+@PROCESSES
 def test_two_processes_stop_after_the_same_step_and_resume_mid_epoch_exactly(tmp_path):
     def launch(run, *extra):
         with socket.socket() as s:
@@ -211,7 +210,7 @@ def test_two_processes_stop_after_the_same_step_and_resume_mid_epoch_exactly(tmp
         return _popen([sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
                        '--num_machines', '1', '--main_process_ip', '127.0.0.1', '--main_process_port', str(port),
                        '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'loco_timm', 'train', '--out-dir',
-                       str(run), *shorter, *extra], threads='1')  # one thread per process on two cores
+                       str(run), *shorter, *extra])  # one thread per process on two cores
 
     shorter = [('16' if previous == '--max-steps' else a) for previous, a in zip([None] + LONG, LONG)]
 
@@ -245,7 +244,9 @@ def test_two_processes_stop_after_the_same_step_and_resume_mid_epoch_exactly(tmp
 
 def test_a_second_trainer_on_a_folder_in_use_stops_and_a_killed_trainers_lock_is_taken_over(tmp_path):
     run = tmp_path / 'run'
-    longer = [('400' if previous == '--max-steps' else a) for previous, a in zip([None] + LONG, LONG)]
+    # no checkpoint before the kill, however fast the steps: the third trainer then starts afresh with LONG
+    longer = [{'--max-steps': '400', '--checkpoint-every': '1000'}.get(previous, a)
+              for previous, a in zip([None] + LONG, LONG)]
     first = _popen(_cli_args('train', '--out-dir', run, *longer))
     _wait_for_step(run, 2, first)
     second = cli('train', '--out-dir', run, *LONG, '--resume', timeout=300)
@@ -264,16 +265,14 @@ def test_a_second_trainer_on_a_folder_in_use_stops_and_a_killed_trainers_lock_is
 def test_the_same_command_on_the_same_machine_and_thread_count_gives_identical_results(finished, tmp_path):
     """What the README promises to reproduce: bit-identical weights and readout for the same command, machine and
     thread count (OMP_NUM_THREADS); nothing across machines or thread counts."""
-    again = tmp_path / 'again'
+    again = tmp_path / 'again'  # finished ran these two commands too (conftest.py), in a process of its own
     result = cli('train', '--out-dir', again, *TRAIN, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for a, b in zip(list_checkpoints(finished), list_checkpoints(again), strict=True):
         assert (a / 'learner.safetensors').read_bytes() == (b / 'learner.safetensors').read_bytes()
-    readouts = []
-    for run in (_copy(finished, tmp_path / 'first'), again):
-        result = cli('readout', run, '--config', FMNIST, *TINY_READOUT)
-        assert result.returncode == 0, result.stderr[-2000:]
-        readouts.append(json.loads((run / 'readout.json').read_text())['rows'])
+    result = cli('readout', again, '--config', FMNIST, *TINY_READOUT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    readouts = [json.loads((run / 'readout.json').read_text())['rows'] for run in (finished, again)]
     assert readouts[0] == readouts[1]
 
 
@@ -304,7 +303,7 @@ def test_a_checkpoint_missing_its_progress_file_is_named_not_passed_over(finishe
 
 def test_a_damaged_readout_head_is_named_by_export(finished, tmp_path):
     run = _copy(finished, tmp_path)
-    assert cli('readout', run, '--config', FMNIST, *TINY_READOUT).returncode == 0
+    cli_here('readout', run, '--config', FMNIST, *TINY_READOUT)  # written here: the copy's readout evaluates it
     _truncate(run / 'readout_head.safetensors', 20)
     result = cli('export', run, '--config', FMNIST, '--out', tmp_path / 'export')
     assert result.returncode == 2 and '\n' not in result.stderr.strip()

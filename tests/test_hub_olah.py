@@ -20,7 +20,8 @@ from loco_timm.models.tags import get_hub_config, hub_config_dir
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST not installed'),
-              pytest.mark.skipif(shutil.which('git') is None, reason='olah serves git repositories')]
+              pytest.mark.skipif(shutil.which('git') is None, reason='olah serves git repositories'),
+              pytest.mark.xdist_group('olah')]  # one worker starts the server, once
 OLAH = Path(sys.executable).parent / 'olah-cli'
 
 
@@ -97,13 +98,12 @@ def _load_logits(tmp_path, olah, cache, name, imports, x, offline=False):
 
 
 @pytest.fixture(scope='module')
-def published(olah, tmp_path_factory):
-    """The main job's tag trained briefly, read out, exported and served by olah; returns the run folder."""
-    root = tmp_path_factory.mktemp('published')
-    run = train_and_read_out(root / 'run')
-    exported = export(run, FMNIST, root / 'export', log=lambda *_: None)
+def published(olah, fmnist_run, tmp_path_factory):
+    """The main job's tag trained briefly and read out (the shared run: conftest.py), exported and served by olah;
+    returns the run folder (only read)."""
+    exported = export(fmnist_run, FMNIST, tmp_path_factory.mktemp('published') / 'export', log=lambda *_: None)
     _git_repo(exported, olah['models'] / get_hub_config(FMNIST).repo_id)
-    return run
+    return fmnist_run
 
 
 def test_plugin_loads_the_registry_tag_from_the_hub_mirror_then_offline_from_the_cache(olah, published, tmp_path):
@@ -119,18 +119,24 @@ def test_plugin_loads_the_registry_tag_from_the_hub_mirror_then_offline_from_the
     torch.testing.assert_close(offline, expected, rtol=0, atol=0)
 
 
-def test_plain_timm_loads_an_export_of_a_timm_architecture_without_loco_timm(olah, tmp_path):
-    # a recipe for timm's own test_resnet: its export names `test_resnet`, so timm alone rebuilds it
-    text = (hub_config_dir() / f'{FMNIST}.yaml').read_text().replace('loco-timm/loco_resnet18_small.simclr_fmnist',
-                                                                       'test-org/test_resnet-fmnist')
-    config = tmp_path / 'test_resnet.simclr_fmnist.yaml'
+@pytest.mark.parametrize('recipe, architecture', [
+    (FMNIST, 'test_resnet'),  # the main job's recipe on timm's own test_resnet: its export names `test_resnet`
+    ('vit_tiny_patch16_224.simclr_fmnist', 'vit_tiny_patch16_224'),  # a cross-family member, tokens not maps
+])
+def test_plain_timm_loads_an_export_of_a_timm_architecture_without_loco_timm(olah, tmp_path, recipe, architecture):
+    """An export of a plain timm architecture (its own constructor arguments in config.json) loads with timm alone
+    through `hf-hub:` into the logits of the trained encoder and readout head."""
+    repo = f'test-org/{architecture}-fmnist'
+    text = (hub_config_dir() / f'{recipe}.yaml').read_text().replace(get_hub_config(recipe).repo_id, repo)
+    config = tmp_path / f'{architecture}.simclr_fmnist.yaml'
     config.write_text(text)
     run = train_and_read_out(tmp_path / 'run', str(config))
     exported = export(run, config, tmp_path / 'export', log=lambda *_: None)
     assert 'import loco_timm` not needed' in (exported / 'README.md').read_text()
-    _git_repo(exported, olah['models'] / 'test-org' / 'test_resnet-fmnist')
-    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(2))
-    logits, stdout = _load_logits(tmp_path, olah, tmp_path / 'cache', 'hf-hub:test-org/test_resnet-fmnist', '', x)
+    _git_repo(exported, olah['models'] / 'test-org' / f'{architecture}-fmnist')
+    size = get_hub_config(recipe).model['input_size']
+    x = torch.randn(8, *size, generator=torch.Generator().manual_seed(2))
+    logits, stdout = _load_logits(tmp_path, olah, tmp_path / 'cache', f'hf-hub:{repo}', '', x)
     assert 'loco_timm imported: False' in stdout
     torch.testing.assert_close(logits, reference_logits(run, x), rtol=0, atol=0)
 

@@ -1,12 +1,10 @@
 """The ImageNet recipes are the paper's, literally; and they run (dry run with size overrides only)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from formats import hf_parquet, wds_shards
 from PIL import Image
+from zoo_common import cli_here
 
 from loco_timm.config import ReadoutConfig, TrainConfig, from_dict, load_recipe
 from loco_timm.models.tags import get_hub_config
@@ -103,13 +101,10 @@ def test_imagenet_recipe_dry_runs_with_only_size_overrides(tmp_path, source):
     if source != 'folder':
         pytest.importorskip('datasets' if source == 'hfds' else 'webdataset')
     data, run = _source(source, tmp_path / 'data'), tmp_path / 'run'
-    env = {**os.environ, 'OMP_NUM_THREADS': '2'}
     overrides = [*data, '--out-dir', run, '--batch-size', '4', '--image-size', '32', '--max-steps', '2',
                  '--trackers', 'none']
     tag = 'loco_resnet50.simclr_in1k'
-    result = subprocess.run([sys.executable, '-m', 'loco_timm', 'train', '--config', tag, *map(str, overrides)],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    cli_here('train', '--config', tag, *overrides)  # `loco-timm train`, in the test process
     progress = json.loads(next(run.glob('checkpoints/step-*/progress.json')).read_text())
     trained = from_dict(TrainConfig, progress['config'])
     assert progress['step'] == 2 and (trained.batch_size, trained.image_size) == (4, 32)
@@ -118,10 +113,7 @@ def test_imagenet_recipe_dry_runs_with_only_size_overrides(tmp_path, source):
     assert trained.base_lr * 4096 / 256 == pytest.approx(4.8)
     assert (trained.mixed_precision, trained.sync_bn) == ('bf16', True)
     only_model = ['--references', 'false'] if source != 'folder' else []  # the reference rows: once is enough
-    readout = subprocess.run([sys.executable, '-m', 'loco_timm', 'readout', str(run), '--config', tag,
-                              '--epochs', '3', '--knn-k', '4', *only_model], env=env, capture_output=True, text=True,
-                             timeout=600)
-    assert readout.returncode == 0, readout.stderr[-3000:]
+    cli_here('readout', run, '--config', tag, '--epochs', '3', '--knn-k', '4', *only_model)
     results = json.loads((run / 'readout.json').read_text())
     assert len(results['rows']['model']['linear']) == 4  # every stage read out
     used = results['readout']

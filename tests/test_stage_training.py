@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from shared_runs import PROCESSES
+from zoo_common import cli_here
 
 from loco_timm import LocalLearner
 from loco_timm.data.datasets import find_fashion_mnist
@@ -68,13 +70,14 @@ def _same(a, b):
 
 @pytest.fixture(scope='module')
 def single(tmp_path_factory):
-    """One process, one thread: the reference of the synchronous mode."""
+    """One process, one thread: the reference of the synchronous mode (trained in the test process)."""
     run = tmp_path_factory.mktemp('single') / 'run'
-    _finish(_launch(run, processes=1))
+    cli_here('train', '--out-dir', run, *SHORT)
     return _weights(run)
 
 
 @slow
+@PROCESSES
 def test_synchronous_stage_groups_train_to_the_weights_of_one_process(single, tmp_path):
     run = tmp_path / 'run'  # the placement measured at the start (an explicit one: the pipelined tests below)
     _finish(_launch(run, '--pipeline', '2'))
@@ -92,6 +95,7 @@ def test_synchronous_stage_groups_train_to_the_weights_of_one_process(single, tm
 
 
 @slow
+@PROCESSES
 def test_two_stage_groups_times_two_replicas_train_to_the_weights_of_two_data_parallel_processes(tmp_path):
     """4 processes: 2 stage groups x 2 replicas, each replica half of every batch (its BatchNorm statistics on that
     half), negatives gathered across replicas, gradients averaged: the run of 2 data-parallel processes."""
@@ -104,6 +108,7 @@ def test_two_stage_groups_times_two_replicas_train_to_the_weights_of_two_data_pa
 
 
 @slow
+@PROCESSES
 def test_pipelined_run_resumes_exactly_with_its_delayed_gradient_and_stops_all_processes_at_one_step(tmp_path):
     reference = tmp_path / 'reference'
     _finish(_launch(reference, '--pipeline', '2', '--pipelined', '--checkpoint-every', '5', '--keep-checkpoints', '10'))
@@ -137,6 +142,7 @@ def test_pipelined_run_resumes_exactly_with_its_delayed_gradient_and_stops_all_p
 
 
 @slow
+@PROCESSES
 def test_pipelined_differs_from_synchronous_and_a_placement_change_is_refused_on_resume(single, tmp_path):
     run = tmp_path / 'run'
     _finish(_launch(run, '--pipeline', '2', '--pipelined', '--placement', '[[0, 1], [2, 3]]'))

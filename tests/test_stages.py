@@ -27,10 +27,23 @@ def _model(name, kwargs):
     return timm.create_model(name, **kwargs).eval()
 
 
-@pytest.mark.parametrize('name,kwargs,k', FAMILIES, ids=[f[0] for f in FAMILIES])
-def test_stages_compose_to_forward_features_exactly(name, kwargs, k):
+@pytest.fixture(scope='module', params=FAMILIES, ids=[f[0] for f in FAMILIES])
+def family(request):
+    """(model, its default stages, default K) of each family, built and split once for the tests that only read
+    them (evaluation mode, no gradients)."""
+    name, kwargs, k = request.param
     model = _model(name, kwargs)
-    stages = split_stages(model)
+    return model, split_stages(model), k
+
+
+@pytest.fixture(scope='module')
+def resnet50():
+    """timm's ResNet-50 (seeded, evaluation mode), built once for the tests that split it and only read it."""
+    return _model('resnet50', {})
+
+
+def test_stages_compose_to_forward_features_exactly(family):
+    model, stages, k = family
     assert isinstance(stages, nn.ModuleList) and len(stages) == k
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -41,11 +54,10 @@ def test_stages_compose_to_forward_features_exactly(name, kwargs, k):
     assert torch.equal(h, expected)
 
 
-@pytest.mark.parametrize('name,kwargs,k', FAMILIES, ids=[f[0] for f in FAMILIES])
-def test_stages_partition_the_trunk_parameters(name, kwargs, k):
-    model = _model(name, kwargs)
+def test_stages_partition_the_trunk_parameters(family):
+    model, stages, _ = family
     owner = {}
-    for i, stage in enumerate(split_stages(model)):
+    for i, stage in enumerate(stages):
         for p in stage.parameters():
             assert id(p) not in owner, 'a parameter belongs to two stages'
             owner[id(p)] = i
@@ -60,8 +72,8 @@ def _blocks_of(model, stage, depth=2):
     return sorted({'.'.join(names[id(p)].split('.')[:depth]) for p in stage.parameters()})
 
 
-def test_resnet50_default_stages_are_stem_res2_then_res3_res4_res5():
-    model = timm.create_model('resnet50')
+def test_resnet50_default_stages_are_stem_res2_then_res3_res4_res5(resnet50):
+    model = resnet50
     stages = split_stages(model)
     assert [s.level for s in stages] == ['layer1', 'layer2', 'layer3', None]
     assert _blocks_of(model, stages[0]) == ['bn1.bias', 'bn1.weight', 'conv1.weight', 'layer1.0', 'layer1.1',
@@ -99,15 +111,15 @@ def test_vit_num_stages_groups_blocks(k):
         assert torch.equal(h, model.forward_features(x))
 
 
-def test_fewer_stages_merge_neighbouring_default_stages():
-    model = timm.create_model('resnet50')
+def test_fewer_stages_merge_neighbouring_default_stages(resnet50):
+    model = resnet50
     stages = split_stages(model, num_stages=2)
     assert [sorted({b.split('.')[0] for b in _blocks_of(model, s)} - {'conv1', 'bn1'}) for s in stages] == \
         [['layer1', 'layer2'], ['layer3', 'layer4']]
 
 
-def test_more_stages_split_the_longest_stage_at_a_block_boundary():
-    model = _model('resnet50', {})
+def test_more_stages_split_the_longest_stage_at_a_block_boundary(resnet50):
+    model = resnet50
     stages = split_stages(model, num_stages=6)  # the paper's "progressive" 6-stage ResNet-50
     assert [s.level for s in stages] == ['layer1', 'layer2.1', 'layer2', 'layer3.2', 'layer3', None]
     x = torch.randn(1, 3, 32, 32)
@@ -249,6 +261,7 @@ def test_a_traced_model_keeps_no_trace_constants_after_a_refused_trace():
     assert set(vars(model)) == before
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not timm.is_model('gemma4_vit_167m'), reason='timm without Gemma 4')
 def test_gemma4_vit_splits_at_its_encoder_blocks_and_trains_one_loco_step():
     """Gemma 4's forward_features branches on the input's rank, and its classifier names its levels relative to

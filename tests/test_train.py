@@ -1,4 +1,7 @@
-"""Training through Accelerate: process/machine equivalence, bf16, kill and resume, non-finite losses, bad input."""
+"""Training through Accelerate: process/machine equivalence, bf16, kill and resume, non-finite losses, bad input.
+
+Launches of several processes are what the multi-process tests are about; single-process references, set-up runs and
+the commands whose process does not matter run in the test process (shared_runs.in_process)."""
 import json
 import os
 import signal
@@ -11,9 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from shared_runs import PROCESSES, in_process
+from zoo_common import cli_here
 
+from loco_timm.config import TrainConfig, from_dict
 from loco_timm.data.datasets import find_fashion_mnist
 from loco_timm.training.checkpoint import latest_checkpoint, list_checkpoints
+from loco_timm.training.train import train
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST not installed')]
@@ -60,13 +67,21 @@ def _weights(run_dir):
 
 @pytest.fixture(scope='module')
 def one_process(tmp_path_factory):
+    """The one-process reference, trained in the test process: its checkpoints and the averaged gradients of step 1
+    (what train_worker.py --dump-grads saves)."""
+    from safetensors.torch import save_file
     out = tmp_path_factory.mktemp('one')
-    recipe = dict(TINY, out_dir=str(out / 'run'))
-    result = _run(_worker(recipe, 1, ['--dump-grads', str(out / 'grads.safetensors')]))
-    assert result.returncode == 0, result.stderr[-3000:]
+
+    def dump_grads(step, learner):
+        if step == 0:
+            save_file({n: p.grad.detach().clone() for n, p in learner.named_parameters() if p.grad is not None},
+                      str(out / 'grads.safetensors'))
+    with in_process():
+        train(from_dict(TrainConfig, dict(TINY, out_dir=str(out / 'run'))), after_backward=dump_grads)
     return out
 
 
+@PROCESSES
 def test_two_processes_match_one_process(one_process, tmp_path):
     recipe = dict(TINY, out_dir=str(tmp_path / 'run'))
     result = _run(_worker(recipe, 2, ['--dump-grads', str(tmp_path / 'grads.safetensors')]))
@@ -83,6 +98,7 @@ def test_two_processes_match_one_process(one_process, tmp_path):
         torch.testing.assert_close(final_two[name], final_one[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@PROCESSES
 def test_two_machines_on_loopback_match_one_process(one_process, tmp_path):
     recipe = dict(TINY, out_dir=str(tmp_path / 'run'))
     port = _port()
@@ -101,12 +117,18 @@ def test_bf16_mixed_precision_applies_inside_the_learner_step(tmp_path):
     # adds of float32 inputs would promote them back to float32)
     recipe = dict(TINY, backbone='test_resnet', out_dir=str(tmp_path / 'run'), max_steps=2, mixed_precision='bf16',
                   trackers='tensorboard')
-    result = _run(_worker(recipe, 1, ['--dump-dtype', str(tmp_path / 'dtype.txt')]))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / 'dtype.txt').read_text() == 'torch.bfloat16'
+    dtypes = []
+
+    def record_dtype(step, learner):  # what train_worker.py --dump-dtype records: stage 1's output in step 2
+        if step == 0:
+            learner.stages[1].register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    with in_process():
+        train(from_dict(TrainConfig, recipe), after_backward=record_dtype)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
     assert list((tmp_path / 'run' / 'loco').glob('events.out.tfevents.*'))  # per-unit losses, lr, img/s
 
 
+@PROCESSES
 def test_non_finite_loss_on_one_process_stops_every_process_and_keeps_the_checkpoint(tmp_path):
     recipe = dict(TINY, out_dir=str(tmp_path / 'run'), checkpoint_every=1)
     # rank 1's 5th loss call is unit 1 of step 2 (4 units per step)
@@ -116,6 +138,7 @@ def test_non_finite_loss_on_one_process_stops_every_process_and_keeps_the_checkp
     assert [p.name for p in list_checkpoints(tmp_path / 'run')] == ['step-00000001']
 
 
+@PROCESSES
 def test_batch_not_divisible_by_processes_is_a_one_line_error(tmp_path):
     cmd = ACCELERATE + _launch_args(2) + ['-m', 'loco_timm', 'train', '--backbone', 'test_convnext', '--image-size',
                                           '32', '--subset', '64', '--batch-size', '15', '--out-dir', str(tmp_path)]
@@ -138,8 +161,7 @@ def _tiny_cli_args(out_dir, **changes):
 
 
 def test_killed_run_resumes_to_the_same_weights_then_reads_out(tmp_path):
-    uninterrupted = _run(_cli('train', *_tiny_cli_args(tmp_path / 'full')))
-    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    cli_here('train', *_tiny_cli_args(tmp_path / 'full'))  # the uninterrupted reference
 
     run = tmp_path / 'killed'
     proc = subprocess.Popen(_cli('train', *_tiny_cli_args(run)), env=_env(), stdout=subprocess.DEVNULL,
@@ -166,9 +188,7 @@ def test_killed_run_resumes_to_the_same_weights_then_reads_out(tmp_path):
              for folder in (tmp_path / 'full', run)]
     assert steps[1] == steps[0]  # rows logged between the checkpoint and the kill are not kept twice
 
-    readout = _run(_cli('readout', str(run), '--epochs', '2', '--train-subset', '256', '--test-subset', '128',
-                        '--knn-k', '20'))
-    assert readout.returncode == 0, readout.stderr[-3000:]
+    cli_here('readout', run, '--epochs', '2', '--train-subset', '256', '--test-subset', '128', '--knn-k', '20')
     results = json.loads((run / 'readout.json').read_text())
     assert set(results['rows']) == {'model', 'random_init', 'pixels'}
     assert len(results['rows']['model']['linear']) == 4 and len(results['rows']['pixels']['knn']) == 1
@@ -176,8 +196,7 @@ def test_killed_run_resumes_to_the_same_weights_then_reads_out(tmp_path):
 
 
 def test_resume_with_an_incompatible_recipe_is_a_one_line_error(tmp_path):
-    first = _run(_cli('train', *_tiny_cli_args(tmp_path, max_steps=1)))
-    assert first.returncode == 0, first.stderr[-3000:]
+    cli_here('train', *_tiny_cli_args(tmp_path, max_steps=1))
     again = _run(_cli('train', '--resume', *_tiny_cli_args(tmp_path, max_steps=1, batch_size=32)))
     assert again.returncode == 2
     assert again.stderr.strip().splitlines()[-1].startswith(
@@ -190,17 +209,15 @@ def test_train_command_trains_families_of_the_generic_splitter(tmp_path, backbon
     """NHWC maps (MambaOut) and a hybrid conv/attention model (CoAtNet) through the whole command."""
     size = 64 if backbone == 'test_coatnet' else 32  # CoAtNet's attention grid follows its img_size argument
     extra = {'model_args': {'img_size': size}} if backbone == 'test_coatnet' else {}
-    result = _run(_cli('train', *_tiny_cli_args(tmp_path, backbone=backbone, image_size=size, max_steps=2,
-                                                checkpoint_every=2, **extra)))
-    assert result.returncode == 0, result.stderr[-3000:]
+    cli_here('train', *_tiny_cli_args(tmp_path, backbone=backbone, image_size=size, max_steps=2, checkpoint_every=2,
+                                      **extra))
     assert latest_checkpoint(tmp_path) is not None
 
 
 @pytest.mark.parametrize('backbone', ['loco_shufflenet_v2_50', 'loco_presnet50'])
 def test_train_command_trains_the_papers_other_encoders(tmp_path, backbone):
-    result = _run(_cli('train', *_tiny_cli_args(tmp_path, backbone=backbone, image_size=32, max_steps=2,
-                                                checkpoint_every=2, batch_size=8)))
-    assert result.returncode == 0, result.stderr[-3000:]
+    cli_here('train', *_tiny_cli_args(tmp_path, backbone=backbone, image_size=32, max_steps=2, checkpoint_every=2,
+                                      batch_size=8))
     weights = load_file(str(latest_checkpoint(tmp_path) / 'learner.safetensors'))
     assert any(k.endswith('conv6.conv.weight' if 'shufflenet' in backbone else 'stages.5.2.conv.1.conv.weight')
                for k in weights)

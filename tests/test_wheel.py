@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('wheel')]  # one worker builds the environment, once
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ('matplotlib', 'tensorboard', 'datasets', 'webdataset')
 TAG = 'loco_resnet18_small.simclr_fmnist'
@@ -35,7 +35,8 @@ def fresh(tmp_path_factory):
     venv = tmp / 'fresh'
     _run([sys.executable, '-m', 'venv', venv])
     env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
-    _run([venv / 'bin' / 'python', '-m', 'pip', 'install', '-q', '--disable-pip-version-check', wheel], env=env)
+    _run([venv / 'bin' / 'python', '-m', 'pip', 'install', '-q', '--disable-pip-version-check', '--no-compile', wheel],
+         env=env)  # no byte-compiling of torch's thousands of modules: Python compiles what it imports
     yield venv / 'bin' / 'python', venv / 'bin' / 'loco-timm', env
     shutil.rmtree(venv, ignore_errors=True)
 

@@ -151,6 +151,7 @@ def test_hub_config_yaml_is_read_safely(tmp_path):
         load_hub_config(_write(tmp_path, f'{FMNIST}.yaml', evil))
 
 
+@pytest.mark.slow  # a process of its own
 def test_pretrained_weights_that_are_not_there_raise_one_clear_error(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'cache'), HF_HUB_DISABLE_TELEMETRY='1')
     code = ('import timm, loco_timm\n'

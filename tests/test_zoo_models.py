@@ -59,10 +59,22 @@ def _presnet_spec():
     return sum(m for m, _ in layers) + 4096 * 1000, sum(p for _, p in layers) + 4096 * 1000 + 1000
 
 
+@pytest.fixture(scope='module')
+def built():
+    """``built(name)``: the full-width model in evaluation mode, built once for the tests that only read it."""
+    models = {}
+
+    def get(name):
+        if name not in models:
+            models[name] = timm.create_model(name, pretrained=False).eval()
+        return models[name]
+    return get
+
+
 @pytest.mark.parametrize('name, spec, paper_gmacs', [('loco_shufflenet_v2_50', _shufflenet_spec, 2.3),
                                                      ('loco_presnet50', _presnet_spec, 4.16)])
-def test_parameters_and_multiply_adds_match_the_layout(name, spec, paper_gmacs):
-    model = timm.create_model(name, pretrained=False).eval()
+def test_parameters_and_multiply_adds_match_the_layout(built, name, spec, paper_gmacs):
+    model = built(name)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.zeros(1, 3, 224, 224))
     macs, params = counter.get_total_flops() / 2, sum(p.numel() for p in model.parameters())
@@ -73,9 +85,9 @@ def test_parameters_and_multiply_adds_match_the_layout(name, spec, paper_gmacs):
         assert abs(macs / 1e9 / paper_gmacs - 1) < 0.03
 
 
-def test_shufflenet_v2_50_has_50_convolutions_on_its_main_path():
+def test_shufflenet_v2_50_has_50_convolutions_on_its_main_path(built):
     """conv1, 16 units x 3 on the main branch, conv6 (the downsampling units' second branches and fc not counted)."""
-    model = timm.create_model('loco_shufflenet_v2_50')
+    model = built('loco_shufflenet_v2_50')
     main = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and 'branch_proj' not in n]
     assert len(main) == 50
 
@@ -110,9 +122,9 @@ def test_timm_protocol(name, shapes):
     ('loco_shufflenet_v2_50', ['stages.0', 'stages.1', 'stages.2', 'conv6']),
     ('loco_presnet50', [f'stages.{i}' for i in range(6)]),
 ])
-def test_split_into_the_papers_stages(name, stages):
+def test_split_into_the_papers_stages(built, name, stages):
     """ShuffleNet v2-50: conv1 + stage 2, stage 3, stage 4, stage 5 + conv6; presnet: stem + res2, res3 ... res7."""
-    model = timm.create_model(name).eval()
+    model = built(name)
     split = split_stages(model)
     assert [s.level for s in split[:-1]] == stages[:-1] and len(split) == len(stages)
     x = torch.randn(2, 3, 64, 64)

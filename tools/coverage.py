@@ -77,13 +77,16 @@ def param_count(name: str) -> int:
 
 
 def input_size_for(model: torch.nn.Module, side: int = SIDE) -> tuple[int, int, int]:
-    """``side`` px; else the model's smallest input size (``min_input_size``), where ``side`` px does not run (a
-    patch size that does not divide it); else the model's own input size (also where it is fixed)."""
+    """``side`` px; else twice or four times ``side`` where that is smaller than the model's own size, else the model's
+    smallest input size (``min_input_size``), where ``side`` px does not run (a patch size that does not divide it, a
+    map that valid convolutions shrink to nothing); else the model's own input size (also where it is fixed)."""
     cfg = model.pretrained_cfg
     default = tuple(cfg.get('input_size', (3, 224, 224)))
     if cfg.get('fixed_input_size', False):
         return default
-    candidates = [(default[0], side, side)]
+    # side px, then twice and four times it below the model's own size (Inception's valid convolutions need about
+    # 75 px), then its smallest size
+    candidates = [(default[0], s, s) for s in (side, 2 * side, 4 * side) if s == side or s < default[1]]
     smallest = tuple(cfg.get('min_input_size') or ())
     if len(smallest) == 3 and smallest[1] * smallest[2] < default[1] * default[2]:
         candidates.append(smallest)

@@ -46,7 +46,7 @@ class RunLock:
         Raises:
             ConfigError: Another live process holds it (one line naming it).
         """
-        import fcntl
+        import fcntl  # POSIX only: imported where the lock is taken, so loco_timm imports anywhere
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as err:
@@ -85,7 +85,7 @@ class RunLock:
 
     def release(self) -> None:
         """Empty the file (a later trainer then has nothing to take over) and drop the lock."""
-        import fcntl
+        import fcntl  # POSIX only: imported where the lock is taken, so loco_timm imports anywhere
         if self.fd is None:
             return
         try:

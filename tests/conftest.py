@@ -63,9 +63,9 @@ def _flock(path: Path, mode: int):
 
 @contextmanager
 def _machine(config, alone: bool):
-    """Between the pytest-xdist workers of this run: a PROCESSES test runs alone (an exclusive lock), any other
-    test beside any other (a shared lock). A waiting PROCESSES test holds the turnstile, so the other worker's next
-    test waits for it instead of overtaking it."""
+    """Between the pytest-xdist workers of this run: an ALONE test runs alone (an exclusive lock), any other test
+    beside any other (a shared lock). A waiting ALONE test holds the turnstile, so the other worker's next test waits
+    for it instead of overtaking it."""
     basetemp = getattr(config.option, 'basetemp', None)
     if not os.environ.get('PYTEST_XDIST_WORKER') or not basetemp:
         yield  # one process runs the tests: nothing beside them
@@ -85,5 +85,5 @@ def _machine(config, alone: bool):
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """The lock spans the test's set-up (module fixtures that start processes), call and teardown."""
-    with _machine(item.config, alone='processes' in _groups(item)):
+    with _machine(item.config, alone=item.get_closest_marker('alone') is not None):
         return (yield)

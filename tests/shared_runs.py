@@ -7,9 +7,10 @@ copy (:func:`copy_run`).
 
 Tests that start several processes at once (``accelerate launch`` with 2-4 processes, gloo process groups) are
 marked :data:`PROCESSES`. With pytest-xdist, ``--dist loadgroup`` (``scripts/run.sh test`` passes it) gives them all
-to one worker, one after another, and each of them has the machine to itself (conftest.py): the other worker finishes
-the test it runs and waits, rather than running processes on cores these tests fill (an oversubscribed gloo process
-group or OpenMP team waits for its descheduled members, many times slower).
+to one worker, one after another: two single-threaded ranks beside the other worker's test share the two cores. A
+test that starts more processes than there are cores is also marked :data:`ALONE` and has the machine to itself
+(conftest.py): the other worker finishes the test it runs and waits, rather than adding to an oversubscribed gloo
+process group, which waits for its descheduled members many times over.
 """
 import os
 import shutil
@@ -21,7 +22,8 @@ import pytest
 import torch
 from filelock import FileLock
 
-PROCESSES = pytest.mark.xdist_group('processes')  # several processes at once: one such test at a time, alone
+PROCESSES = pytest.mark.xdist_group('processes')  # several processes at once: one such test at a time
+ALONE = pytest.mark.alone  # more processes than cores: nothing beside it
 
 
 def shared_build(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:

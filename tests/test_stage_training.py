@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from shared_runs import PROCESSES
+from shared_runs import ALONE, PROCESSES
 from zoo_common import cli_here
 
 from loco_timm import LocalLearner
@@ -96,6 +96,7 @@ def test_synchronous_stage_groups_train_to_the_weights_of_one_process(single, tm
 
 @slow
 @PROCESSES
+@ALONE  # 4 processes
 def test_two_stage_groups_times_two_replicas_train_to_the_weights_of_two_data_parallel_processes(tmp_path):
     """4 processes: 2 stage groups x 2 replicas, each replica half of every batch (its BatchNorm statistics on that
     half), negatives gathered across replicas, gradients averaged: the run of 2 data-parallel processes."""

@@ -119,6 +119,7 @@ REDUCED = {
     'tnt': dict(depth=4),
     'sequencer': dict(layers=[1, 1, 1, 1]),
     'swin_transformer_v2': dict(depths=(1, 1, 1, 1)),
+    'coat': dict(parallel_depth=1),
 }
 
 

@@ -73,3 +73,23 @@ def test_budgets_must_differ_only_in_epochs(tmp_path):
     c = _study(tmp_path / 'c', 10, {('loco_conv', 0): 86.0}, extra=dict(batch_size=64))
     with pytest.raises(ValueError, match='has another recipe than the other budgets'):
         trend([a, c])
+
+
+def test_the_l2_ablation_is_held_beside_the_arms_where_a_budget_ran_it(tmp_path):
+    three = {('loco_conv', s): v for s, v in enumerate((85.0, 85.4, 85.2))}
+    three |= {('e2e_mlp', s): v for s, v in enumerate((85.8, 85.9, 86.1))}
+    three |= {('loco_l2_1e-4', s): v for s, v in enumerate((85.9, 86.0, 86.0))}
+    ten = {('loco_conv', 0): 87.0, ('e2e_mlp', 0): 87.2}  # no L2 runs at 10 epochs
+    report = trend([_study(tmp_path / 'a', 3, three), _study(tmp_path / 'b', 10, ten)])
+    l2_loco, l2_e2e = (report['budgets'][0]['pairs'][k] for k in ('L2 - LoCo', 'L2 - E2E'))
+    assert l2_loco['diffs'] == [0.9, 0.6, 0.8] and l2_loco['claim'] == 'held'  # 0.77 +- 2 x 0.09 above 0
+    assert l2_e2e['diffs'] == [0.1, 0.1, -0.1] and l2_e2e['claim'] == 'held'  # 0.03 +- 2 x 0.07 within 0.5
+    assert 'L2 - LoCo' not in report['budgets'][1]['pairs']
+    assert report['budgets'][0]['per_stage']['loco_l2_1e-4']['seeds'] == [0, 1, 2]
+    table = trend_markdown(report)
+    assert '| 3 | 0, 1, 2 | +0.03 +- 0.07 | held | +0.77 +- 0.09 | held |' in table
+    assert '| 10 | - | - | - | - | - |' in table  # the budget without L2 runs: a row of dashes
+    assert judge('L2 - E2E', [0.1, -0.1, 0.0]) == 'held' and judge('L2 - LoCo', [-1.0, -1.2, -0.9]) == 'did not hold'
+    only_three = trend_markdown(trend([_study(tmp_path / 'c', 3, {k: v for k, v in three.items()
+                                                                      if k[0] != 'loco_l2_1e-4'})]))
+    assert 'L2' not in only_three  # no L2 table where no budget ran it

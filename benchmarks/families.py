@@ -55,6 +55,7 @@ FAMILIES = {  # family (timm module): its member's hub config
     'maxxvit': 'coatnet_nano_rw_224.simclr_fmnist',
 }
 ARMS = ('e2e_mlp', 'gim_conv', 'loco_conv')
+MAIN_PAIRS = ('LoCo - E2E', 'LoCo - GIM')  # of the trend's pairs, those of these arms (not the L2 ablation's)
 COSTS = (('e2e', 'mlp'), ('gim', 'conv'), ('loco', 'conv'))
 
 
@@ -93,8 +94,8 @@ def summarize(family: str, cost: dict | None) -> dict:
     path = study_folder(family) / 'results.json'
     runs = [r for r in json.loads(path.read_text())['runs'] if r['arm'] in ARMS] if path.is_file() else []
     row = dict(family=family, tag=FAMILIES[family], pairs={}, per_stage={}, seeds={})
-    for label, (a, b) in PAIRS.items():
-        diffs = [d for _, d in _paired(runs, a, b)]
+    for label in MAIN_PAIRS:
+        diffs = [d for _, d in _paired(runs, *PAIRS[label])]
         if diffs:
             se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
             row['pairs'][label] = dict(diffs=diffs, mean=statistics.fmean(diffs), se=se, judgement=judge(label, diffs))

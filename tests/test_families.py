@@ -108,8 +108,10 @@ def _report_rows():
 
 
 # families whose smallest model has over 100 M parameters (DeepSeek's ViT took 10 minutes at its own size) or takes
-# 8-22 s at its fixed input size: CI checks the same code at a reduced width or depth (the same stages and layouts);
-# benchmarks/coverage.py checks the model itself
+# 5-24 s at its fixed input size: CI checks the same code at a reduced width or depth, or built by timm for a 64 px
+# input (``img_size``; HaloNet with 2 px halo blocks, so that 64 px divides into them), with the same stages and
+# layouts; benchmarks/coverage.py checks the models as they are
+SMALL_INPUT = dict(img_size=64)
 REDUCED = {
     'deepseek_vit': dict(depth=4, embed_dim=64, num_heads=2),
     'gemma4_vit': dict(depth=4, embed_dim=64, num_heads=2, head_dim=32, intermediate_size=128,
@@ -120,6 +122,9 @@ REDUCED = {
     'sequencer': dict(layers=[1, 1, 1, 1]),
     'swin_transformer_v2': dict(depths=(1, 1, 1, 1)),
     'coat': dict(parallel_depth=1),
+    'byoanet': dict(self_attn_kwargs=dict(block_size=2, halo_size=1)),
+    **{family: SMALL_INPUT for family in ('cait', 'convit', 'gcvit', 'hiera', 'nest', 'swin_transformer',
+                                          'swin_transformer_v2_cr', 'twins', 'vitamin', 'volo', 'xcit')},
 }
 
 

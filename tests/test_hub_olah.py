@@ -106,16 +106,31 @@ def published(olah, fmnist_run, tmp_path_factory):
     return fmnist_run
 
 
-def test_plugin_loads_the_registry_tag_from_the_hub_mirror_then_offline_from_the_cache(olah, published, tmp_path):
+X = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope='module')
+def hub_cache(olah, published, tmp_path_factory):
+    """(the Hub cache, the logits of ``X``) after the plugin's first `pretrained=True` load of the main tag from the
+    mirror, in a fresh process; tests copy the cache before they change it."""
+    folder = tmp_path_factory.mktemp('hub_cache')
+    logits, _ = _load_logits(folder, olah, folder / 'cache', FMNIST, 'import loco_timm', X)
+    return folder / 'cache', logits
+
+
+def _copy_cache(cache: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(cache, tmp_path / 'cache', symlinks=True))  # snapshots link into blobs/
+
+
+def test_plugin_loads_the_registry_tag_from_the_hub_mirror_then_offline_from_the_cache(olah, published, hub_cache,
+                                                                                       tmp_path):
     run, hub = published, get_hub_config(FMNIST)
-    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    expected = reference_logits(run, x)
-    cache = tmp_path / 'cache'
-    assert not cache.exists()
-    online, stdout = _load_logits(tmp_path, olah, cache, FMNIST, 'import loco_timm', x)
+    expected = reference_logits(run, X)
+    cache, online = hub_cache
     torch.testing.assert_close(online, expected, rtol=0, atol=0)
     assert (cache / f'models--{hub.repo_id.replace("/", "--")}').is_dir()
-    offline, _ = _load_logits(tmp_path, olah, cache, FMNIST, 'import loco_timm', x, offline=True)
+    offline, _ = _load_logits(tmp_path, olah, _copy_cache(cache, tmp_path), FMNIST, 'import loco_timm', X,
+                              offline=True)
     torch.testing.assert_close(offline, expected, rtol=0, atol=0)
 
 
@@ -153,10 +168,9 @@ def test_a_tag_missing_from_the_mirror_raises_the_clear_error(olah, tmp_path):
 
 
 @pytest.mark.parametrize('damage', ['truncate', 'flip'])
-def test_damaged_weights_in_the_hub_cache_are_one_clear_line(olah, published, tmp_path, damage):
+def test_damaged_weights_in_the_hub_cache_are_one_clear_line(olah, hub_cache, tmp_path, damage):
     hub = get_hub_config(FMNIST)
-    cache = tmp_path / 'cache'
-    _load_logits(tmp_path, olah, cache, FMNIST, 'import loco_timm', torch.zeros(1, 1, 28, 28))
+    cache = _copy_cache(hub_cache[0], tmp_path)
     cached = next(cache.glob(f'models--{hub.repo_id.replace("/", "--")}/snapshots/*/model.safetensors'))
     blob = cached.resolve()
     data = bytearray(blob.read_bytes())

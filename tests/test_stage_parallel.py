@@ -52,7 +52,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 @PROCESSES
-@ALONE  # the runs fixture starts every process group at once
+@ALONE  # the first test of the module (in the processes group, in file order): it sets up `runs`, nine processes
 def test_two_stage_groups_times_two_replicas_equal_two_data_parallel_processes(runs):
     """Each replica of the 2 x 2 grid ends with the weights and BatchNorm statistics of the data-parallel process
     that saw the same share of each batch (negatives gathered across replicas, gradients averaged)."""
@@ -68,8 +68,7 @@ def test_two_stage_groups_times_two_replicas_equal_two_data_parallel_processes(r
 
 
 @pytest.mark.slow
-@PROCESSES
-@ALONE  # the runs fixture starts every process group at once
+@PROCESSES  # not alone: it reads what `runs` recorded (an exclusive turn each would wait out the other worker's test)
 @pytest.mark.parametrize('world,job', [(w, i) for w, jobs in JOBS.items() if w <= 3 for i in range(len(jobs))])
 def test_stage_parallel_steps_give_the_weights_of_the_reference(runs, world, job):
     """Synchronous: one process's weights. Pipelined LoCo (with recomputation too): the hand-written

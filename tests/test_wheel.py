@@ -34,9 +34,11 @@ def fresh(tmp_path_factory):
     wheel, = (tmp / 'dist').glob('loco_timm-*.whl')
     venv = tmp / 'fresh'
     _run([sys.executable, '-m', 'venv', venv])
-    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
+    # Python may cache the bytecode it compiles (as in a user's environment, whatever this one says): pip does not
+    # byte-compile torch's thousands of modules (--no-compile), the first import compiles what is used, once
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV', 'PYTHONDONTWRITEBYTECODE')}
     _run([venv / 'bin' / 'python', '-m', 'pip', 'install', '-q', '--disable-pip-version-check', '--no-compile', wheel],
-         env=env)  # no byte-compiling of torch's thousands of modules: Python compiles what it imports
+         env=env)
     yield venv / 'bin' / 'python', venv / 'bin' / 'loco-timm', env
     shutil.rmtree(venv, ignore_errors=True)
 

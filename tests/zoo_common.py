@@ -1,8 +1,11 @@
 """Helpers for the zoo tests: a tiny real training run with its readout (the shared one: conftest.py's fmnist_run,
-trained through the CLI), the CLI in a process of its own, and the same commands in the test process."""
+trained through the CLI), the CLI in a process of its own, and the same commands in the test process (where the
+process is not the point: what a command answers is the same in either)."""
+import io
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -31,6 +34,21 @@ def cli_here(*args, threads=1) -> None:
     from loco_timm import cli as loco_cli
     with in_process(threads):
         assert loco_cli.main([str(a) for a in args]) == 0, args
+
+
+def cli_outcome(*args, threads=1) -> subprocess.CompletedProcess:
+    """`loco-timm ARGS` in the test process, with the exit status and what it printed (stdout, stderr) that
+    :func:`cli` gives: for the tests of what a command answers (a one-line error and its exit status, a checkpoint
+    skipped), where a process of its own would add only its start-up."""
+    from loco_timm import cli as loco_cli
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with in_process(threads), redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = loco_cli.main(argv)
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(['loco-timm', *argv], code, out.getvalue(), err.getvalue())
 
 
 def train_and_read_out(run_dir: Path, config: str = FMNIST) -> Path:

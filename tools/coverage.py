@@ -121,14 +121,16 @@ def _describe(error: Exception) -> str:
 
 
 def check_model(name: str, side: int = SIDE, batch: int = 2, seed: int = 0, model_args: dict | None = None) -> dict:
-    """Run the protocol on one timm model (untrained), built with ``model_args`` if given. Returns a dict with
-    ``ok`` and the measurements, or the first failing check and its reason."""
+    """Run the protocol on one timm model (untrained), built with ``model_args`` if given (an int ``img_size`` among
+    them is the input size). Returns a dict with ``ok`` and the measurements, or the first failing check and its
+    reason."""
     start = time.perf_counter()
     row: dict = dict(model=name, ok=False)
     try:
         torch.manual_seed(seed)
         model = timm.create_model(name, **(model_args or {}))
-        size = input_size_for(model, side)
+        img_size = (model_args or {}).get('img_size')  # a fixed-size model built for another size
+        size = (3, img_size, img_size) if isinstance(img_size, int) else input_size_for(model, side)
         row['input_size'] = list(size)
         learner = LocalLearner(model, mode='loco', input_size=size)
         row.update(stages=len(learner.stages), shapes=[list(map(list, s)) if s and isinstance(s[0], tuple) else

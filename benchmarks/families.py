@@ -125,7 +125,7 @@ def markdown(rows: list[dict]) -> str:
     lines = ['| family | member (tag) | MACs / image (vs ResNet) | params | seeds | LoCo - E2E | LoCo - GIM | '
              'memory saving LoCo / GIM | step time LoCo / GIM |', '|---|---|---|---|---|---|---|---|---|']
     for r in rows:
-        seeds = sorted(set.intersection(*(set(s) for s in r['seeds'].values()))) if r['seeds'] else []
+        seeds = sorted(set.intersection(*(set(r['seeds'].get(arm, ())) for arm in ARMS)))  # every arm ran them
         macs = (f'{r["macs"] / 1e6:.1f} M ({r["macs"] / reference["macs"]:.2f}x)' if r.get('macs') and reference
                 else '-')
         params = f'{r["params"] / 1e6:.2f} M' if r.get('params') else '-'

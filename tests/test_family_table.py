@@ -1,0 +1,58 @@
+"""The cross-family table (benchmarks/families.py) from recorded runs: paired per-seed differences with their
+standard error and judgement, per-stage means, the seeds every arm ran, and the cost ratios, against hand-computed
+values."""
+import json
+import math
+
+import pytest
+
+from benchmarks import families
+
+# last-stage linear top-1 per (arm, seed); earlier stages are the last minus 3, 2, 1
+LAST = {('e2e_mlp', 0): 80.0, ('e2e_mlp', 1): 81.0, ('e2e_mlp', 2): 79.0,
+        ('gim_conv', 0): 77.0, ('gim_conv', 1): 78.5, ('gim_conv', 2): 76.0,
+        ('loco_conv', 0): 79.9, ('loco_conv', 1): 80.8, ('loco_conv', 2): 79.3}
+COST = dict(macs=2e7, params=3e6, machine='test machine', date='2026-12-07',
+            modes=dict(e2e=dict(peak_saved_bytes=300.0, step_seconds=1.0),
+                       gim=dict(peak_saved_bytes=100.0, step_seconds=1.25),
+                       loco=dict(peak_saved_bytes=150.0, step_seconds=1.5)))
+
+
+@pytest.fixture
+def recorded(tmp_path, monkeypatch):
+    def write(family, runs):
+        folder = tmp_path / family
+        folder.mkdir()
+        (folder / 'results.json').write_text(json.dumps(dict(runs=runs)))
+    runs = [dict(arm=arm, seed=seed, linear=[v - 3, v - 2, v - 1, v]) for (arm, seed), v in LAST.items()]
+    write('convnext', runs)
+    write('regnet', [r for r in runs if not (r['arm'] == 'loco_conv' and r['seed'] == 2)])  # one run missing
+    monkeypatch.setattr(families, 'study_folder', lambda family: tmp_path / family)
+
+
+def test_a_family_row_pairs_each_seed_and_judges_the_mean_with_its_standard_error(recorded):
+    row = families.summarize('convnext', COST)
+    e2e = [LAST[('loco_conv', s)] - LAST[('e2e_mlp', s)] for s in range(3)]  # -0.1, -0.2, +0.3
+    gim = [LAST[('loco_conv', s)] - LAST[('gim_conv', s)] for s in range(3)]  # 2.9, 2.3, 3.3
+    for label, diffs, judgement in (('LoCo - E2E', e2e, 'held'), ('LoCo - GIM', gim, 'held')):
+        pair = row['pairs'][label]
+        mean = sum(diffs) / 3
+        se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2) / math.sqrt(3)
+        assert pair['diffs'] == pytest.approx(diffs) and pair['mean'] == pytest.approx(mean)
+        assert pair['se'] == pytest.approx(se) and pair['judgement'] == judgement, (label, pair)
+    assert row['per_stage']['gim_conv'] == pytest.approx([74.17, 75.17, 76.17, 77.17], abs=0.01)
+    assert row['saving'] == pytest.approx(dict(gim=3.0, loco=2.0))  # E2E's peak over the arm's
+    assert row['time'] == pytest.approx(dict(gim=1.25, loco=1.5))  # the arm's step over E2E's
+
+
+def test_the_table_names_what_did_not_run_and_pairs_only_seeds_every_arm_ran(recorded):
+    rows = [families.summarize(f, COST if f == 'convnext' else None) for f in ('convnext', 'regnet')]
+    rows[0]['family'] = families.REFERENCE  # the row the MACs are compared with
+    assert rows[1]['pairs']['LoCo - E2E']['diffs'] == pytest.approx([-0.1, -0.2])  # seed 2 has no LoCo run
+    table = families.markdown(rows).splitlines()
+    reference, regnet = (next(line for line in table if line.startswith(f'| {name} |'))
+                         for name in (families.REFERENCE, 'regnet'))
+    assert '| 20.0 M (1.00x) | 3.00 M | 0, 1, 2 |' in reference and '| 2.00x / 3.00x | 1.50x / 1.25x |' in reference
+    assert '| - | - | 0, 1 |' in regnet and regnet.endswith('| - | - |')  # no costs measured
+    empty = families.summarize('efficientnet', None)
+    assert families.markdown([empty]).splitlines()[2].count('not run') == 2

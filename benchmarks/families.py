@@ -99,6 +99,7 @@ def summarize(family: str, cost: dict | None) -> dict:
         if diffs:
             se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
             row['pairs'][label] = dict(diffs=diffs, mean=statistics.fmean(diffs), se=se, judgement=judge(label, diffs))
+    row['references'] = next((r['references'] for r in runs if r.get('references')), {})  # the same for every run
     for arm in ARMS:
         mine = [r['linear'] for r in runs if r['arm'] == arm]
         if mine:
@@ -134,10 +135,13 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f'| {r["family"]} | `{r["tag"]}` | {macs} | {params} | {", ".join(map(str, seeds)) or "-"} | '
                      f'{_pm(r["pairs"].get("LoCo - E2E"))} | {_pm(r["pairs"].get("LoCo - GIM"))} | {saving} | '
                      f'{times} |')
-    lines += ['', 'Per-stage linear top-1 (%, mean over the seeds of each arm):', '',
-              '| family | ' + ' | '.join(ARMS) + ' |', '|---|' + '---|' * len(ARMS)]
+    lines += ['', 'Per-stage linear top-1 (%, mean over the seeds of each arm), and the readout\'s references: the '
+              'same architecture untrained, and the pixels themselves:', '',
+              '| family | ' + ' | '.join(ARMS) + ' | random init | pixels |', '|---|' + '---|' * (len(ARMS) + 2)]
     for r in rows:
-        cells = [', '.join(f'{v:.2f}' for v in r['per_stage'][arm]) if arm in r['per_stage'] else '-' for arm in ARMS]
+        stages = [r['per_stage'].get(arm) for arm in ARMS] + [r.get('references', {}).get(k)
+                                                               for k in ('random_init', 'pixels')]
+        cells = [', '.join(f'{v:.2f}' for v in values) if values else '-' for values in stages]
         lines.append(f'| {r["family"]} | ' + ' | '.join(cells) + ' |')
     measured = sorted({r['costs_measured'] for r in rows if r.get('costs_measured')})
     lines += ['', 'Differences: last-stage linear top-1, paired per seed, mean +- standard error; LoCo - E2E "held" '

@@ -12,6 +12,7 @@ from benchmarks import families
 LAST = {('e2e_mlp', 0): 80.0, ('e2e_mlp', 1): 81.0, ('e2e_mlp', 2): 79.0,
         ('gim_conv', 0): 77.0, ('gim_conv', 1): 78.5, ('gim_conv', 2): 76.0,
         ('loco_conv', 0): 79.9, ('loco_conv', 1): 80.8, ('loco_conv', 2): 79.3}
+REFERENCES = dict(random_init=[50.0, 51.0, 52.0, 53.0], pixels=[84.5])
 COST = dict(macs=2e7, params=3e6, machine='test machine', date='2026-12-07',
             modes=dict(e2e=dict(peak_saved_bytes=300.0, step_seconds=1.0),
                        gim=dict(peak_saved_bytes=100.0, step_seconds=1.25),
@@ -24,7 +25,8 @@ def recorded(tmp_path, monkeypatch):
         folder = tmp_path / family
         folder.mkdir()
         (folder / 'results.json').write_text(json.dumps(dict(runs=runs)))
-    runs = [dict(arm=arm, seed=seed, linear=[v - 3, v - 2, v - 1, v]) for (arm, seed), v in LAST.items()]
+    runs = [dict(arm=arm, seed=seed, linear=[v - 3, v - 2, v - 1, v], references=REFERENCES)
+            for (arm, seed), v in LAST.items()]
     write('convnext', runs)
     write('regnet', [r for r in runs if not (r['arm'] == 'loco_conv' and r['seed'] == 2)])  # one run missing
     monkeypatch.setattr(families, 'study_folder', lambda family: tmp_path / family)
@@ -54,5 +56,7 @@ def test_the_table_names_what_did_not_run_and_pairs_only_seeds_every_arm_ran(rec
                          for name in (families.REFERENCE, 'regnet'))
     assert '| 20.0 M (1.00x) | 3.00 M | 0, 1, 2 |' in reference and '| 2.00x / 3.00x | 1.50x / 1.25x |' in reference
     assert '| - | - | 0, 1 |' in regnet and regnet.endswith('| - | - |')  # no costs measured
+    stages = [line for line in table if line.startswith('| regnet |')][-1]  # the per-stage table's row
+    assert stages.endswith('| 50.00, 51.00, 52.00, 53.00 | 84.50 |')  # random init, pixels
     empty = families.summarize('efficientnet', None)
     assert families.markdown([empty]).splitlines()[2].count('not run') == 2

@@ -148,7 +148,30 @@ def markdown(rows: list[dict]) -> str:
               'when mean +- 2 s.e. lies within +-0.5 pt, LoCo - GIM when it lies above 0. Memory saving: peak saved '
               'activations of one E2E step over the arm\'s (higher saves more); step time: the arm\'s over E2E\'s, '
               'median of 3 steps at the recipe\'s batch' + (f' ({"; ".join(measured)})' if measured else '') + '.']
-    return '\n'.join(lines)
+    return '\n'.join(lines + findings(rows))
+
+
+CLAIM_TEXT = {'LoCo - E2E': 'LoCo within 0.5 pt of E2E', 'LoCo - GIM': 'LoCo above GIM'}
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """What the table says so far, counted from it: per claim the families where it held, did not hold or is
+    unresolved (with how many paired seeds), and the families whose every arm reads out below the pixels."""
+    lines = []
+    for label in MAIN_PAIRS:
+        verdicts: dict[str, list[str]] = {}
+        for r in rows:
+            pair = r['pairs'].get(label)
+            if pair:
+                verdicts.setdefault(pair['judgement'], []).append(f'{r["family"]} ({len(pair["diffs"])})')
+        if verdicts:
+            lines.append(f'- {CLAIM_TEXT[label]}: ' + '; '.join(
+                f'{verdict} in {", ".join(names)}' for verdict, names in sorted(verdicts.items())) + '.')
+    below = [r['family'] for r in rows if r.get('references', {}).get('pixels') and len(r['per_stage']) == len(ARMS)
+             and all(stages[-1] < r['references']['pixels'][-1] for stages in r['per_stage'].values())]
+    if below:
+        lines.append(f'- Every arm below the linear readout of the pixels at the last stage: {", ".join(below)}.')
+    return ['', 'So far (families with the number of paired seeds):', '', *lines] if lines else []
 
 
 def plot(rows: list[dict], path: Path) -> bool:

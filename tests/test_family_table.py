@@ -60,3 +60,14 @@ def test_the_table_names_what_did_not_run_and_pairs_only_seeds_every_arm_ran(rec
     assert stages.endswith('| 50.00, 51.00, 52.00, 53.00 | 84.50 |')  # random init, pixels
     empty = families.summarize('efficientnet', None)
     assert families.markdown([empty]).splitlines()[2].count('not run') == 2
+
+
+def test_the_findings_count_each_claim_per_family_and_name_families_below_the_pixels(recorded):
+    rows = [families.summarize(f, None) for f in ('convnext', 'regnet')]
+    rows[0]['references'] = dict(pixels=[75.0])  # convnext's arms read out above it, regnet's (80-81) below 84.5
+    rows[1]['pairs']['LoCo - E2E'].update(judgement='unresolved')
+    lines = families.findings(rows)
+    assert '- LoCo within 0.5 pt of E2E: held in convnext (3); unresolved in regnet (2).' in lines
+    assert '- LoCo above GIM: held in convnext (3), regnet (2).' in lines
+    assert lines[-1] == '- Every arm below the linear readout of the pixels at the last stage: regnet.'
+    assert families.findings([families.summarize('efficientnet', None)]) == []  # nothing run, nothing said

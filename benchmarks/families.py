@@ -38,7 +38,7 @@ from schedule import measure  # noqa: E402
 
 from loco_timm.evaluation.plots import pyplot  # noqa: E402
 from loco_timm.evaluation.study import run_study  # noqa: E402
-from loco_timm.evaluation.trend import PAIRS, judge  # noqa: E402
+from loco_timm.evaluation.trend import PAIRS, TABLES, judge  # noqa: E402
 from tools.macs import macs_and_params, recipe_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def markdown(rows: list[dict]) -> str:
     return '\n'.join(lines + findings(rows))
 
 
-CLAIM_TEXT = {'LoCo - E2E': 'LoCo within 0.5 pt of E2E', 'LoCo - GIM': 'LoCo above GIM'}
+CLAIM_TEXT = {label: f'LoCo {claim}' for label, claim in TABLES[0][1]}  # the trend's words: 'LoCo above GIM', ...
 
 
 def findings(rows: list[dict]) -> list[str]:

@@ -36,6 +36,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from doc_blocks import cpu_name, replace_block  # noqa: E402
 from schedule import measure  # noqa: E402
 
+from loco_timm.errors import LocoError, Preempted  # noqa: E402
 from loco_timm.evaluation.plots import pyplot  # noqa: E402
 from loco_timm.evaluation.study import run_study  # noqa: E402
 from loco_timm.evaluation.trend import PAIRS, TABLES, judge  # noqa: E402
@@ -224,17 +225,22 @@ def report(families: list[str], measure_costs: bool) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--families', nargs='+', choices=list(FAMILIES), default=list(FAMILIES))
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     parser.add_argument('--report-only', action='store_true', help='train nothing: the table from what is recorded')
     parser.add_argument('--no-costs', action='store_true', help='do not measure missing memory / time / MACs')
     args = parser.parse_args()
-    if not args.report_only:
-        run_studies([f for f in args.families if f != REFERENCE], args.seeds)
-    report(args.families, measure_costs=not args.no_costs)
+    try:
+        if not args.report_only:
+            run_studies([f for f in args.families if f != REFERENCE], args.seeds)
+        report(args.families, measure_costs=not args.no_costs)
+    except LocoError as err:  # as the CLI: a pre-emption checkpointed (run the command again), bad input is one line
+        print(f'families: {"" if isinstance(err, Preempted) else "error: "}{err}', file=sys.stderr)
+        return err.exit_code
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

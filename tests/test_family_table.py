@@ -71,3 +71,15 @@ def test_the_findings_count_each_claim_per_family_and_name_families_below_the_pi
     assert '- LoCo above GIM: held in convnext (3), regnet (2).' in lines
     assert lines[-1] == '- Every arm below the linear readout of the pixels at the last stage: regnet.'
     assert families.findings([families.summarize('efficientnet', None)]) == []  # nothing run, nothing said
+
+
+def test_a_stopped_table_says_so_in_one_line_with_the_pre_emption_status(monkeypatch, capsys):
+    from loco_timm.errors import Preempted
+
+    def stopped(families_, seeds):
+        raise Preempted('stopped by SIGTERM after step 79 of 1404: checkpoint written; continue with --resume')
+    monkeypatch.setattr(families, 'run_studies', stopped)
+    monkeypatch.setattr('sys.argv', ['families.py', '--families', 'convnext', '--no-costs'])
+    assert families.main() == Preempted.exit_code != 0
+    assert capsys.readouterr().err == 'families: stopped by SIGTERM after step 79 of 1404: checkpoint written; ' \
+                                      'continue with --resume\n'

@@ -40,6 +40,7 @@ from loco_timm.errors import LocoError, Preempted  # noqa: E402
 from loco_timm.evaluation.plots import pyplot  # noqa: E402
 from loco_timm.evaluation.study import run_study  # noqa: E402
 from loco_timm.evaluation.trend import PAIRS, TABLES, judge  # noqa: E402
+from tools.anatomy import anatomy  # noqa: E402
 from tools.macs import macs_and_params, recipe_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,12 +145,38 @@ def markdown(rows: list[dict]) -> str:
                                                                for k in ('random_init', 'pixels')]
         cells = [', '.join(f'{v:.2f}' for v in values) if values else '-' for values in stages]
         lines.append(f'| {r["family"]} | ' + ' | '.join(cells) + ' |')
+    lines += anatomy_lines(rows)
     measured = sorted({r['costs_measured'] for r in rows if r.get('costs_measured')})
     lines += ['', 'Differences: last-stage linear top-1, paired per seed, mean +- standard error; LoCo - E2E "held" '
               'when mean +- 2 s.e. lies within +-0.5 pt, LoCo - GIM when it lies above 0. Memory saving: peak saved '
               'activations of one E2E step over the arm\'s (higher saves more); step time: the arm\'s over E2E\'s, '
               'median of 3 steps at the recipe\'s batch' + (f' ({"; ".join(measured)})' if measured else '') + '.']
     return '\n'.join(lines + findings(rows))
+
+
+def _per_stage(kinds: list[dict[str, int]]) -> str:
+    """One stage's most frequent class of a kind ('-' for none), or one name when every stage has the same."""
+    names = [next(iter(k), '-') for k in kinds]
+    return names[0] if len(set(names)) == 1 else ', '.join(names)
+
+
+def anatomy_lines(rows: list[dict]) -> list[str]:
+    """What each family's stages are (``tools/anatomy.py``): maps, share of the multiply-adds, norm, attention."""
+    rows = [r for r in rows if r.get('anatomy')]
+    if not rows:
+        return []
+    lines = ['', 'What the units are made of (`tools/anatomy.py`), per stage as the splitter cuts each member at its '
+             'input size: the feature map (positions, channels), the share of the multiply-adds, the normalisation, '
+             'and the self-attention modules:', '', '| family | map (channels) | MACs share (%) | normalisation | '
+             'self-attention |', '|---|---|---|---|---|']
+    for r in rows:
+        a = r['anatomy']
+        maps = ', '.join(f'{g} ({c})' for g, c in zip(a['grids'], a['channels']))
+        shares = ', '.join(f'{100 * m / sum(a["macs"]):.0f}' for m in a['macs'])
+        kinds = sorted({name for stage in a['attention'] for name in stage})
+        attention = ', '.join(str(sum(k.values())) for k in a['attention']) + f' ({", ".join(kinds)})' if kinds else '-'
+        lines.append(f'| {r["family"]} | {maps} | {shares} | {_per_stage(a["norms"])} | {attention} |')
+    return lines
 
 
 CLAIM_TEXT = {label: f'LoCo {claim}' for label, claim in TABLES[0][1]}  # the trend's words: 'LoCo above GIM', ...
@@ -215,7 +242,8 @@ def report(families: list[str], measure_costs: bool) -> list[dict]:
         if measure_costs and FAMILIES[family] not in cost_of:
             print(f'== {family}: costs', flush=True)
             cost_of[FAMILIES[family]] = costs(FAMILIES[family])
-    rows = [summarize(family, cost_of.get(FAMILIES[family])) for family in FAMILIES]
+    rows = [dict(summarize(family, cost_of.get(FAMILIES[family])), anatomy=anatomy(FAMILIES[family]))
+            for family in FAMILIES]
     path.write_text(json.dumps(dict(costs=cost_of, rows=rows), indent=1) + '\n')
     text = markdown(rows)
     drew = plot(rows, RESULTS / 'families.png')

@@ -7,6 +7,8 @@ import math
 import pytest
 
 from benchmarks import families
+from tools.anatomy import anatomy
+from tools.macs import macs_and_params
 
 # last-stage linear top-1 per (arm, seed); earlier stages are the last minus 3, 2, 1
 LAST = {('e2e_mlp', 0): 80.0, ('e2e_mlp', 1): 81.0, ('e2e_mlp', 2): 79.0,
@@ -83,3 +85,28 @@ def test_a_stopped_table_says_so_in_one_line_with_the_pre_emption_status(monkeyp
     assert families.main() == Preempted.exit_code != 0
     assert capsys.readouterr().err == 'families: stopped by SIGTERM after step 79 of 1404: checkpoint written; ' \
                                       'continue with --resume\n'
+
+
+def test_the_anatomy_of_a_member_is_its_stages_maps_macs_norms_and_attention():
+    """The ResNet reference at 28 px halves its map four times (14, 7, 4, 2); the CoAtNet member (32 px) has two
+    convolution stages with batch norm and two transformer stages of two attention blocks with layer norm; the
+    stages' multiply-adds add up to the whole forward_features'."""
+    resnet = anatomy(families.FAMILIES[families.REFERENCE])
+    assert resnet['grids'] == ['14x14', '7x7', '4x4', '2x2'] and resnet['channels'] == [16, 32, 64, 256]
+    assert sum(resnet['macs']) == macs_and_params(families.FAMILIES[families.REFERENCE])[0]
+    assert [list(n) for n in resnet['norms']] == [['BatchNorm2d']] * 4 and resnet['attention'] == [{}] * 4
+    hybrid = anatomy(families.FAMILIES['maxxvit'])
+    assert hybrid['grids'] == ['8x8', '4x4', '2x2', '1x1']
+    assert [next(iter(n)) for n in hybrid['norms']] == ['BatchNormAct2d'] * 2 + ['LayerNorm2d'] * 2
+    assert hybrid['attention'] == [{}, {}, {'Attention2d': 2}, {'Attention2d': 2}]
+    row = families.anatomy_lines([dict(family='maxxvit', anatomy=hybrid)])[-1]
+    shares = [round(100 * m / sum(hybrid['macs'])) for m in hybrid['macs']]
+    assert row == (f'| maxxvit | 8x8 (48), 4x4 (96), 2x2 (192), 1x1 (384) | {", ".join(map(str, shares))} | '
+                   f'BatchNormAct2d, BatchNormAct2d, LayerNorm2d, LayerNorm2d | 0, 0, 2, 2 (Attention2d) |')
+
+
+def test_a_vit_stage_counts_its_blocks_attention_and_its_tokens_without_the_class_token():
+    vit = anatomy(families.FAMILIES['vision_transformer'])  # 28 px in 4 px patches: 7x7 tokens and a class token
+    assert vit['grids'] == ['7x7'] * 4 and vit['attention'] == [{'Attention': 2}] * 4  # 8 blocks in 4 stages
+    row = families.anatomy_lines([dict(family='vit', anatomy=vit)])[-1]
+    assert row.endswith('| 25, 25, 25, 25 | LayerNorm | 2, 2, 2, 2 (Attention) |')

@@ -219,9 +219,9 @@ def plot(rows: list[dict], path: Path) -> bool:
     left.set_xticks(range(len(names)), names, rotation=30, ha='right', fontsize=8)
     left.set_ylabel('last-stage linear top-1 difference (pt)')
     left.legend(fontsize=7)
-    for offset, (mode, colour) in zip((-0.2, 0.2), (('loco', 'tab:green'), ('gim', 'tab:orange'))):
+    for offset, (mode, name, colour) in zip((-0.2, 0.2), (('loco', 'LoCo', 'tab:green'), ('gim', 'GIM', 'tab:orange'))):
         right.bar([i + offset for i, r in enumerate(rows) if r.get('saving')],
-                  [r['saving'][mode] for r in rows if r.get('saving')], 0.4, color=colour, label=mode.upper())
+                  [r['saving'][mode] for r in rows if r.get('saving')], 0.4, color=colour, label=name)
     right.axhline(1, color='black', linewidth=0.8)
     right.set_xticks(range(len(names)), names, rotation=30, ha='right', fontsize=8)
     right.set_ylabel('activation memory saving vs E2E (x)')

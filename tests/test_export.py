@@ -115,6 +115,26 @@ def _no_token_env(tmp_path):
     return {'HF_HOME': str(tmp_path / 'hf'), 'HF_TOKEN': '', 'HF_HUB_DISABLE_TELEMETRY': '1'}
 
 
+@pytest.mark.parametrize('tag', ['convnext_atto.simclr_fmnist', 'swin_tiny_patch4_window7_224.simclr_fmnist'])
+def test_a_family_export_describes_the_tag_inputs_not_the_architecture_defaults(tag):
+    """timm's convnext_atto config says 224 px, tests at 288 px and pools a 7x7 map; the tag's export says 32 px,
+    no test size, and the 1x1 map it pools there (Swin, NHWC: 2x2 at 28 px)."""
+    hub = get_hub_config(tag)
+    torch.manual_seed(0)
+    state = timm.create_model(hub.architecture, num_classes=10, in_chans=1, **hub.model_args).state_dict()
+    head = {k.split('.', 2)[-1]: state.pop(k) for k in [k for k in state if k.startswith('head.fc.')]}
+    model = build_export_model(hub, state, head)
+    cfg = model.pretrained_cfg
+    assert tuple(cfg['input_size']) == tuple(hub.model['input_size']) and cfg['tag'] == 'simclr_fmnist'
+    assert 'test_input_size' not in cfg and 'test_crop_pct' not in cfg
+    size = tuple(hub.model['input_size'])
+    assert timm.data.resolve_data_config(model=model, use_test_size=True)['input_size'] == size
+    with torch.no_grad():
+        features = model.forward_features(torch.zeros(1, *hub.model['input_size']))
+    spatial = features.shape[1:3] if getattr(model, 'output_fmt', 'NCHW') == 'NHWC' else features.shape[2:]
+    assert tuple(cfg['pool_size']) == tuple(spatial) == ((1, 1) if 'convnext' in tag else (2, 2))
+
+
 @slow
 def test_publish_without_a_token_is_one_clear_line(exported, tmp_path):
     result = cli('publish', exported, '--repo-id', 'loco-timm/test', env=_no_token_env(tmp_path))

@@ -9,6 +9,7 @@ the readout's ``readout.json`` / ``readout.png``. It is written to a temporary f
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -42,6 +43,18 @@ def _mismatch(own: dict, state: dict) -> str:
     return '; '.join(parts)
 
 
+def _tag_cfg(model: torch.nn.Module, hub: HubConfig) -> dict[str, Any]:
+    """timm's pretrained config of the architecture with the tag's part in it, without what describes the
+    architecture's own training inputs: ``test_input_size`` / ``test_crop_pct`` (convnext_atto's 288 px would reach
+    ``resolve_data_config(use_test_size=True)``) and ``pool_size`` (the final map at the tag's input size instead)."""
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ('test_input_size', 'test_crop_pct')}
+    cfg.update(hub.pretrained_cfg(), tag=hub.tag)
+    info = getattr(model, 'feature_info', None)
+    if cfg.get('pool_size') and info:
+        cfg['pool_size'] = tuple(math.ceil(side / info[-1]['reduction']) for side in cfg['input_size'][-2:])
+    return cfg
+
+
 def build_export_model(hub: HubConfig, encoder_state: dict[str, torch.Tensor],
                        head_state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The tag's timm model (``architecture.tag``, its pretrained config) holding the encoder and readout head."""
@@ -50,7 +63,7 @@ def build_export_model(hub: HubConfig, encoder_state: dict[str, torch.Tensor],
         model = timm.create_model(hub.name, pretrained=False, **kwargs)
     else:  # any other timm architecture: the hub config supplies the tag's part of the pretrained config
         model = timm.create_model(hub.architecture, pretrained=False, **kwargs)
-        model.pretrained_cfg = model.default_cfg = dict(model.pretrained_cfg, **hub.pretrained_cfg(), tag=hub.tag)
+        model.pretrained_cfg = model.default_cfg = _tag_cfg(model, hub)
     state = dict(encoder_state)
     classifier = model.pretrained_cfg.get('classifier', 'fc')
     for key, value in head_state.items():

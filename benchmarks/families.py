@@ -199,6 +199,15 @@ def findings(rows: list[dict]) -> list[str]:
              and all(stages[-1] < r['references']['pixels'][-1] for stages in r['per_stage'].values())]
     if below:
         lines.append(f'- Every arm below the linear readout of the pixels at the last stage: {", ".join(below)}.')
+    untrained = []
+    for r in rows:
+        init = r.get('references', {}).get('random_init')
+        arms = [arm for arm, stages in r['per_stage'].items() if init and stages[-1] < init[-1]]
+        if arms:
+            untrained.append(f'{r["family"]} ({", ".join(arms)})')
+    if untrained:
+        lines.append(f'- Arms whose mean reads out below the same network untrained at the last stage: '
+                     f'{", ".join(untrained)}.')
     return ['', 'So far (families with the number of paired seeds):', '', *lines] if lines else []
 
 

@@ -66,12 +66,15 @@ def test_the_table_names_what_did_not_run_and_pairs_only_seeds_every_arm_ran(rec
 
 def test_the_findings_count_each_claim_per_family_and_name_families_below_the_pixels(recorded):
     rows = [families.summarize(f, None) for f in ('convnext', 'regnet')]
-    rows[0]['references'] = dict(pixels=[75.0])  # convnext's arms read out above it, regnet's (80-81) below 84.5
+    rows[0]['references'] = dict(pixels=[75.0], random_init=[79.5])  # convnext's arms read out above the pixels,
+    # regnet's (80-81) below 84.5; convnext's GIM (mean 77.17) below its untrained network, E2E (80) and LoCo not
     rows[1]['pairs']['LoCo - E2E'].update(judgement='unresolved')
     lines = families.findings(rows)
     assert '- LoCo within 0.5 pt of E2E: held in convnext (3); unresolved in regnet (2).' in lines
     assert '- LoCo above GIM: held in convnext (3), regnet (2).' in lines
-    assert lines[-1] == '- Every arm below the linear readout of the pixels at the last stage: regnet.'
+    assert lines[-2] == '- Every arm below the linear readout of the pixels at the last stage: regnet.'
+    assert lines[-1] == '- Arms whose mean reads out below the same network untrained at the last stage: convnext ' \
+                        '(gim_conv).'
     assert families.findings([families.summarize('efficientnet', None)]) == []  # nothing run, nothing said
 
 

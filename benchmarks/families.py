@@ -154,7 +154,7 @@ def markdown(rows: list[dict]) -> str:
     return '\n'.join(lines + findings(rows))
 
 
-def _per_stage(kinds: list[dict[str, int]]) -> str:
+def _stage_kinds(kinds: list[dict[str, int]]) -> str:
     """One stage's most frequent class of a kind ('-' for none), or one name when every stage has the same."""
     names = [next(iter(k), '-') for k in kinds]
     return names[0] if len(set(names)) == 1 else ', '.join(names)
@@ -175,7 +175,7 @@ def anatomy_lines(rows: list[dict]) -> list[str]:
         shares = ', '.join(f'{100 * m / sum(a["macs"]):.0f}' for m in a['macs'])
         kinds = sorted({name for stage in a['attention'] for name in stage})
         attention = ', '.join(str(sum(k.values())) for k in a['attention']) + f' ({", ".join(kinds)})' if kinds else '-'
-        lines.append(f'| {r["family"]} | {maps} | {shares} | {_per_stage(a["norms"])} | {attention} |')
+        lines.append(f'| {r["family"]} | {maps} | {shares} | {_stage_kinds(a["norms"])} | {attention} |')
     return lines
 
 

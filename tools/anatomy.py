@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from loco_timm import LocalLearner
 from loco_timm.core.stages import prefix_tokens, stage_feature
-from tools.macs import _SDPA, build, recipe_of
+from tools.macs import SDPA_FLOPS, build, recipe_of
 
 
 def _grid(feature: torch.Tensor, layout: str, input_size: tuple[int, int, int]) -> str:
@@ -62,11 +62,12 @@ def anatomy(tag: str) -> dict:
     h, grids, channels, macs = torch.zeros(1, *size), [], [], []
     with torch.no_grad():
         for stage, layout in zip(learner.stages, learner.layouts):
-            with FlopCounterMode(display=False, custom_mapping=_SDPA) as counter:
+            with FlopCounterMode(display=False, custom_mapping=SDPA_FLOPS) as counter:
                 h = stage(h)
             macs.append(counter.get_total_flops() // 2)
             feature = stage_feature(h)
-            feature = feature[0] if isinstance(feature, tuple) else feature
+            if isinstance(feature, tuple):  # a level of several tensors: its first (the layout says how to read it)
+                feature, layout = feature[0], layout[0]
             grids.append(_grid(feature, layout, size))
             channels.append(feature.shape[-1] if layout in ('NHWC', 'NLC') else feature.shape[1])
     owners = [{id(p) for p in stage.parameters()} for stage in learner.stages]  # a traced stage may call a module's

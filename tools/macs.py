@@ -16,7 +16,7 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
 
 # torch 2.14's counter has no formula for the kernel F.scaled_dot_product_attention runs on CPU: timm's fused attention
 # would count 0 multiply-adds
-_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+SDPA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
 def recipe_of(tag: str) -> TrainConfig:
@@ -35,6 +35,6 @@ def macs_and_params(tag: str) -> tuple[int, int]:
     dot-product attention counted) and the parameters of the model with its classifier."""
     size = recipe_of(tag).image_size
     model = build(tag).eval()
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_SDPA) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=SDPA_FLOPS) as counter:
         model.forward_features(torch.zeros(1, 1, size, size))
     return counter.get_total_flops() // 2, sum(p.numel() for p in model.parameters())

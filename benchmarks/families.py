@@ -166,16 +166,18 @@ def anatomy_lines(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     lines = ['', 'What the units are made of (`tools/anatomy.py`), per stage as the splitter cuts each member at its '
-             'input size: the feature map (positions, channels), the share of the multiply-adds, the normalisation, '
-             'and the self-attention modules:', '', '| family | map (channels) | MACs share (%) | normalisation | '
-             'self-attention |', '|---|---|---|---|---|']
+             'input size: the feature map (positions, channels), its layout and the block the conv decoder reads it '
+             'with, the share of the multiply-adds, the normalisation, and the self-attention modules:', '',
+             '| family | map (channels) | layout: decoder block | MACs share (%) | normalisation | self-attention |',
+             '|---|---|---|---|---|---|']
     for r in rows:
         a = r['anatomy']
         maps = ', '.join(f'{g} ({c})' for g, c in zip(a['grids'], a['channels']))
         shares = ', '.join(f'{100 * m / sum(a["macs"]):.0f}' for m in a['macs'])
         kinds = sorted({name for stage in a['attention'] for name in stage})
         attention = ', '.join(str(sum(k.values())) for k in a['attention']) + f' ({", ".join(kinds)})' if kinds else '-'
-        lines.append(f'| {r["family"]} | {maps} | {shares} | {_stage_kinds(a["norms"])} | {attention} |')
+        reads = _stage_kinds([{f'{layout}: {block}': 1} for layout, block in zip(a['layouts'], a['decoders'])])
+        lines.append(f'| {r["family"]} | {maps} | {reads} | {shares} | {_stage_kinds(a["norms"])} | {attention} |')
     return lines
 
 

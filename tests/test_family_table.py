@@ -104,12 +104,13 @@ def test_the_anatomy_of_a_member_is_its_stages_maps_macs_norms_and_attention():
     assert hybrid['attention'] == [{}, {}, {'Attention2d': 2}, {'Attention2d': 2}]
     row = families.anatomy_lines([dict(family='maxxvit', anatomy=hybrid)])[-1]
     shares = [round(100 * m / sum(hybrid['macs'])) for m in hybrid['macs']]
-    assert row == (f'| maxxvit | 8x8 (48), 4x4 (96), 2x2 (192), 1x1 (384) | {", ".join(map(str, shares))} | '
-                   f'BatchNormAct2d, BatchNormAct2d, LayerNorm2d, LayerNorm2d | 0, 0, 2, 2 (Attention2d) |')
+    assert row == (f'| maxxvit | 8x8 (48), 4x4 (96), 2x2 (192), 1x1 (384) | '
+                   f'NCHW: Bottleneck | {", ".join(map(str, shares))} | BatchNormAct2d, BatchNormAct2d, '
+                   f'LayerNorm2d, LayerNorm2d | 0, 0, 2, 2 (Attention2d) |')
 
 
 def test_a_vit_stage_counts_its_blocks_attention_and_its_tokens_without_the_class_token():
     vit = anatomy(families.FAMILIES['vision_transformer'])  # 28 px in 4 px patches: 7x7 tokens and a class token
     assert vit['grids'] == ['7x7'] * 4 and vit['attention'] == [{'Attention': 2}] * 4  # 8 blocks in 4 stages
     row = families.anatomy_lines([dict(family='vit', anatomy=vit)])[-1]
-    assert row.endswith('| 25, 25, 25, 25 | LayerNorm | 2, 2, 2, 2 (Attention) |')
+    assert row.endswith('| NLC: Block | 25, 25, 25, 25 | LayerNorm | 2, 2, 2, 2 (Attention) |')

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.models.resnet import Bottleneck
+from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -52,13 +54,20 @@ def _kinds(model: nn.Module, is_kind) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
+def _decoder_block(decoder: nn.Module) -> str:
+    """What the conv decoder puts before its pooling on this layout: timm's ResNet bottleneck, a ViT block, or none."""
+    blocks = [type(m).__name__ for m in decoder.modules() if isinstance(m, (Bottleneck, Block))]
+    return blocks[0] if blocks else 'none'
+
+
 def anatomy(tag: str) -> dict:
     """Per stage of the tag's model at the recipe's input size (its local units' building blocks): the feature's
-    positions and channels, the multiply-adds (torch's FLOP counter / 2, scaled dot-product attention counted), and
-    its normalisation layers and self-attention modules (class name -> count, most frequent first)."""
+    positions, channels and layout, the block the conv decoder puts on it (a GIM learner has one per stage), the
+    multiply-adds (torch's FLOP counter / 2, scaled dot-product attention counted), and the stage's normalisation
+    layers and self-attention modules (class name -> count, most frequent first)."""
     cfg = recipe_of(tag)
     size = (1, cfg.image_size, cfg.image_size)
-    learner = LocalLearner(build(tag), 'loco', input_size=size, num_stages=cfg.num_stages).eval()
+    learner = LocalLearner(build(tag), 'gim', decoder='conv', input_size=size, num_stages=cfg.num_stages).eval()
     h, grids, channels, macs = torch.zeros(1, *size), [], [], []
     with torch.no_grad():
         for stage, layout in zip(learner.stages, learner.layouts):
@@ -73,6 +82,7 @@ def anatomy(tag: str) -> dict:
     owners = [{id(p) for p in stage.parameters()} for stage in learner.stages]  # a traced stage may call a module's
     # functions rather than the module: a module is in the stage whose parameters it holds
     in_stage = [lambda m, ids=ids: any(id(p) in ids for p in m.parameters()) for ids in owners]
-    return dict(stages=len(macs), grids=grids, channels=channels, macs=macs,
+    return dict(stages=len(macs), grids=grids, channels=channels, macs=macs, layouts=learner.layouts,
+                decoders=[_decoder_block(d) for d in learner.decoders],
                 norms=[_kinds(learner.encoder, lambda m, s=s: isinstance(m, NORMS) and s(m)) for s in in_stage],
                 attention=[_kinds(learner.encoder, lambda m, s=s: _is_attention(m) and s(m)) for s in in_stage])

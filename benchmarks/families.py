@@ -210,7 +210,43 @@ def findings(rows: list[dict]) -> list[str]:
     if untrained:
         lines.append(f'- Arms whose mean reads out below the same network untrained at the last stage: '
                      f'{", ".join(untrained)}.')
+    lines += grouped(rows)
     return ['', 'So far (families with the number of paired seeds):', '', *lines] if lines else []
+
+
+def _normalisation(anatomy: dict) -> str:
+    """'BatchNorm', 'LayerNorm' or both: the kinds of normalisation layer in a member's stages."""
+    kinds = {kind for stage in anatomy['norms'] for name in stage for kind in ('BatchNorm', 'LayerNorm')
+             if kind in name}
+    return ' and '.join(sorted(kinds)) or 'none'
+
+
+PROPERTIES = {  # what the families that fail might have in common, read from their anatomy
+    'normalisation': _normalisation,
+    'self-attention': lambda anatomy: 'with' if any(anatomy['attention']) else 'without',
+}
+
+
+def grouped(rows: list[dict]) -> list[str]:
+    """Per claim and property (normalisation, self-attention): the families' mean differences grouped by the
+    property, each group's mean of family means and its range. Descriptive: a group is a handful of families."""
+    lines = []
+    for label in MAIN_PAIRS:
+        for prop, kind_of in PROPERTIES.items():
+            groups: dict[str, list[tuple[str, float]]] = {}
+            for r in rows:
+                if label in r['pairs'] and r.get('anatomy'):
+                    groups.setdefault(kind_of(r['anatomy']), []).append((r['family'], r['pairs'][label]['mean']))
+            if len(groups) < 2:
+                continue
+            parts = []
+            for kind, members in sorted(groups.items()):
+                means = [m for _, m in members]
+                spread = f', {min(means):+.2f} to {max(means):+.2f}' if len(means) > 1 else ''
+                parts.append(f'{kind} {statistics.fmean(means):+.2f} ({len(means)}: '
+                             f'{", ".join(f for f, _ in members)}{spread})')
+            lines.append(f'- {label} by {prop}, mean of the family means: ' + '; '.join(parts) + '.')
+    return lines
 
 
 def plot(rows: list[dict], path: Path) -> bool:

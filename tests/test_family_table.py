@@ -114,3 +114,20 @@ def test_a_vit_stage_counts_its_blocks_attention_and_its_tokens_without_the_clas
     assert vit['grids'] == ['7x7'] * 4 and vit['attention'] == [{'Attention': 2}] * 4  # 8 blocks in 4 stages
     row = families.anatomy_lines([dict(family='vit', anatomy=vit)])[-1]
     assert row.endswith('| NLC: Block | 25, 25, 25, 25 | LayerNorm | 2, 2, 2, 2 (Attention) |')
+
+
+def test_the_families_are_grouped_by_normalisation_and_attention_with_the_mean_and_range_of_their_means(recorded):
+    rows = [dict(families.summarize(f, None), anatomy=dict(norms=norms, attention=attention))
+            for f, norms, attention in (('convnext', [{'LayerNorm2d': 3}], [{}]),
+                                        ('regnet', [{'BatchNormAct2d': 5}], [{}]))]
+    rows.append(dict(rows[0], family='hybrid', anatomy=dict(norms=[{'BatchNorm2d': 2}, {'LayerNorm': 1}],
+                                                           attention=[{}, {'Attention2d': 2}])))
+    rows[2]['pairs'] = {'LoCo - E2E': dict(rows[0]['pairs']['LoCo - E2E'], mean=-1.0)}  # no GIM pair
+    lines = families.grouped(rows)
+    # LoCo - E2E means: convnext 0.0 (-0.1, -0.2, +0.3), regnet -0.15 (seeds 0, 1), hybrid -1.0
+    assert lines[0] == ('- LoCo - E2E by normalisation, mean of the family means: BatchNorm -0.15 (1: regnet); '
+                        'BatchNorm and LayerNorm -1.00 (1: hybrid); LayerNorm +0.00 (1: convnext).')
+    assert lines[1] == ('- LoCo - E2E by self-attention, mean of the family means: with -1.00 (1: hybrid); '
+                        'without -0.07 (2: convnext, regnet, -0.15 to +0.00).')
+    assert len(lines) == 3 and lines[2].startswith('- LoCo - GIM by normalisation')  # the hybrid has no GIM pair:
+    # by self-attention every family left is without

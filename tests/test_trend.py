@@ -59,8 +59,10 @@ def test_a_change_between_budgets_is_resolved_when_two_standard_errors_exclude_z
 
 def test_the_claims_are_judged_on_mean_plus_minus_two_standard_errors():
     assert judge('LoCo - E2E', [0.1, -0.1, 0.0]) == 'held'
-    assert judge('LoCo - E2E', [-2.0, -2.2, -1.9]) == 'did not hold'
-    assert judge('LoCo - E2E', [-0.4, -0.6, -0.5]) == 'unresolved'  # straddles -0.5
+    assert judge('LoCo - E2E', [-2.0, -2.2, -1.9]) == 'did not hold (below E2E)'
+    assert judge('L2 - E2E', [0.3, 0.9, 0.6]) == 'unresolved (above E2E)'  # 0.6 +- 2 x 0.17: 0.25 to 0.95
+    assert judge('L2 - E2E', [0.3, 0.4, -0.4]) == 'unresolved'  # 0.1 +- 2 x 0.25: either side of 0
+    assert judge('LoCo - E2E', [-0.4, -0.6, -0.5]) == 'unresolved (below E2E)'  # straddles -0.5, not 0
     assert judge('LoCo - GIM', [-1.0, -1.2, -0.9]) == 'did not hold'
     assert judge('LoCo - E2E', [0.0]) == 'unresolved'  # one seed has no spread to judge by
 

@@ -4,7 +4,8 @@ budget (``loco-timm study --out mine-10ep --set epochs 10 ...``), compared on pa
 For each budget: LoCo - E2E and LoCo - GIM at the last stage, per seed, with mean and standard error (sample std /
 sqrt(seeds)), and each of the paper's two main claims judged with an approximate 95 % interval (mean +- 2 standard
 errors): *held* when the whole interval satisfies the claim, *did not hold* when none of it does, *unresolved*
-otherwise (the seeds cannot tell). How each difference moved from the shortest budget is paired per seed too
+otherwise (the seeds cannot tell); a "within 0.5 pt" claim not held adds the side where the interval excludes 0.
+How each difference moved from the shortest budget is paired per seed too
 (the change of a seed's difference, mean +- standard error, *up* / *down* when mean +- 2 standard errors excludes 0,
 else *unresolved*). Also the per-stage linear readout of the arms per budget. ``loco-timm trend`` writes
 ``trend.json``, ``trend.md`` and (with matplotlib) ``trend.png``.
@@ -45,15 +46,19 @@ def budget(results: dict) -> float:
 
 def judge(pair: str, diffs: list[float]) -> str:
     """``held``, ``did not hold`` or ``unresolved`` for the claim of ``pair`` (:data:`CLAIMS`: within +-0.5 pt, or
-    above 0), on the interval mean +- 2 standard errors of the paired differences."""
+    above 0), on the interval mean +- 2 standard errors of the paired differences. A "within" claim that is not held
+    says on which side of its reference the interval lies where it excludes 0: ``unresolved (above E2E)``."""
     if len(diffs) < 2:
         return 'unresolved'
     mean = statistics.fmean(diffs)
     half = 2 * statistics.stdev(diffs) / math.sqrt(len(diffs))
     lo, hi = mean - half, mean + half
     if CLAIMS[pair] == 'within':
-        return 'held' if -MARGIN <= lo and hi <= MARGIN else 'did not hold' if hi < -MARGIN or lo > MARGIN \
+        verdict = 'held' if -MARGIN <= lo and hi <= MARGIN else 'did not hold' if hi < -MARGIN or lo > MARGIN \
             else 'unresolved'
+        if verdict != 'held' and (lo > 0 or hi < 0):  # not comparable, but the seeds tell the side
+            verdict += f' ({"above" if lo > 0 else "below"} {pair.split(" - ")[1]})'
+        return verdict
     return 'held' if lo > 0 else 'did not hold' if hi < 0 else 'unresolved'
 
 

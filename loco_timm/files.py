@@ -12,7 +12,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-__all__ = ['umask', 'plain_permissions', 'file_digest']
+__all__ = ['umask', 'plain_permissions', 'file_digest', 'write_text_atomic']
 
 
 def umask() -> int:
@@ -41,3 +41,15 @@ def file_digest(path: str | os.PathLike, digest: Any = None) -> str:
         for block in iter(lambda: handle.read(1 << 20), b''):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a kill or a full disk
+    leaves the previous file whole (or none), never a half-written one; a failed write removes its temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ from shared_runs import PROCESSES, copy_run, in_process, shared_build
 from zoo_common import FMNIST, TINY_READOUT, TINY_TRAIN, cli, cli_here, cli_outcome
 
 from loco_timm.data.datasets import find_fashion_mnist
-from loco_timm.files import plain_permissions, umask
+from loco_timm.files import plain_permissions, umask, write_text_atomic
 from loco_timm.hub.export import export
 from loco_timm.training.checkpoint import MANIFEST, _manifest, _prune, list_checkpoints, verify_checkpoint
 from loco_timm.training.resume import trim_loss_log
@@ -124,6 +124,20 @@ def test_pruning_never_removes_the_newest_intact_checkpoints(tmp_path):
     assert list_checkpoints(tmp_path) == [old, good, damaged]
     _prune(tmp_path, keep=1)
     assert list_checkpoints(tmp_path) == [good, damaged]
+
+
+def test_a_record_whose_write_fails_keeps_its_previous_content_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    record = tmp_path / 'results.json'
+    write_text_atomic(record, '{"runs": [1]}')
+
+    def full_disk(self, text):
+        Path.write_bytes(self, text[:5].encode())  # part of it reaches the disk, then the write fails
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(Path, 'write_text', full_disk)
+    with pytest.raises(OSError, match='No space left'):
+        write_text_atomic(record, '{"runs": [1, 2]}')
+    monkeypatch.undo()
+    assert record.read_text() == '{"runs": [1]}' and [p.name for p in tmp_path.iterdir()] == ['results.json']
 
 
 def test_atomically_written_files_get_the_permissions_a_plain_write_gives(finished, tmp_path):

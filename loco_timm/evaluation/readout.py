@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from ..core.learner import LocalLearner
 from ..data.augment import SimCLRAugment
 from ..data.datasets import build_dataset, normalization
 from ..errors import DataError
+from ..files import write_text_atomic
 from ..training.checkpoint import load_weights, read_progress, resolve_checkpoint
 from ..training.factory import build_learner
 from .plots import NO_MATPLOTLIB, pyplot
@@ -211,9 +211,7 @@ def reference_key(name: str, encoder: LocalLearner | None, cfg: ReadoutConfig, d
 
 def _write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def _data_key(train_cfg: TrainConfig, data_dir: str | None, splits: dict, device: str) -> dict:
@@ -288,7 +286,7 @@ def readout(checkpoint: str | Path, cfg: ReadoutConfig | None = None, out_dir: s
                        f'{classifier}.bias': head.bias.detach().contiguous()},
                       str(out_dir / 'readout_head.safetensors'))
     results['seconds'] = round(time.perf_counter() - started, 1)
-    (out_dir / 'readout.json').write_text(json.dumps(results, indent=2))
+    write_text_atomic(out_dir / 'readout.json', json.dumps(results, indent=2))  # a run's 'read out' mark
     plotted = plot_readout(results, out_dir / 'readout.png')
     log(f'readout of {checkpoint} in {results["seconds"]:.0f} s: {out_dir / "readout.json"}' +
         (f', {out_dir / "readout.png"}' if plotted else f' (no readout.png: {NO_MATPLOTLIB})'))

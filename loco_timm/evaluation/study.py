@@ -22,6 +22,7 @@ import yaml
 
 from ..config import ReadoutConfig, TrainConfig, from_dict, load_recipe
 from ..errors import ConfigError
+from ..files import write_text_atomic
 from ..training.checkpoint import latest_checkpoint
 from ..training.train import train
 from .plots import pyplot
@@ -324,8 +325,8 @@ def _write_results(out: Path, config: str, seeds: list[int], recipe: dict, train
     summary = summarize(runs)
     results = dict(config=config, recipe=recipe, train_overrides=train_overrides or {},
                    readout_overrides=readout_overrides or {}, seeds=seeds, summary=summary, runs=runs)
-    (out / 'results.json').write_text(json.dumps(results, indent=1))
-    (out / 'results.md').write_text(results_markdown(summary, len(seeds)) + '\n')
+    write_text_atomic(out / 'results.json', json.dumps(results, indent=1))  # the study's record: never half-written
+    write_text_atomic(out / 'results.md', results_markdown(summary, len(seeds)) + '\n')
     if runs:
         _plots(runs, summary, out)
     return results

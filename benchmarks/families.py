@@ -224,12 +224,16 @@ def _normalisation(anatomy: dict) -> str:
 PROPERTIES = {  # what the families that fail might have in common, read from their anatomy
     'normalisation': _normalisation,
     'self-attention': lambda anatomy: 'with' if any(anatomy['attention']) else 'without',
+    'stage balance': lambda anatomy: ('most MACs in the last stage' if anatomy['macs'][-1] > max(anatomy['macs'][:-1])
+                                      else 'most MACs in an earlier stage'),
+    'stage count': lambda anatomy: f'{len(anatomy["macs"])} stages',
 }
 
 
 def grouped(rows: list[dict]) -> list[str]:
-    """Per claim and property (normalisation, self-attention): the families' mean differences grouped by the
-    property, each group's mean of family means and its range. Descriptive: a group is a handful of families."""
+    """Per claim and property (:data:`PROPERTIES`: normalisation, self-attention, stage balance, stage count) with
+    more than one value among the families: their mean differences grouped by the property, each group's mean of
+    family means and its range. Descriptive: a group is a handful of families."""
     lines = []
     for label in MAIN_PAIRS:
         for prop, kind_of in PROPERTIES.items():

@@ -117,11 +117,11 @@ def test_a_vit_stage_counts_its_blocks_attention_and_its_tokens_without_the_clas
 
 
 def test_the_families_are_grouped_by_normalisation_and_attention_with_the_mean_and_range_of_their_means(recorded):
-    rows = [dict(families.summarize(f, None), anatomy=dict(norms=norms, attention=attention))
-            for f, norms, attention in (('convnext', [{'LayerNorm2d': 3}], [{}]),
-                                        ('regnet', [{'BatchNormAct2d': 5}], [{}]))]
+    rows = [dict(families.summarize(f, None), anatomy=dict(norms=norms, attention=attention, macs=macs))
+            for f, norms, attention, macs in (('convnext', [{'LayerNorm2d': 3}] * 2, [{}] * 2, [5, 5]),
+                                              ('regnet', [{'BatchNormAct2d': 5}] * 2, [{}] * 2, [4, 6]))]
     rows.append(dict(rows[0], family='hybrid', anatomy=dict(norms=[{'BatchNorm2d': 2}, {'LayerNorm': 1}],
-                                                           attention=[{}, {'Attention2d': 2}])))
+                                                           attention=[{}, {'Attention2d': 2}], macs=[3, 7])))
     rows[2]['pairs'] = {'LoCo - E2E': dict(rows[0]['pairs']['LoCo - E2E'], mean=-1.0)}  # no GIM pair
     lines = families.grouped(rows)
     # LoCo - E2E means: convnext 0.0 (-0.1, -0.2, +0.3), regnet -0.15 (seeds 0, 1), hybrid -1.0
@@ -129,5 +129,8 @@ def test_the_families_are_grouped_by_normalisation_and_attention_with_the_mean_a
                         'BatchNorm and LayerNorm -1.00 (1: hybrid); LayerNorm +0.00 (1: convnext).')
     assert lines[1] == ('- LoCo - E2E by self-attention, mean of the family means: with -1.00 (1: hybrid); '
                         'without -0.07 (2: convnext, regnet, -0.15 to +0.00).')
-    assert len(lines) == 3 and lines[2].startswith('- LoCo - GIM by normalisation')  # the hybrid has no GIM pair:
-    # by self-attention every family left is without
+    assert lines[2] == ('- LoCo - E2E by stage balance, mean of the family means: most MACs in an earlier stage '
+                        '+0.00 (1: convnext); most MACs in the last stage -0.57 (2: regnet, hybrid, -1.00 to -0.15).')
+    assert len(lines) == 5 and lines[3].startswith('- LoCo - GIM by normalisation')  # the hybrid has no GIM pair:
+    # by self-attention every family left is without; every family has 2 stages: no line by stage count
+    assert lines[4].startswith('- LoCo - GIM by stage balance')

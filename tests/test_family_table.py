@@ -116,7 +116,7 @@ def test_a_vit_stage_counts_its_blocks_attention_and_its_tokens_without_the_clas
     assert row.endswith('| NLC: Block | 25, 25, 25, 25 | LayerNorm | 2, 2, 2, 2 (Attention) |')
 
 
-def test_the_families_are_grouped_by_normalisation_and_attention_with_the_mean_and_range_of_their_means(recorded):
+def test_the_families_are_grouped_by_each_property_with_the_mean_and_range_of_their_means(recorded):
     rows = [dict(families.summarize(f, None), anatomy=dict(norms=norms, attention=attention, macs=macs))
             for f, norms, attention, macs in (('convnext', [{'LayerNorm2d': 3}] * 2, [{}] * 2, [5, 5]),
                                               ('regnet', [{'BatchNormAct2d': 5}] * 2, [{}] * 2, [4, 6]))]

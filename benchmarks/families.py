@@ -16,8 +16,8 @@ save against E2E (peak saved activations and step time of one ``LocalLearner.ste
     .venv/bin/python benchmarks/families.py --families convnext --seeds 0    # one family's seed 0
     .venv/bin/python benchmarks/families.py --report-only        # the table and figure from the recorded runs
 
-Writes ``benchmarks/results/families.json``, ``benchmarks/results/families.png`` and the documentation block
-``families`` (docs/families.md).
+Writes ``benchmarks/results/families.json``, ``benchmarks/results/families.png``, the documentation block
+``families`` (docs/families.md) and the README's copy of the table (block ``families-summary``).
 """
 from __future__ import annotations
 
@@ -122,8 +122,8 @@ def _pm(pair: dict | None) -> str:
     return f'{pair["mean"]:+.2f}{se}, {pair["judgement"]}'
 
 
-def markdown(rows: list[dict]) -> str:
-    """The cross-family table, the per-stage readout and how the costs were measured."""
+def summary_table(rows: list[dict]) -> list[str]:
+    """The cross-family table: per family its member, cost, seeds, paired differences and what LoCo and GIM save."""
     reference = next((r for r in rows if r['family'] == REFERENCE and r.get('macs')), None)
     lines = ['| family | member (tag) | MACs / image (vs ResNet) | params | seeds | LoCo - E2E | LoCo - GIM | '
              'memory saving LoCo / GIM | step time LoCo / GIM |', '|---|---|---|---|---|---|---|---|---|']
@@ -137,6 +137,12 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f'| {r["family"]} | `{r["tag"]}` | {macs} | {params} | {", ".join(map(str, seeds)) or "-"} | '
                      f'{_pm(r["pairs"].get("LoCo - E2E"))} | {_pm(r["pairs"].get("LoCo - GIM"))} | {saving} | '
                      f'{times} |')
+    return lines
+
+
+def markdown(rows: list[dict]) -> str:
+    """The cross-family table, the per-stage readout and how the costs were measured."""
+    lines = summary_table(rows)
     lines += ['', 'Per-stage linear top-1 (%, mean over the seeds of each arm), and the readout\'s references: the '
               'same architecture untrained, and the pixels themselves:', '',
               '| family | ' + ' | '.join(ARMS) + ' | random init | pixels |', '|---|' + '---|' * (len(ARMS) + 2)]
@@ -300,6 +306,7 @@ def report(families: list[str], measure_costs: bool) -> list[dict]:
     drew = plot(rows, RESULTS / 'families.png')
     figure = '\n\n![E2E, GIM and LoCo across families](figures/benchmarks/results/families.png)' if drew else ''
     replace_block('families', text + figure)
+    replace_block('families-summary', '\n'.join(summary_table(rows)))  # the README's copy of the table
     print(text)
     return rows
 

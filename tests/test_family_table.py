@@ -54,6 +54,7 @@ def test_the_table_names_what_did_not_run_and_pairs_only_seeds_every_arm_ran(rec
     rows[0]['family'] = families.REFERENCE  # the row the MACs are compared with
     assert rows[1]['pairs']['LoCo - E2E']['diffs'] == pytest.approx([-0.1, -0.2])  # seed 2 has no LoCo run
     table = families.markdown(rows).splitlines()
+    assert table[:4] == families.summary_table(rows)  # the README's copy is the page's first table
     reference, regnet = (next(line for line in table if line.startswith(f'| {name} |'))
                          for name in (families.REFERENCE, 'regnet'))
     assert '| 20.0 M (1.00x) | 3.00 M | 0, 1, 2 |' in reference and '| 2.00x / 3.00x | 1.50x / 1.25x |' in reference

@@ -217,7 +217,7 @@ def findings(rows: list[dict]) -> list[str]:
         lines.append(f'- Arms whose mean reads out below the same network untrained at the last stage: '
                      f'{", ".join(untrained)}.')
     lines += grouped(rows)
-    return ['', 'So far (families with the number of paired seeds):', '', *lines] if lines else []
+    return ['', 'Each claim, family by family (with the number of paired seeds):', '', *lines] if lines else []
 
 
 def _normalisation(anatomy: dict) -> str:
